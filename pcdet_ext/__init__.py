@@ -1,0 +1,31 @@
+"""pcdet_ext: OpenPCDet plugins for split inference (RQ bottleneck) and R-MAE/CMAE pretraining.
+
+``import pcdet_ext`` (before ``pcdet``) does three things:
+
+1. allow-lists numpy scalars for ``torch.load(weights_only=True)`` (OpenPCDet checkpoints);
+2. on a torch build without CUDA, turns on the CPU runtime (:mod:`pcdet_ext.cpu`) unless
+   ``PCDET_EXT_CPU_RUNTIME=0``;
+3. when OpenPCDet is importable (installed, or ``PCDET_ROOT``), registers this package's
+   classes into OpenPCDet's registries (:func:`register`).
+
+Without OpenPCDet the pure-torch parts work; the OpenPCDet-facing parts raise an
+ImportError saying how to provide it.
+"""
+from __future__ import annotations
+
+import os
+
+from . import cpu
+from .openpcdet import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
+from .registry import RegistryClashError, register, register_class
+from .utils.checkpoint import allow_numpy_scalars
+
+__version__ = "0.1.0"
+__all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoundError",
+           "import_pcdet", "pcdet_available", "require_pcdet", "__version__"]
+
+allow_numpy_scalars()
+if cpu.should_activate():
+    cpu.activate()
+if os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0" and pcdet_available():
+    register()

@@ -1,0 +1,52 @@
+"""Guarded fixes for spconv 2.x on a torch build without CUDA.
+
+* backward calls ``torch.cuda.current_stream()`` through ``get_current_stream``: on CPU the
+  stream handle is 0, which is what spconv's own CPU forward passes.
+* eval-mode convolutions pass their bias into the fused kernel, which the CPU kernel
+  rejects (``cpu don't support act and bias``): run the convolution without bias and add
+  it afterwards, exactly what spconv's training path does.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_PATCHED = False
+
+
+def _cpu_stream() -> int:
+    return 0
+
+
+def patch_spconv() -> bool:
+    """Apply both fixes once. Returns False when spconv is not installed."""
+    global _PATCHED
+    if _PATCHED:
+        return True
+    if torch.cuda.is_available():
+        raise RuntimeError("the spconv CPU patch must not be applied when CUDA is available")
+    try:
+        import spconv.pytorch.conv as sp_conv
+        import spconv.pytorch.cppcore as sp_cppcore
+        import spconv.pytorch.ops as sp_ops
+    except ImportError:
+        return False
+    import spconv.pytorch.hash as sp_hash
+    for mod in (sp_cppcore, sp_ops, sp_hash):
+        if hasattr(mod, "get_current_stream"):
+            mod.get_current_stream = _cpu_stream
+
+    original = sp_conv.SparseConvolution._conv_forward
+
+    @functools.wraps(original)
+    def _conv_forward(self, training, input, weight, bias, add_input=None, *args, **kwargs):
+        if bias is None or training or input.features.is_cuda or add_input is not None \
+                or kwargs.get("act_type", self.act_type) != sp_conv.tv.gemm.Activation.None_:
+            return original(self, training, input, weight, bias, add_input, *args, **kwargs)
+        out = original(self, training, input, weight, None, add_input, *args, **kwargs)
+        return out.replace_feature(out.features + bias)
+
+    sp_conv.SparseConvolution._conv_forward = _conv_forward
+    _PATCHED = True
+    return True

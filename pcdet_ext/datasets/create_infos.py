@@ -1,0 +1,130 @@
+"""Build OpenPCDet infos and gt databases by calling OpenPCDet's own creators.
+
+Inputs are validated first (clear errors naming file and line). A read-only source (e.g. a
+shared copy of KITTI) is used through a workspace folder of symlinks. Outputs that already
+exist are moved aside and restored if creation fails, so a failed run leaves the previous
+state untouched and no partial files behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from easydict import EasyDict
+
+from ..config import cfg_from_yaml_file, resolve_base
+from ..openpcdet import require_pcdet
+from . import validation
+
+KITTI_CLASSES = ("Car", "Pedestrian", "Cyclist")
+KITTI_OUTPUTS = ("kitti_infos_train.pkl", "kitti_infos_val.pkl", "kitti_infos_trainval.pkl",
+                 "kitti_infos_test.pkl", "kitti_dbinfos_train.pkl", "gt_database")
+CUSTOM_OUTPUTS = ("custom_infos_train.pkl", "custom_infos_val.pkl", "custom_dbinfos_train.pkl", "gt_database")
+
+
+def _load_dataset_cfg(dataset_cfg, default_ref: str) -> EasyDict:
+    if isinstance(dataset_cfg, dict):
+        return EasyDict(dataset_cfg)
+    path = Path(dataset_cfg) if dataset_cfg else resolve_base(default_ref, Path.cwd())
+    return cfg_from_yaml_file(path)
+
+
+def _inject_path(module) -> None:
+    """Upstream's create_* functions use ``Path``, which the module imports only under __main__."""
+    if not hasattr(module, "Path"):
+        module.Path = pathlib.Path
+
+
+def make_workspace(src: Path, dst: Path, data_dirs: Sequence[str], extra_splits: Sequence[str] = ()) -> Path:
+    """``dst`` mirrors ``src``'s data folders as symlinks and copies its ImageSets; empty
+    splits listed in ``extra_splits`` are added when ``src`` has none."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if src == dst:
+        return dst
+    (dst / "ImageSets").mkdir(parents=True, exist_ok=True)
+    for sub in data_dirs:
+        link, target = dst / sub, src / sub
+        if not target.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and link.resolve() != target:
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    for split_file in (src / "ImageSets").glob("*.txt"):
+        shutil.copyfile(split_file, dst / "ImageSets" / split_file.name)
+    for split in extra_splits:
+        path = dst / "ImageSets" / f"{split}.txt"
+        if not path.exists():
+            path.write_text("")
+    return dst
+
+
+@contextlib.contextmanager
+def _transaction(root: Path, outputs: Sequence[str]) -> Iterator[None]:
+    """Move existing outputs aside; on failure remove new ones and restore, on success drop the backup."""
+    backup = root / f".create_data_backup_{os.getpid()}"
+    backup.mkdir()
+    for name in outputs:
+        if (root / name).exists():
+            (root / name).rename(backup / name)
+    try:
+        yield
+    except BaseException:
+        for name in outputs:
+            path = root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            if (backup / name).exists():
+                (backup / name).rename(path)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup)
+
+
+def create_kitti(data_path: Path, out_dir: Optional[Path] = None, dataset_cfg=None,
+                 class_names: Sequence[str] = KITTI_CLASSES, workers: int = 2) -> Path:
+    """Validate a KITTI-layout folder and run OpenPCDet's ``create_kitti_infos`` on it.
+
+    ``out_dir`` (default: ``data_path``) receives the infos and gt database; when it differs
+    from ``data_path`` the data is linked, not copied. Returns the dataset root to train on.
+    """
+    require_pcdet("create_kitti")
+    from pcdet.datasets.kitti import kitti_dataset
+    src = Path(data_path)
+    validation.validate_kitti(src)
+    root = make_workspace(src, Path(out_dir or src),
+                          [f"training/{d}" for d in ("velodyne", "calib", "label_2", "image_2", "planes")] +
+                          ["testing"], extra_splits=("test",))
+    (root / "testing").mkdir(exist_ok=True)
+    if not (root / "ImageSets" / "test.txt").exists():
+        (root / "ImageSets" / "test.txt").write_text("")
+    cfg = _load_dataset_cfg(dataset_cfg, "cfgs/dataset_configs/kitti_dataset.yaml")
+    _inject_path(kitti_dataset)
+    with _transaction(root, KITTI_OUTPUTS):
+        kitti_dataset.create_kitti_infos(dataset_cfg=cfg, class_names=list(class_names), data_path=root,
+                                         save_path=root, workers=workers)
+    return root
+
+
+def create_custom(data_path: Path, class_names: Sequence[str], out_dir: Optional[Path] = None,
+                  dataset_cfg=None, workers: int = 2) -> Path:
+    """Validate a custom-layout folder and run OpenPCDet's ``create_custom_infos`` on it."""
+    require_pcdet("create_custom")
+    from pcdet.datasets.custom import custom_dataset
+    cfg = _load_dataset_cfg(dataset_cfg, "cfgs/dataset_configs/custom_dataset.yaml")
+    src = Path(data_path)
+    num_features = len(cfg.POINT_FEATURE_ENCODING.src_feature_list)
+    validation.validate_custom(src, class_names, num_features)
+    root = make_workspace(src, Path(out_dir or src), ["points", "labels"])
+    _inject_path(custom_dataset)
+    with _transaction(root, CUSTOM_OUTPUTS):
+        custom_dataset.create_custom_infos(dataset_cfg=cfg, class_names=list(class_names), data_path=root,
+                                           save_path=root, workers=workers)
+    return root

@@ -1,0 +1,81 @@
+"""Locate and import the user's OpenPCDet: an installed ``pcdet`` or a checkout named by
+``PCDET_ROOT`` (put on ``sys.path``; nothing is written into it)."""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Optional
+
+ENV_VAR = "PCDET_ROOT"
+_HOW = ("Install OpenPCDet (python setup.py develop in its checkout) or set PCDET_ROOT to the "
+        "root of an OpenPCDet checkout (the folder holding pcdet/ and tools/); "
+        "tools/setup_env.sh does either.")
+
+
+class OpenPCDetNotFoundError(ImportError):
+    """OpenPCDet is needed for this part of pcdet_ext and could not be imported."""
+
+
+def pcdet_root() -> Optional[Path]:
+    """The checkout named by ``PCDET_ROOT``, validated; None when the variable is unset."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    root = Path(value).expanduser().resolve()
+    expected = ("pcdet/__init__.py", "pcdet/models/detectors/__init__.py", "pcdet/datasets/__init__.py")
+    missing = [e for e in expected if not (root / e).is_file()]
+    if missing:
+        raise OpenPCDetNotFoundError(
+            f"{ENV_VAR}={value} is not an OpenPCDet checkout: missing {', '.join(missing)} under {root}. "
+            f"Point {ENV_VAR} at the folder that holds pcdet/ and tools/.")
+    return root
+
+
+def _checkout_version(root: Path) -> str:
+    text = (root / "setup.py").read_text() if (root / "setup.py").is_file() else ""
+    m = re.search(r"version\s*=\s*'([0-9][^'+]*)", text)
+    return m.group(1) if m else "0.0.0"
+
+
+def import_pcdet() -> types.ModuleType:
+    """Import ``pcdet`` (from ``PCDET_ROOT`` when set) or raise :class:`OpenPCDetNotFoundError`."""
+    root = pcdet_root()
+    if root is not None:
+        loaded = sys.modules.get("pcdet")
+        if loaded is not None and root not in Path(loaded.__file__).resolve().parents:
+            raise OpenPCDetNotFoundError(
+                f"pcdet is already imported from {loaded.__file__}, not from {ENV_VAR}={root}")
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        if not (root / "pcdet" / "version.py").is_file() and "pcdet.version" not in sys.modules:
+            # An un-built checkout lacks the version.py that OpenPCDet's setup.py generates.
+            version = types.ModuleType("pcdet.version")
+            version.__version__ = _checkout_version(root)
+            sys.modules["pcdet.version"] = version
+    try:
+        return importlib.import_module("pcdet")
+    except ModuleNotFoundError as exc:
+        if exc.name == "pcdet":
+            raise OpenPCDetNotFoundError(f"OpenPCDet (module 'pcdet') is not importable. {_HOW}") from exc
+        raise
+
+
+def require_pcdet(feature: str) -> types.ModuleType:
+    """Import ``pcdet`` for ``feature`` or raise an ImportError saying what is missing and how to fix it."""
+    try:
+        return import_pcdet()
+    except OpenPCDetNotFoundError as exc:
+        raise OpenPCDetNotFoundError(f"{feature} needs OpenPCDet: {exc}") from exc
+
+
+def pcdet_available() -> bool:
+    """True when ``pcdet`` can be imported (from PCDET_ROOT or an installed package)."""
+    try:
+        import_pcdet()
+        return True
+    except OpenPCDetNotFoundError:
+        return False

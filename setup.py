@@ -1,0 +1,31 @@
+"""pcdet_ext: OpenPCDet plugins (RQ split inference, R-MAE/CMAE pretraining).
+
+torch is required without a version pin so pip never replaces an installed (CPU or CUDA)
+torch; install torch first. spconv comes through extras: ``pip install pcdet_ext[cpu]``
+(CPU package ``spconv``) or ``[cu120]`` (``spconv-cu120``), ``[cu118]``, ``[cu121]``...
+"""
+from setuptools import find_packages, setup
+
+SPCONV_FLAVOURS = {"cpu": "spconv", "cu113": "spconv-cu113", "cu114": "spconv-cu114",
+                   "cu116": "spconv-cu116", "cu117": "spconv-cu117", "cu118": "spconv-cu118",
+                   "cu120": "spconv-cu120", "cu121": "spconv-cu121", "cu124": "spconv-cu124",
+                   "cu126": "spconv-cu126"}
+
+# What OpenPCDet master imports at `import pcdet.models` and that installs on CPU.
+OPENPCDET_RUNTIME = ["opencv-python-headless", "scikit-image", "SharedArray", "pyquaternion",
+                     "kornia", "av2", "pillow", "llvmlite"]
+
+extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
+extras["openpcdet"] = OPENPCDET_RUNTIME
+extras["test"] = ["pytest>=7", "hypothesis>=6", "spconv"] + OPENPCDET_RUNTIME
+
+setup(
+    name="pcdet_ext",
+    version="0.1.0",
+    description="OpenPCDet plugins: RQ split inference for PointPillars, R-MAE/CMAE pretraining",
+    packages=find_packages(include=["pcdet_ext", "pcdet_ext.*"]),
+    python_requires=">=3.8",
+    install_requires=["numpy", "torch", "easydict", "pyyaml", "tensorboardX", "numba", "tqdm"],
+    extras_require=extras,
+    include_package_data=True,
+)

@@ -1,0 +1,40 @@
+"""Build OpenPCDet infos + gt database for a KITTI-layout or custom-layout dataset.
+
+    python tools/create_data.py kitti  --data_path ../shared/data/kitti_mini --out_dir data/kitti_mini
+    python tools/create_data.py custom --data_path data/synthetic_isarc \
+        --cfg_file cfgs/dataset_configs/custom_dataset_isarc.yaml \
+        --class_names dumptruck excavator grader roller
+
+Calls OpenPCDet's own create_kitti_infos / create_custom_infos after validating the files.
+``--out_dir`` (default: the data folder) may differ from a read-only ``--data_path``: the data
+is then symlinked into it.
+"""
+import argparse
+from pathlib import Path
+
+import pcdet_ext  # noqa: F401  (CPU runtime, OpenPCDet import path)
+from pcdet_ext.datasets import create_infos
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("layout", choices=["kitti", "custom"])
+    parser.add_argument("--data_path", type=Path, required=True)
+    parser.add_argument("--out_dir", type=Path, default=None)
+    parser.add_argument("--cfg_file", type=Path, default=None, help="dataset config (DATA_CONFIG) yaml")
+    parser.add_argument("--class_names", nargs="+", default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if args.layout == "kitti":
+        root = create_infos.create_kitti(args.data_path, args.out_dir, args.cfg_file,
+                                         args.class_names or create_infos.KITTI_CLASSES, args.workers)
+    else:
+        if not args.class_names:
+            parser.error("custom: --class_names is required (the classes of the labels)")
+        root = create_infos.create_custom(args.data_path, args.class_names, args.out_dir, args.cfg_file,
+                                          args.workers)
+    print(f"infos and gt database written under {root}")
+
+
+if __name__ == "__main__":
+    main()
