@@ -37,6 +37,12 @@ class Calibration:
         hom = np.concatenate([xyz, np.ones((len(xyz), 1))], 1) @ self.P2.T
         return hom[:, :2] / hom[:, 2:3]
 
+    def road_plane_text(self, sensor_height: float) -> str:
+        """KITTI ``planes/`` file of the flat ground ``sensor_height`` below the LiDAR (camera frame)."""
+        ground = self.lidar_to_rect(np.array([[10.0, 0.0, -sensor_height]]))[0]
+        normal = np.array([0.0, -1.0, 0.0])  # camera y points down: the ground normal is -y
+        return f"# Matrix\nWIDTH 4\nHEIGHT 1\n{normal[0]:.6e} {normal[1]:.6e} {normal[2]:.6e} {-normal @ ground:.6e}\n"
+
     def to_text(self) -> str:
         rows = {"P0": self.P2, "P1": self.P2, "P2": self.P2, "P3": self.P2, "R0_rect": self.R0,
                 "Tr_velo_to_cam": self.Tr_velo_to_cam, "Tr_imu_to_velo": self.Tr_velo_to_cam}

@@ -52,14 +52,14 @@ def _write_imagesets(root: Path, train: list, val: list, extra: Optional[Dict[st
 
 def write_kitti(out_dir: Path, num_frames: int = 8, seed: int = 0, val_fraction: float = 0.25,
                 spec: SceneSpec = KITTI_SCENE) -> Path:
-    """KITTI object layout (training/{velodyne,calib,label_2,image_2}, ImageSets/ with an
+    """KITTI object layout (training/{velodyne,calib,label_2,image_2,planes}, ImageSets/ with an
     empty test split) with Car/Pedestrian/Cyclist labels in camera coordinates."""
     out_dir = Path(out_dir)
     train, val = _splits(num_frames, val_fraction)
     tmp = _prepare(out_dir)
     try:
         calib = Calibration()
-        sub = {k: tmp / "training" / k for k in ("velodyne", "calib", "label_2", "image_2")}
+        sub = {k: tmp / "training" / k for k in ("velodyne", "calib", "label_2", "image_2", "planes")}
         for d in sub.values():
             d.mkdir(parents=True)
         (tmp / "testing").mkdir()
@@ -70,6 +70,7 @@ def write_kitti(out_dir: Path, num_frames: int = 8, seed: int = 0, val_fraction:
             (sub["label_2"] / f"{frame}.txt").write_text(
                 "".join(kitti_label_lines(scene.boxes, list(scene.names), scene.visibility, calib)))
             write_gray_png(sub["image_2"] / f"{frame}.png")
+            (sub["planes"] / f"{frame}.txt").write_text(calib.road_plane_text(spec.sensor.height))
         _write_imagesets(tmp, train, val, {"test": []})
         return _finish(tmp, out_dir)
     except BaseException:
