@@ -14,6 +14,7 @@ ImportError saying how to provide it.
 from __future__ import annotations
 
 import os
+import warnings
 
 from . import cpu
 from .openpcdet import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
@@ -27,5 +28,22 @@ __all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoun
 allow_numpy_scalars()
 if cpu.should_activate():
     cpu.activate()
-if os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0" and pcdet_available():
+
+def _auto_register() -> None:
+    """Register into OpenPCDet when it is importable; say why not when PCDET_ROOT names a bad checkout
+    or OpenPCDet itself fails to import (the pure-torch parts keep working either way)."""
+    try:
+        import_pcdet()
+    except OpenPCDetNotFoundError as exc:
+        if os.environ.get("PCDET_ROOT"):
+            warnings.warn(f"pcdet_ext: OpenPCDet not registered: {exc}", RuntimeWarning, stacklevel=3)
+        return
+    except ImportError as exc:
+        warnings.warn(f"pcdet_ext: OpenPCDet found but failed to import ({exc}); nothing registered",
+                      RuntimeWarning, stacklevel=3)
+        return
     register()
+
+
+if os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0":
+    _auto_register()

@@ -135,12 +135,41 @@ class _Loader(importlib.abc.Loader):
         return None
 
 
+def _patch_kitti_eval(module: types.ModuleType) -> None:
+    """KITTI evaluation computes rotated IoUs with a numba.cuda kernel, which on CPU runs on the
+    (slow, pure-python) CUDA simulator; use the exact numba CPU kernel instead."""
+    module.rotate_iou_gpu_eval = rb.rotate_iou_eval
+
+
+# modules imported from the checkout as usual, then adjusted
+_POST_IMPORT: Dict[str, Callable[[types.ModuleType], None]] = {
+    "pcdet.datasets.kitti.kitti_object_eval_python.eval": _patch_kitti_eval,
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]):
+        self.inner, self.patch = inner, patch
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        self.patch(module)
+
+
 class CompiledOpsFinder(importlib.abc.MetaPathFinder):
     """Meta-path finder that serves the CPU stand-ins ahead of the (absent) CUDA builds."""
 
     def find_spec(self, fullname: str, path=None, target=None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname in SERVED_MODULES:
             return importlib.machinery.ModuleSpec(fullname, _Loader(), origin="pcdet_ext.cpu")
+        if fullname in _POST_IMPORT:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, _POST_IMPORT[fullname])
+            return spec
         return None
 
 

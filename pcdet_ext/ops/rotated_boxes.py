@@ -222,3 +222,33 @@ def first_box_of_points(points: np.ndarray, boxes: np.ndarray, margin: float = 1
     if pts.ndim != 3 or bxs.ndim != 3 or pts.shape[0] != bxs.shape[0]:
         raise ValueError(f"expected points (B, N, 3) and boxes (B, T, 7), got {pts.shape} and {bxs.shape}")
     return _first_box_of_points(pts, bxs, float(margin))
+
+
+def rotate_iou_eval(boxes: np.ndarray, query_boxes: np.ndarray, criterion: int = -1) -> np.ndarray:
+    """Drop-in for KITTI evaluation's ``rotate_iou_gpu_eval``: boxes (N, 5) ``[x, y, w, h, angle]``.
+
+    criterion -1: IoU; 0: overlap / area(query_boxes); 1: overlap / area(boxes); else: overlap
+    (the kernel's first operand is the query box).
+    KITTI's angles are clockwise-positive in this frame, hence the sign flip.
+    """
+    def to7(b):
+        b = np.asarray(b, dtype=np.float64).reshape(-1, 5)
+        out = np.zeros((len(b), 7))
+        out[:, [0, 1, 3, 4]] = b[:, :4]
+        out[:, 6] = -b[:, 4]
+        out[:, 5] = 1.0
+        return out
+    a, q = to7(boxes), to7(query_boxes)
+    inter = _overlap_matrix(a, q, False)
+    area_a = (a[:, 3] * a[:, 4])[:, None]
+    area_q = (q[:, 3] * q[:, 4])[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if criterion == -1:
+            out = inter / (area_a + area_q - inter)
+        elif criterion == 0:
+            out = inter / area_q
+        elif criterion == 1:
+            out = inter / area_a
+        else:
+            out = inter
+    return out.astype(np.asarray(boxes).dtype)

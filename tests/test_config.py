@@ -1,0 +1,48 @@
+"""OpenPCDet-style YAML loading with _BASE_CONFIG_ and --set overrides."""
+import pytest
+from easydict import EasyDict
+
+from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, resolve_base
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_nested_bases_resolved_relative_to_including_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "cfgs/base/root.yaml", "A: 1\nB: {C: 2, D: [1, 2]}\n")
+    write(tmp_path / "cfgs/base/mid.yaml", "_BASE_CONFIG_: root.yaml\nA: 5\n")
+    top = write(tmp_path / "cfgs/exp/top.yaml", "DATA:\n  _BASE_CONFIG_: ../base/mid.yaml\n  B: {C: 7}\nX: 3\n")
+    cfg = cfg_from_yaml_file(top)
+    assert isinstance(cfg, EasyDict)
+    assert cfg.DATA.A == 5 and cfg.DATA.B.C == 7 and cfg.DATA.B.D == [1, 2] and cfg.X == 3
+
+
+def test_base_falls_back_to_pcdet_root_tools(tmp_path, monkeypatch):
+    write(tmp_path / "pcdet/tools/cfgs/dataset_configs/x.yaml", "K: 1\n")
+    monkeypatch.setenv("PCDET_ROOT", str(tmp_path / "pcdet"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_base("cfgs/dataset_configs/x.yaml", tmp_path / "elsewhere").name == "x.yaml"
+
+
+def test_missing_base_lists_what_was_tried(tmp_path):
+    top = write(tmp_path / "top.yaml", "_BASE_CONFIG_: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml.*tried"):
+        cfg_from_yaml_file(top)
+
+
+def test_set_overrides_and_errors():
+    cfg = EasyDict({"OPT": {"LR": 0.1, "EPOCHS": 3, "FLAG": True, "R": [0.0, 1.0]}})
+    cfg_from_list(["OPT.LR", "0.5", "OPT.EPOCHS", "7", "OPT.R", "[1, 2]", "OPT.FLAG", "False"], cfg)
+    assert cfg.OPT.LR == 0.5 and cfg.OPT.EPOCHS == 7 and cfg.OPT.R == [1, 2] and cfg.OPT.FLAG is False
+    cfg_from_list(["OPT.LR", "1"], cfg)
+    assert cfg.OPT.LR == 1.0 and isinstance(cfg.OPT.LR, float)
+    with pytest.raises(KeyError, match="OPT.NOPE"):
+        cfg_from_list(["OPT.NOPE", "1"], cfg)
+    with pytest.raises(TypeError, match="OPT.EPOCHS: expected int"):
+        cfg_from_list(["OPT.EPOCHS", "abc"], cfg)
+    with pytest.raises(ValueError, match="odd number"):
+        cfg_from_list(["OPT.LR"], cfg)
