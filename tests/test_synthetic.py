@@ -23,9 +23,12 @@ def test_scene_looks_like_lidar():
     # ground returns of one beam lie on a ring: their range spread is small
     rng_xy = np.hypot(s.points[ground, 0], s.points[ground, 1])
     assert len(np.unique(np.round(rng_xy))) < len(rng_xy) / 20
-    inside = points_in_boxes_mask(s.points, s.boxes.astype(np.float64))
+    grown = s.boxes.astype(np.float64)
+    grown[:, 3:6] += 0.1  # range noise may push a return a few cm out of a face ...
+    grown[:, 2] += 0.05   # ... but keep the bottom at the ground so ground returns stay out
+    inside = points_in_boxes_mask(s.points, grown)
     seen = s.num_points >= 10  # returns on objects fall inside their boxes (up to range noise)
-    assert seen.sum() >= 3 and np.all(inside.sum(1)[seen] >= 0.7 * s.num_points[seen])
+    assert seen.sum() >= 3 and np.all(inside.sum(1)[seen] >= 0.9 * s.num_points[seen])
     # returns sit on the sensor-facing side: nearer to the sensor than the box centre
     for k in np.flatnonzero(s.num_points > 20):
         pts = s.points[inside[k] > 0]

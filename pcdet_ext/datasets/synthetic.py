@@ -99,9 +99,11 @@ def _rotation(heading: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)  # (..., 2, 2)
 
 
-def _part_boxes(box: np.ndarray, cls: ObjectClass, ground_z: float) -> np.ndarray:
-    """World boxes (P, 7) of one object's parts."""
+def _part_boxes(box: np.ndarray, cls: ObjectClass, ground_z: float, inset: float = 0.95) -> np.ndarray:
+    """World boxes (P, 7) of one object's parts, inset in x/y so that surface returns with range
+    noise still fall inside the label box (as in hand-labelled data)."""
     x, y, _, dx, dy, dz, heading = box
+    dx, dy = dx * inset, dy * inset
     out = []
     rot = _rotation(np.array(heading))
     for x0, x1, y0, y1, z0, z1 in cls.parts:
