@@ -12,12 +12,13 @@ SPCONV_FLAVOURS = {"cpu": "spconv", "cu113": "spconv-cu113", "cu114": "spconv-cu
                    "cu126": "spconv-cu126"}
 
 # What OpenPCDet master imports at `import pcdet.models` and that installs on CPU.
-OPENPCDET_RUNTIME = ["opencv-python-headless", "scikit-image", "SharedArray", "pyquaternion",
-                     "kornia", "av2", "pillow", "llvmlite"]
+# kornia < 0.7: newer releases break the torch.jit.script in OpenPCDet's argo2 so3 utilities.
+OPENPCDET_RUNTIME = ["opencv-python-headless", "scikit-image", "scipy", "SharedArray", "pyquaternion",
+                     "kornia<0.7", "av2", "pillow", "llvmlite"]
 
 extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
-extras["test"] = ["pytest>=7", "hypothesis>=6", "spconv"] + OPENPCDET_RUNTIME
+extras["test"] = ["pytest>=7", "hypothesis>=6"]  # spconv comes from the flavour extra (cpu, cu120, ...)
 
 setup(
     name="pcdet_ext",

@@ -1,26 +1,19 @@
 """Shared test helpers. Tier 1 (this folder) needs only torch/spconv/numba; tier 2
 (tests/openpcdet/) needs OpenPCDet and skips without it."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# tools/setup_env.sh records the OpenPCDet checkout in .pcdet_env; use it when PCDET_ROOT is unset.
+_env_file = REPO / ".pcdet_env"
+if "PCDET_ROOT" not in os.environ and _env_file.is_file():
+    for _line in _env_file.read_text().splitlines():
+        if _line.startswith("export PCDET_ROOT="):
+            os.environ["PCDET_ROOT"] = _line.split("=", 1)[1].strip()
 SHARED_DATA = Path(os.environ.get("PCDET_EXT_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def run_python(code: str, env_update=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter (import-time behaviour needs a clean process)."""
-    env = dict(os.environ)
-    for key, val in (env_update or {}).items():
-        if val is None:
-            env.pop(key, None)
-        else:
-            env[key] = val
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=str(REPO))
 
 
 @pytest.fixture(scope="session")

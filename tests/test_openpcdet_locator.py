@@ -1,5 +1,5 @@
 """import pcdet_ext with and without OpenPCDet; PCDET_ROOT validation."""
-from conftest import run_python
+from _subproc import run_python
 
 
 def test_import_without_openpcdet_keeps_pure_torch_parts():

@@ -2,13 +2,11 @@
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import pcdet_ext
-from pcdet_ext.datasets import create_infos, synthetic, synthetic_writer
-
-REPO = Path(__file__).resolve().parents[2]
+from pcdet_ext.datasets import create_infos, synthetic_writer
+from tier2 import CUSTOM_TEST_SCENE, KITTI_TEST_SCENE, REPO
 
 
 def _why_no_openpcdet():
@@ -41,11 +39,6 @@ def pcdet_tools() -> Path:
     return tools
 
 
-KITTI_TEST_SCENE = synthetic.SceneSpec(fov_deg=70.0, max_range=38.0, sensor=synthetic.SensorSpec(num_azimuth=768))
-CUSTOM_TEST_SCENE = synthetic.SceneSpec(max_range=36.0, sensor=synthetic.SensorSpec(
-    elevation_deg=(15.0, -25.0), num_beams=64, num_azimuth=768, height=2.0, max_range=60.0))
-
-
 @pytest.fixture(scope="session")
 def synthetic_kitti(tmp_path_factory) -> Path:
     root = synthetic_writer.write_kitti(tmp_path_factory.mktemp("kitti") / "synthetic_kitti", num_frames=6,
@@ -59,16 +52,3 @@ def synthetic_isarc(tmp_path_factory) -> Path:
                                          seed=7, val_fraction=0.34, spec=CUSTOM_TEST_SCENE)
     return create_infos.create_custom(root, synthetic_writer.CONSTRUCTION_CLASSES,
                                       dataset_cfg=REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", workers=1)
-
-
-def set_voxelization(cfg, voxel_size, max_voxels):
-    for proc in cfg.DATA_CONFIG.DATA_PROCESSOR:
-        if proc.NAME == "transform_points_to_voxels":
-            proc.VOXEL_SIZE = list(voxel_size)
-            proc.MAX_NUMBER_OF_VOXELS = {"train": max_voxels, "test": max_voxels}
-
-
-def seed_everything(seed=0):
-    import torch
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from tier2 import REPO
 from pcdet_ext.datasets import create_infos, synthetic_writer
 from pcdet_ext.datasets.validation import DatasetFormatError
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, seed_everything, set_voxelization
+from tier2 import REPO, seed_everything, set_voxelization
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
+from pcdet_ext.engine import loop
 
 
 def pcdet_cfg(rel: str):
@@ -23,18 +24,17 @@ def kitti_pointpillar_cfg():
 
 def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, pcdet_tools):
     from train_utils.optimization import build_optimizer
-    import pipeline
     seed_everything()
     cfg = kitti_pointpillar_cfg()
-    (train_set, train_loader, _), (test_set, test_loader, _) = pipeline.loaders(cfg, synthetic_kitti)
-    model = pipeline.build(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
+    model = loop.build_model(cfg, train_set)
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)  # adam_onecycle: fastai OptimWrapper
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses, tb_dict = pipeline.train_steps(model, train_loader, optimizer, steps=1)
+    losses, tb_dict = loop.train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and losses[0] > 0 and "rpn_loss_cls" in tb_dict
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone_2d") for k in changed) and any(k.startswith("dense_head") for k in changed)
-    det_annos, result_str, result_dict = pipeline.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    det_annos, result_str, result_dict = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert len(det_annos) == len(test_set) == 2
     assert "Car AP@0.70, 0.70, 0.70" in result_str and "Car_3d/moderate_R40" in result_dict
     assert all(0 <= v <= 100 for v in result_dict.values())
@@ -42,19 +42,18 @@ def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, pcdet_to
 
 def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, pcdet_tools):
     from train_utils.optimization import build_optimizer
-    import pipeline
     seed_everything()
     cfg = cfg_from_yaml_file(REPO / "cfgs/custom_models/pointpillar_isarc_4class.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[-40.96, -40.96, -6, 40.96, 40.96, 10]"], cfg)
     set_voxelization(cfg, [0.32, 0.32, 16], 6000)
-    (train_set, train_loader, _), (test_set, test_loader, _) = pipeline.loaders(cfg, synthetic_isarc)
+    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_isarc)
     assert train_set.class_names == ["dumptruck", "excavator", "grader", "roller"]
-    model = pipeline.build(cfg, train_set)
+    model = loop.build_model(cfg, train_set)
     assert model.dense_head.conv_cls.out_channels == (4 * 2) * 4  # (4 classes x 2 rotations) anchors x 4 scores
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
-    losses, _ = pipeline.train_steps(model, train_loader, optimizer, steps=1)
+    losses, _ = loop.train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and losses[0] > 0
-    det_annos, result_str, result_dict = pipeline.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    det_annos, result_str, result_dict = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert len(det_annos) == 2
     for kitti_name in ("Truck", "Car", "Cyclist", "Pedestrian"):  # MAP_CLASS_TO_KITTI of the 4 classes
         assert f"{kitti_name} AP" in result_str
@@ -62,7 +61,6 @@ def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, 
 
 @pytest.mark.parametrize("cfg_name", ["second", "voxelnext"])
 def test_sparse_voxel_backbones_forward_backward_eval(synthetic_kitti, cfg_name):
-    import pipeline
     from pcdet.models import detectors
     if cfg_name == "voxelnext" and "VoxelNeXt" not in detectors.__all__:
         pytest.skip("this OpenPCDet has no VoxelNeXt (added after v0.6.0)")
@@ -71,10 +69,10 @@ def test_sparse_voxel_backbones_forward_backward_eval(synthetic_kitti, cfg_name)
         cfg_from_yaml_file(REPO / "cfgs/kitti_models/voxelnext_kitti.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -25.6, -3, 51.2, 25.6, 1]"], cfg)
     set_voxelization(cfg, [0.1, 0.1, 0.1], 12000)
-    (train_set, train_loader, _), (test_set, test_loader, _) = pipeline.loaders(cfg, synthetic_kitti)
-    model = pipeline.build(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
+    model = loop.build_model(cfg, train_set)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    losses, _ = pipeline.train_steps(model, train_loader, optimizer, steps=1)
+    losses, _ = loop.train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0])
     grads = [p.grad for n, p in model.named_parameters() if n.startswith("backbone_3d")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -91,22 +89,21 @@ def test_onecycle_checkpoint_round_trip_under_weights_only(synthetic_kitti, pcde
     """OpenPCDet's own save_checkpoint with adam_onecycle, loaded by its own loaders on torch >= 2.6."""
     from train_utils.optimization import build_optimizer, build_scheduler
     from train_utils.train_utils import checkpoint_state, save_checkpoint
-    import pipeline
     from pcdet.utils import common_utils
     seed_everything()
     cfg = kitti_pointpillar_cfg()
-    (train_set, train_loader, _), _ = pipeline.loaders(cfg, synthetic_kitti)
-    model = pipeline.build(cfg, train_set)
+    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_kitti)
+    model = loop.build_model(cfg, train_set)
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
     scheduler, _ = build_scheduler(optimizer, total_iters_each_epoch=len(train_loader), total_epochs=2,
                                    last_epoch=-1, optim_cfg=cfg.OPTIMIZATION)
     scheduler.step(1)
-    pipeline.train_steps(model, train_loader, optimizer, steps=1)
+    loop.train_steps(model, train_loader, optimizer, steps=1)
     save_checkpoint(checkpoint_state(model, optimizer, epoch=1, it=3), filename=str(tmp_path / "checkpoint_epoch_1"))
     ckpt = tmp_path / "checkpoint_epoch_1.pth"
     state = torch.load(ckpt, weights_only=True)  # numpy scalars in optimizer_state load
     assert isinstance(state["optimizer_state"], dict) and state["epoch"] == 1
-    fresh = pipeline.build(cfg, train_set)
+    fresh = loop.build_model(cfg, train_set)
     fresh_opt = build_optimizer(fresh, cfg.OPTIMIZATION)
     logger = common_utils.create_logger()
     it, epoch = fresh.load_params_with_optimizer(str(ckpt), to_cpu=True, optimizer=fresh_opt, logger=logger)

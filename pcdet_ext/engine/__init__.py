@@ -1,0 +1,1 @@
+"""Training/evaluation drivers around OpenPCDet's dataloaders, networks and evaluation."""

@@ -1,0 +1,69 @@
+"""Minimal train/eval driver over OpenPCDet's dataloader, network, model_fn and evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..openpcdet import require_pcdet
+
+
+def build_loaders(cfg, root: Path, batch_size: int = 2, workers: int = 0, logger=None):
+    """``((train_set, train_loader, sampler), (test_set, test_loader, sampler))`` via ``build_dataloader``."""
+    require_pcdet("pcdet_ext.engine")
+    from pcdet.datasets import build_dataloader
+    from pcdet.utils import common_utils
+    logger = logger or common_utils.create_logger()
+    kwargs = dict(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=False,
+                  root_path=Path(root), workers=workers, logger=logger)
+    return build_dataloader(training=True, **kwargs), build_dataloader(training=False, **kwargs)
+
+
+def build_model(cfg, dataset) -> torch.nn.Module:
+    require_pcdet("pcdet_ext.engine")
+    from pcdet.models import build_network
+    return build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)
+
+
+def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0
+                ) -> Tuple[List[float], Dict]:
+    """Run ``steps`` optimizer steps (cycling the loader) through OpenPCDet's ``model_fn``."""
+    from pcdet.models import model_fn_decorator
+    model.train()
+    model_fn = model_fn_decorator()
+    losses: List[float] = []
+    tb_dict: Dict = {}
+    it = iter(loader)
+    for _ in range(steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        optimizer.zero_grad()
+        loss, tb_dict, _ = model_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss))
+    return losses, tb_dict
+
+
+def evaluate(model, dataset, loader, class_names, output_path: Optional[Path] = None):
+    """Predict every frame and run the dataset's KITTI-metric evaluation.
+
+    Returns ``(det_annos, result_str, result_dict)`` as OpenPCDet's ``eval_one_epoch`` computes them.
+    """
+    from pcdet.models import load_data_to_gpu
+    model.eval()
+    det_annos = []
+    for batch in loader:
+        load_data_to_gpu(batch)
+        with torch.no_grad():
+            pred_dicts, _ = model(batch)
+        det_annos += dataset.generate_prediction_dicts(batch, pred_dicts, class_names, output_path=output_path)
+    result_str, result_dict = dataset.evaluation(det_annos, class_names, eval_metric="kitti")
+    return det_annos, result_str, result_dict
