@@ -61,7 +61,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.iters, pct_start=0.3)
     t0 = time.time()
-    losses, _ = loop.train_steps(model, train_loader, optimizer, args.iters, scheduler)
+    losses, _ = loop.train_steps(model, train_loader, optimizer, args.iters, scheduler, progress=True)
     train_s = time.time() - t0
     k = max(1, len(losses) // 10)
     print(f"trained {args.iters} iterations in {train_s:.0f} s: loss {sum(losses[:k]) / k:.3f} (first {k}) -> "

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import tqdm
 
 from ..openpcdet import require_pcdet
 
@@ -26,8 +27,8 @@ def build_model(cfg, dataset) -> torch.nn.Module:
     return build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)
 
 
-def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0
-                ) -> Tuple[List[float], Dict]:
+def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,
+                progress: bool = False) -> Tuple[List[float], Dict]:
     """Run ``steps`` optimizer steps (cycling the loader) through OpenPCDet's ``model_fn``."""
     from pcdet.models import model_fn_decorator
     model.train()
@@ -35,6 +36,7 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
     losses: List[float] = []
     tb_dict: Dict = {}
     it = iter(loader)
+    bar = tqdm.tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not progress)
     for _ in range(steps):
         try:
             batch = next(it)
@@ -49,6 +51,9 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
         if scheduler is not None:
             scheduler.step()
         losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update()
+    bar.close()
     return losses, tb_dict
 
 

@@ -1,0 +1,63 @@
+"""Nearest-codeword search and data-driven codeword initialisation (pure torch)."""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 16384
+
+
+def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Index of the nearest row of ``codebook`` [K, D] for every row of ``x`` [N, D].
+
+    Squared distances by one ``addmm`` per chunk of rows (||c||^2 - 2 x.c; ||x||^2 is constant
+    per row and dropped), so memory stays at ``chunk x K``.
+    """
+    c_sq = codebook.pow(2).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk]
+        dist = torch.addmm(c_sq.unsqueeze(0), rows, codebook.t(), beta=1.0, alpha=-2.0)
+        out[start:start + chunk] = dist.argmin(1)
+    return out
+
+
+def min_sq_dist(x: torch.Tensor, centres: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Squared distance of every row of ``x`` to its nearest row of ``centres`` (inf if none)."""
+    if centres.shape[0] == 0:
+        return torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
+    c_sq = centres.pow(2).sum(1)
+    out = torch.empty(x.shape[0], device=x.device, dtype=x.dtype)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk]
+        dist = torch.addmm(c_sq.unsqueeze(0), rows, centres.t(), beta=1.0, alpha=-2.0)
+        out[start:start + chunk] = (dist.min(1).values + rows.pow(2).sum(1)).clamp_min(0)
+    return out
+
+
+def kmeans_pp(x: torch.Tensor, existing: torch.Tensor, num_new: int, generator: torch.Generator = None
+              ) -> torch.Tensor:
+    """``num_new`` new centres chosen from ``x`` by k-means++ (D^2 sampling) given ``existing`` centres.
+
+    Points that coincide with a centre have zero weight, so new centres are distinct from the old
+    ones whenever the data allows it.
+    """
+    if num_new <= 0:
+        return x.new_zeros((0, x.shape[1]))
+    if x.shape[0] == 0:
+        raise ValueError("k-means++ initialisation needs at least one data vector")
+    d2 = min_sq_dist(x, existing)
+    picks = []
+    for _ in range(num_new):
+        if torch.isinf(d2).all():
+            idx = torch.randint(x.shape[0], (1,), generator=generator, device="cpu").to(x.device)
+        else:
+            w = d2.clamp_min(0)
+            total = w.sum()
+            if not torch.isfinite(total) or total <= 0:
+                idx = torch.randint(x.shape[0], (1,), generator=generator, device="cpu").to(x.device)
+            else:
+                idx = torch.multinomial((w / total).cpu(), 1, generator=generator).to(x.device)
+        centre = x[idx]
+        picks.append(centre)
+        d2 = torch.minimum(d2, (x - centre).pow(2).sum(1))
+    return torch.cat(picks, 0)

@@ -1,0 +1,346 @@
+"""Nested residual quantizer with EMA warm-up and gradient training (pure torch).
+
+``C`` codebooks of ``K`` entries each are allocated up front; the first ``k`` entries of a
+codebook work alone (nested prefixes), and any prefix of codebooks can be decoded. Which
+codebooks/entries are active, the training mode and the per-entry state live in persistent
+buffers, so a ``state_dict`` has one shape through every stage.
+
+Gradient path: the network before the bottleneck is frozen, so a straight-through estimator
+would give the codebooks no gradient from the task loss. The output is the sum of the gathered
+code vectors ``sum_i C_i[idx_i]``, so the task loss reaches the codebooks directly. The
+(cumulative, RQ-VAE style) commitment loss only trains something when a trainable input adapter
+exists; without one it is not computed or reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .nn_search import DEFAULT_CHUNK, kmeans_pp, nearest
+
+MODES = ("ema", "gradient")
+
+
+@dataclass
+class RQOutput:
+    quantized: torch.Tensor                  # same shape as the input
+    codes: torch.Tensor                      # [N, n] long
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Dict[str, float] = field(default_factory=dict)
+    num_codebooks: int = 0                   # the (n, k) this output was computed at
+    num_embeddings: List[int] = field(default_factory=list)
+
+
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ResidualQuantizer(nn.Module):
+    """Residual vector quantizer with nested codebooks.
+
+    Args:
+        dim: input feature size.
+        num_codebooks: codebooks allocated (max depth ``C``).
+        codebook_size: entries allocated per codebook (max ``K``).
+        decay: EMA decay of the warm-up mode.
+        schedule: entry counts the model is trained/evaluated at (strictly increasing, <= K).
+        adapter_dim: if set, a trainable linear projection ``dim -> adapter_dim`` before and
+            ``adapter_dim -> dim`` after quantization (codes live in ``adapter_dim``).
+        operating_point_training: sample (n, k) per training batch from the active depth and the
+            schedule sizes up to the active size.
+        freeze_earlier: when a deeper codebook becomes active, earlier ones stop training.
+        dead_threshold: EMA usage count below which an entry of the current stage is restarted.
+        eps: Laplace smoothing of EMA counts.
+    """
+
+    def __init__(self, dim: int = 64, num_codebooks: int = 5, codebook_size: int = 256, decay: float = 0.99,
+                 schedule: Sequence[int] = (16, 32, 64, 128, 256), adapter_dim: Optional[int] = None,
+                 operating_point_training: bool = True, freeze_earlier: bool = True,
+                 dead_threshold: float = 1e-3, eps: float = 1e-5, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        schedule = [int(s) for s in schedule]
+        if not schedule or any(b <= a for a, b in zip(schedule, schedule[1:])):
+            raise ValueError(f"schedule must be strictly increasing, got {schedule}")
+        if schedule[0] < 1 or schedule[-1] > codebook_size:
+            raise ValueError(f"schedule sizes must lie in 1..codebook_size={codebook_size}, got {schedule}")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.dim, self.max_codebooks, self.max_entries = dim, num_codebooks, codebook_size
+        self.code_dim = adapter_dim or dim
+        self.decay, self.eps, self.dead_threshold = decay, eps, dead_threshold
+        self.schedule = schedule
+        self.operating_point_training = operating_point_training
+        self.freeze_earlier = freeze_earlier
+        self.chunk_size = chunk_size
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.randn(codebook_size, self.code_dim) * 0.01) for _ in range(num_codebooks)])
+        self.adapter_in = nn.Linear(dim, adapter_dim) if adapter_dim else None
+        self.adapter_out = nn.Linear(adapter_dim, dim) if adapter_dim else None
+        self.register_buffer("ema_count", torch.zeros(num_codebooks, codebook_size))
+        self.register_buffer("ema_sum", torch.zeros(num_codebooks, codebook_size, self.code_dim))
+        self.register_buffer("initialised", torch.zeros(num_codebooks, codebook_size, dtype=torch.bool))
+        self.register_buffer("active_depth", torch.tensor(1))
+        self.register_buffer("active_size", torch.full((num_codebooks,), schedule[0], dtype=torch.long))
+        self.register_buffer("stage_start", torch.zeros(num_codebooks, dtype=torch.long))
+        self.register_buffer("trained_size", torch.zeros(num_codebooks, dtype=torch.long))
+        self.register_buffer("mode_id", torch.tensor(0))
+        self._apply_freezing()
+        # requires_grad is not part of a state_dict: re-derive it from the loaded depth
+        self.register_load_state_dict_post_hook(lambda module, keys: module._apply_freezing())
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return MODES[int(self.mode_id)]
+
+    def set_mode(self, mode: str) -> None:
+        """``'ema'``: entries follow EMA means of their residuals; ``'gradient'``: losses train them."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode_id.fill_(MODES.index(mode))
+
+    def _check_n_k(self, num_codebooks: int, num_embeddings: Union[int, Sequence[int]]) -> List[int]:
+        if not 1 <= num_codebooks <= self.max_codebooks:
+            raise ValueError(f"num_codebooks must be in 1..{self.max_codebooks}, got {num_codebooks}")
+        sizes = [int(num_embeddings)] * num_codebooks if isinstance(num_embeddings, int) else [int(k) for k in num_embeddings]
+        if len(sizes) != num_codebooks:
+            raise ValueError(f"num_embeddings: expected {num_codebooks} sizes, got {len(sizes)}")
+        for k in sizes:
+            if not 1 <= k <= self.max_entries:
+                raise ValueError(f"num_embeddings must be in 1..{self.max_entries}, got {k}")
+        return sizes
+
+    def set_active(self, num_codebooks: int, num_embeddings: Union[int, Sequence[int]]) -> None:
+        """Use the first ``num_embeddings`` entries (one size, or one per codebook) of each of the
+        first ``num_codebooks`` codebooks."""
+        sizes = self._check_n_k(num_codebooks, num_embeddings)
+        self.active_depth.fill_(num_codebooks)
+        self.active_size[:num_codebooks] = torch.tensor(sizes, device=self.active_size.device)
+        self._apply_freezing()
+
+    def start_stage(self, codebook: int, num_embeddings: int, data: Optional[torch.Tensor] = None) -> None:
+        """Begin training ``codebook`` (0-based) at ``num_embeddings`` entries.
+
+        Earlier codebooks keep their trained size. Entries ``[k_prev, k)`` are initialised from
+        ``data`` (input vectors; their residuals at this codebook are used) by k-means++; without
+        ``data`` they are initialised on the first training batch. Dead-entry restarts will only
+        touch ``[k_prev, k)``.
+        """
+        if not 0 <= codebook < self.max_codebooks:
+            raise ValueError(f"codebook must be in 0..{self.max_codebooks - 1}, got {codebook}")
+        if num_embeddings not in self.schedule and num_embeddings != self.max_entries:
+            raise ValueError(f"num_embeddings {num_embeddings} is not in the schedule {self.schedule}")
+        prev = int(self.trained_size[codebook])
+        self.stage_start[codebook] = min(prev, num_embeddings)
+        sizes = [max(int(self.trained_size[c]), 1) for c in range(codebook)] + [num_embeddings]
+        self.set_active(codebook + 1, sizes)
+        self.trained_size[codebook] = max(prev, num_embeddings)
+        if data is not None:
+            self.initialise_entries(codebook, data)
+
+    def _apply_freezing(self) -> None:
+        depth = int(self.active_depth)
+        for c, cb in enumerate(self.codebooks):
+            trainable = c < depth and (not self.freeze_earlier or c == depth - 1)
+            cb.requires_grad_(trainable)
+
+    def trainable_codebooks(self) -> List[int]:
+        return [c for c in range(int(self.active_depth)) if self.codebooks[c].requires_grad]
+
+    # ---- core ------------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape [N, {self.dim}], got {tuple(x.shape)}")
+        bad = ~torch.isfinite(x).all(1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {x.shape[0]} input vectors contain NaN/inf; "
+                             "refusing to quantize (it would corrupt the codebooks)")
+        x = x.float()
+        return self.adapter_in(x) if self.adapter_in is not None else x
+
+    def _codebook(self, c: int, k: int) -> torch.Tensor:
+        return self.codebooks[c][:k]
+
+    def _residual_codes(self, z: torch.Tensor, sizes: Sequence[int]):
+        """Greedy residual assignment; returns codes [N, n] and the residual at each codebook."""
+        residual = z.detach()
+        codes, residuals = [], []
+        for c, k in enumerate(sizes):
+            book = self._codebook(c, k).detach()
+            idx = nearest(residual, book, self.chunk_size)
+            codes.append(idx)
+            residuals.append(residual)
+            residual = residual - book[idx]
+        return torch.stack(codes, 1) if codes else z.new_zeros((z.shape[0], 0), dtype=torch.long), residuals
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes [N, n] at the active (n, k)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self._prepare(x)
+            codes, _ = self._residual_codes(z, self.active_sizes())
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Vectors [N, dim] from codes [N, n] of the first n codebooks (any prefix)."""
+        if codes.dim() != 2 or not 1 <= codes.shape[1] <= self.max_codebooks:
+            raise ValueError(f"codes must be [N, n] with 1 <= n <= {self.max_codebooks}, got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.max_entries):
+            raise ValueError(f"code indices must lie in 0..{self.max_entries - 1}")
+        out = sum(self.codebooks[c][codes[:, c]] for c in range(codes.shape[1]))
+        return self.adapter_out(out) if self.adapter_out is not None else out
+
+    def active_sizes(self) -> List[int]:
+        return [int(k) for k in self.active_size[: int(self.active_depth)]]
+
+    def _sample_operating_point(self) -> List[int]:
+        """Training: (n, k) with n from the active depth (only the deepest when earlier codebooks are
+        frozen) and k from the schedule sizes up to the active size, every used codebook truncated
+        to k. Otherwise: the active sizes."""
+        sizes = self.active_sizes()
+        if not (self.training and self.operating_point_training):
+            return sizes
+        n = len(sizes) if self.freeze_earlier else int(torch.randint(1, len(sizes) + 1, (1,)))
+        allowed = [s for s in self.schedule if s <= sizes[n - 1]] or [sizes[n - 1]]
+        k = allowed[int(torch.randint(len(allowed), (1,)))]
+        if _dist_world() > 1:  # every rank trains the same operating point
+            nk = torch.tensor([n, k], device=self.active_size.device)
+            dist.broadcast(nk, 0)
+            n, k = int(nk[0]), int(nk[1])
+        return [min(s, k) for s in sizes[:n]]
+
+    def forward(self, x: torch.Tensor) -> RQOutput:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self._prepare(x)
+            sizes = self._sample_operating_point()
+            if self.training:
+                self._lazy_init(z, sizes)
+            codes, residuals = self._residual_codes(z, sizes)
+            gathered = [self._codebook(c, k)[codes[:, c]] for c, k in enumerate(sizes)]
+            if self.training:
+                self._ema_update(codes, residuals, sizes)
+            if self.mode == "ema":
+                gathered = [g.detach() for g in gathered]
+            q = torch.stack(gathered, 0).sum(0) if gathered else torch.zeros_like(z)
+            losses = self._losses(z, residuals, gathered) if self.training else {}
+            out = self.adapter_out(q) if self.adapter_out is not None else q
+            stats = self._stats(codes, sizes)
+            if self.training:
+                self._restart_dead(residuals, sizes)
+        return RQOutput(quantized=out.to(x.dtype), codes=codes, losses=losses, stats=stats,
+                        num_codebooks=len(sizes), num_embeddings=sizes)
+
+    def _losses(self, z, residuals, gathered) -> Dict[str, torch.Tensor]:
+        losses: Dict[str, torch.Tensor] = {}
+        trainable = set(self.trainable_codebooks())
+        if self.mode == "gradient" and any(c in trainable for c in range(len(gathered))):
+            terms = [(residuals[c] - gathered[c]).pow(2).mean() for c in range(len(gathered)) if c in trainable]
+            losses["codebook"] = torch.stack(terms).sum()
+        if self.adapter_in is not None:
+            partial, terms = torch.zeros_like(z), []
+            for g in gathered:
+                partial = partial + g.detach()
+                terms.append((z - partial).pow(2).mean())
+            losses["commitment"] = torch.stack(terms).mean()
+        return losses
+
+    # ---- state updates ---------------------------------------------------------------------
+    @torch.no_grad()
+    def initialise_entries(self, codebook: int, data: torch.Tensor) -> None:
+        """k-means++ initialisation of the uninitialised active entries of ``codebook`` from the
+        residuals of ``data`` at that codebook."""
+        z = self._prepare(data.detach())
+        sizes = self.active_sizes()
+        if codebook >= len(sizes):
+            raise ValueError(f"codebook {codebook} is not active (depth {len(sizes)})")
+        _, residuals = self._residual_codes(z, sizes[:codebook + 1])
+        self._init_from(codebook, sizes[codebook], residuals[codebook])
+
+    def _lazy_init(self, z: torch.Tensor, sizes: Sequence[int]) -> None:
+        for c, k in enumerate(sizes):
+            if not bool(self.initialised[c, :k].all()):
+                with torch.no_grad():
+                    _, residuals = self._residual_codes(z, sizes[:c + 1])
+                    self._init_from(c, k, residuals[c])
+
+    @torch.no_grad()
+    def _init_from(self, c: int, k: int, residual: torch.Tensor) -> None:
+        todo = (~self.initialised[c, :k]).nonzero().flatten()
+        if len(todo) == 0:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            new = torch.empty(len(todo), self.code_dim, device=residual.device)
+        else:
+            done = self.initialised[c, :k].nonzero().flatten()
+            sample = residual[torch.randperm(residual.shape[0], device=residual.device)[:20000]]
+            new = kmeans_pp(sample, self.codebooks[c][done], len(todo))
+        if _dist_world() > 1:
+            dist.broadcast(new, 0)
+        self.codebooks[c].data[todo] = new
+        self.ema_sum[c, todo] = new
+        self.ema_count[c, todo] = 1.0
+        self.initialised[c, todo] = True
+
+    @torch.no_grad()
+    def _ema_update(self, codes, residuals, sizes) -> None:
+        """EMA usage counts (both modes, for dead-entry detection and stats); in EMA mode also the
+        EMA sums and the entries themselves. Counts and sums are all-reduced under DDP."""
+        ema_mode = self.mode == "ema"
+        for c in self.trainable_codebooks():
+            if c >= len(sizes):
+                continue
+            k = sizes[c]
+            counts = torch.bincount(codes[:, c], minlength=k)[:k].float()
+            if _dist_world() > 1:
+                dist.all_reduce(counts)
+            self.ema_count[c, :k].mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            if not ema_mode:
+                continue
+            sums = torch.zeros(k, self.code_dim, device=residuals[c].device).index_add_(0, codes[:, c], residuals[c])
+            if _dist_world() > 1:
+                dist.all_reduce(sums)
+            self.ema_sum[c, :k].mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            n = self.ema_count[c, :k].sum()
+            smoothed = (self.ema_count[c, :k] + self.eps) / (n + k * self.eps) * n
+            self.codebooks[c].data[:k] = self.ema_sum[c, :k] / smoothed.unsqueeze(1)
+
+    @torch.no_grad()
+    def _restart_dead(self, residuals, sizes) -> None:
+        """Entries of the current stage ([stage_start, k)) whose EMA usage fell below the threshold
+        restart from random current residuals (chosen on rank 0); their EMA state is reset. Entries
+        of earlier stages are never touched, so smaller prefixes keep working."""
+        for c in self.trainable_codebooks():
+            if c >= len(sizes):
+                continue
+            k, start = sizes[c], int(self.stage_start[c])
+            dead = (self.ema_count[c, start:k] < self.dead_threshold).nonzero().flatten() + start
+            if len(dead) == 0 or residuals[c].shape[0] == 0:
+                continue
+            pick = torch.randint(residuals[c].shape[0], (len(dead),), device=residuals[c].device)
+            new = residuals[c][pick]
+            if _dist_world() > 1:
+                dist.broadcast(new, 0)
+            self.codebooks[c].data[dead] = new
+            self.ema_sum[c, dead] = new
+            self.ema_count[c, dead] = 1.0
+
+    # ---- statistics --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _stats(self, codes: torch.Tensor, sizes: Sequence[int]) -> Dict[str, float]:
+        stats: Dict[str, float] = {}
+        for c, k in enumerate(sizes):
+            counts = torch.bincount(codes[:, c], minlength=k)[:k].float()
+            p = counts / counts.sum().clamp_min(1)
+            entropy = -(p[p > 0] * p[p > 0].log()).sum()
+            stats[f"perplexity_{c}"] = float(entropy.exp())
+            stats[f"usage_{c}"] = float((counts > 0).float().mean())
+            stats[f"dead_{c}"] = float((self.ema_count[c, :k] < self.dead_threshold).float().mean())
+        return stats

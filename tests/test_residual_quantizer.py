@@ -1,0 +1,276 @@
+"""ResidualQuantizer: nesting, EMA warm-up, restarts, growth, gradient path, state, bad input."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pcdet_ext.quantization import ResidualQuantizer
+from pcdet_ext.quantization.nn_search import kmeans_pp, nearest
+
+SCHED = (4, 8, 16)
+
+
+def mixture(n=3000, k=8, dim=6, seed=0, spread=5.0, noise=0.1):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g) * spread
+    labels = torch.randint(k, (n,), generator=g)
+    return centres[labels] + noise * torch.randn(n, dim, generator=g), centres, labels
+
+
+def mse(q, x):
+    q.eval()
+    with torch.no_grad():
+        return float((q.decode(q.encode(x)) - x).pow(2).mean())
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    args = dict(dim=6, num_codebooks=3, codebook_size=16, schedule=SCHED)
+    args.update(kw)
+    return ResidualQuantizer(**args)
+
+
+def test_nearest_matches_brute_force_and_chunks():
+    g = torch.Generator().manual_seed(1)
+    x, book = torch.randn(1000, 5, generator=g), torch.randn(37, 5, generator=g)
+    ref = torch.cdist(x, book).argmin(1)
+    assert torch.equal(nearest(x, book, chunk=64), ref)
+
+
+def test_codes_respect_active_size_and_prefix_decoding():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 16, x)
+    q.set_mode("ema")
+    for _ in range(5):
+        q(x)
+    q.eval()
+    for k in SCHED:
+        q.set_active(1, k)
+        codes = q.encode(x)
+        assert codes.shape == (len(x), 1) and int(codes.max()) <= k - 1
+    q.set_active(3, 8)
+    codes = q.encode(x)
+    assert codes.shape == (len(x), 3)
+    full = q.decode(codes)
+    prefix = q.decode(codes[:, :1])
+    torch.testing.assert_close(prefix, q.codebooks[0][codes[:, 0]])
+    torch.testing.assert_close(full, sum(q.codebooks[c][codes[:, c]] for c in range(3)))
+
+
+def test_ema_warmup_moves_entries_to_cluster_means():
+    x, centres, _ = mixture(k=8, noise=0.05)
+    q = make(num_codebooks=1, codebook_size=8, schedule=(8,), operating_point_training=False)
+    q.train()
+    q.start_stage(0, 8, x)
+    q.set_mode("ema")
+    for _ in range(40):
+        q(x)
+    d = torch.cdist(centres, q.codebooks[0].detach())
+    assert float(d.min(1).values.max()) < 0.1  # every cluster mean has an entry on it
+    assert mse(q, x) < 0.02
+
+
+def test_dead_entries_restart_only_in_current_stage():
+    x, _, _ = mixture(k=4)
+    q = make(num_codebooks=1, codebook_size=16, schedule=(4, 16), dead_threshold=0.5)
+    q.train()
+    q.start_stage(0, 4, x)
+    q.set_mode("ema")
+    for _ in range(10):
+        q(x)
+    old = q.codebooks[0][:4].detach().clone()
+    q.start_stage(0, 16, x)
+    far = torch.full((12, 6), 1e3)
+    q.codebooks[0].data[4:16] = far  # no data near these: they die
+    q.ema_count[0, 4:16] = 0.0
+    q.operating_point_training = False
+    q(x)
+    assert float(q.codebooks[0][4:16].detach().abs().max()) < 100  # restarted from residuals
+    assert torch.equal(q.codebooks[0][:4].detach(), old) or q.mode == "ema"
+    q.set_mode("gradient")
+    before = q.codebooks[0][:4].detach().clone()
+    q.ema_count[0, :4] = 0.0  # even unused, entries of earlier stages are not restarted
+    q(x)
+    assert torch.equal(q.codebooks[0][:4].detach(), before)
+
+
+def test_growing_initialises_new_entries_from_data():
+    x, _, _ = mixture(k=16)
+    q = make(num_codebooks=1)
+    q.train()
+    q.start_stage(0, 4, x)
+    old = q.codebooks[0][:4].detach().clone()
+    assert bool(q.initialised[0, :4].all()) and not bool(q.initialised[0, 4:].any())
+    q.start_stage(0, 8, x)
+    new = q.codebooks[0][4:8].detach()
+    assert torch.equal(q.codebooks[0][:4].detach(), old)
+    exact = torch.cdist(new, x, compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(exact.min(1).values.max()) < 1e-5  # each new entry is a data vector
+    assert float(torch.cdist(new, old).min()) > 0  # and differs from existing entries
+    assert int(q.stage_start[0]) == 4 and int(q.trained_size[0]) == 8
+
+
+def test_gradient_reaches_codebook_through_frozen_input():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 8, x)
+    q.set_mode("gradient")
+    target = torch.randn_like(x)
+    out = q(x.requires_grad_(False))
+    assert set(out.losses) == {"codebook"}  # no adapter: no commitment term reported
+    task = (out.quantized - target).pow(2).mean()
+    (task + out.losses["codebook"]).backward()
+    grad = q.codebooks[0].grad
+    assert grad is not None and float(grad[:8].abs().sum()) > 0 and float(grad[8:].abs().sum()) == 0
+    for loss in out.losses.values():
+        assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_ema_mode_output_does_not_train_codebooks_and_losses_depend_on_input():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 8, x)
+    q.set_mode("ema")
+    out = q(x)
+    assert out.losses == {} and not out.quantized.requires_grad
+    q.set_mode("gradient")
+    a = q(x).losses["codebook"]
+    b = q(x * 3).losses["codebook"]
+    assert float(a.detach()) != float(b.detach())
+
+
+def test_adapter_commitment_trains_the_adapter():
+    x, _, _ = mixture()
+    q = make(adapter_dim=4)
+    q.train()
+    q.start_stage(0, 8, x)
+    q.set_mode("gradient")
+    out = q(x)
+    assert set(out.losses) == {"codebook", "commitment"}
+    out.losses["commitment"].backward()
+    assert float(q.adapter_in.weight.grad.abs().sum()) > 0
+    assert out.quantized.shape == x.shape
+
+
+def test_freeze_earlier_codebooks():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 8, x)
+    q.start_stage(1, 4, x)
+    assert q.trainable_codebooks() == [1]
+    assert not q.codebooks[0].requires_grad and q.codebooks[1].requires_grad
+    q2 = make(freeze_earlier=False)
+    q2.start_stage(0, 8, x)
+    q2.start_stage(1, 4, x)
+    assert q2.trainable_codebooks() == [0, 1]
+
+
+def test_smaller_prefix_error_does_not_rise_when_larger_stage_trains():
+    x, _, _ = mixture(k=16, noise=0.3)
+    q = make(num_codebooks=1, codebook_size=16)
+    q.train()
+    q.start_stage(0, 4, x)
+    q.set_mode("ema")
+    for _ in range(20):
+        q(x)
+    q.set_active(1, 4)
+    err4 = mse(q, x)
+    q.train()
+    q.start_stage(0, 16, x)
+    for _ in range(20):
+        q(x)  # operating-point training samples k in {4, 8, 16}
+    q.set_active(1, 4)
+    assert mse(q, x) <= err4 * 1.1
+    q.set_active(1, 16)
+    assert mse(q, x) < err4
+
+
+def test_state_dict_round_trip_across_set_active():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 16, x)
+    q.start_stage(1, 8, x)
+    q.set_mode("gradient")
+    shapes = {k: v.shape for k, v in make().state_dict().items()}
+    state = q.state_dict()
+    assert {k: v.shape for k, v in state.items()} == shapes  # one shape in every stage
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert fresh.mode == "gradient" and fresh.active_sizes() == [16, 8]
+    assert fresh.trainable_codebooks() == [1] or not fresh.freeze_earlier
+    fresh.eval(), q.eval()
+    assert torch.equal(fresh.encode(x), q.encode(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(schedule=(8, 4)), "strictly increasing"),
+    (dict(schedule=(4, 32)), "1..codebook_size=16"),
+    (dict(num_codebooks=0), "num_codebooks must be >= 1"),
+    (dict(decay=1.0), "decay"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_bad_runtime_inputs():
+    q = make()
+    with pytest.raises(ValueError, match=r"num_codebooks must be in 1..3"):
+        q.set_active(4, 8)
+    with pytest.raises(ValueError, match=r"num_embeddings must be in 1..16"):
+        q.set_active(1, 17)
+    with pytest.raises(ValueError, match=r"\[N, 6\]"):
+        q(torch.randn(5, 7))
+    bad = torch.randn(10, 6)
+    bad[3, 2] = float("nan")
+    bad[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="2 of 10 input vectors contain NaN/inf"):
+        q.train()(bad)
+    assert torch.isfinite(q.codebooks[0]).all()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        q.set_mode("adam")
+    with pytest.raises(ValueError, match="not in the schedule"):
+        q.start_stage(0, 5)
+
+
+def test_kmeans_pp_spreads_over_clusters():
+    x, centres, _ = mixture(k=6, noise=0.01)
+    picks = kmeans_pp(x, x.new_zeros((0, 6)), 6, torch.Generator().manual_seed(0))
+    assert float(torch.cdist(centres, picks).min(1).values.max()) < 0.2
+
+
+def _ddp_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # identical initial state
+        q = ResidualQuantizer(dim=6, num_codebooks=2, codebook_size=16, schedule=(4, 16))
+        x, _, _ = mixture(seed=rank)  # different data on each rank
+        q.train()
+        q.start_stage(0, 16, x)
+        q.set_mode("ema")
+        for _ in range(3):
+            q(x)
+        results[rank] = (q.codebooks[0].detach().clone(), q.ema_count.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ema_sync_two_gloo_processes():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    (cb0, cnt0), (cb1, cnt1) = results[0], results[1]
+    assert torch.equal(cb0, cb1) and torch.equal(cnt0, cnt1)
