@@ -24,7 +24,9 @@ REGISTRY_MODULES: Dict[str, str] = {
 }
 
 # (registry key, NAME in configs, "module:Class" inside pcdet_ext); extended by each capability.
-REGISTRY_TABLE: List[Tuple[str, str, str]] = []
+REGISTRY_TABLE: List[Tuple[str, str, str]] = [
+    ("detectors", "PointPillarRQ", "pcdet_ext.models.detectors.pointpillar_rq:PointPillarRQ"),
+]
 
 
 class RegistryClashError(ValueError):

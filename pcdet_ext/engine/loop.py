@@ -50,7 +50,7 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update()
     bar.close()

@@ -1,0 +1,1 @@
+"""Modules that plug into OpenPCDet (mirrors pcdet.models' layout)."""

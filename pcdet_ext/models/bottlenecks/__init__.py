@@ -1,0 +1,3 @@
+from .rq_bottleneck import RQBottleneck, parse_rq_config
+
+__all__ = ["RQBottleneck", "parse_rq_config"]

@@ -1,0 +1,1 @@
+"""Detectors registered into ``pcdet.models.detectors`` (import needs OpenPCDet)."""
