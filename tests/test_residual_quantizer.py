@@ -274,3 +274,26 @@ def test_ddp_ema_sync_two_gloo_processes():
     mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
     (cb0, cnt0), (cb1, cnt1) = results[0], results[1]
     assert torch.equal(cb0, cb1) and torch.equal(cnt0, cnt1)
+
+
+def test_codebook_loss_equals_direct_mse_in_value_and_gradient():
+    x, _, _ = mixture(noise=0.5)
+    q = make(operating_point_training=False, freeze_earlier=False)
+    q.train()
+    q.start_stage(0, 16, x)
+    q.start_stage(1, 8, x)
+    q.set_mode("gradient")
+    out = q(x)
+    out.losses["codebook"].backward()
+    fast_grads = [cb.grad.clone() for cb in q.codebooks[:2]]
+    q.zero_grad()
+    codes = out.codes
+    r0 = x
+    g0 = q.codebooks[0][codes[:, 0]]
+    r1 = (r0 - g0).detach()
+    g1 = q.codebooks[1][:8][codes[:, 1]]
+    direct = (r0 - g0).pow(2).mean() + (r1 - g1).pow(2).mean()
+    direct.backward()
+    torch.testing.assert_close(out.losses["codebook"].detach(), direct.detach(), rtol=1e-4, atol=1e-5)
+    for fast, cb in zip(fast_grads, q.codebooks[:2]):
+        torch.testing.assert_close(fast, cb.grad, rtol=1e-4, atol=1e-6)

@@ -224,30 +224,49 @@ class ResidualQuantizer(nn.Module):
             if self.training:
                 self._lazy_init(z, sizes)
             codes, residuals = self._residual_codes(z, sizes)
-            gathered = [self._codebook(c, k)[codes[:, c]] for c, k in enumerate(sizes)]
+            counts = [torch.bincount(codes[:, c], minlength=k)[:k].float() for c, k in enumerate(sizes)]
+            sums = {}
             if self.training:
-                self._ema_update(codes, residuals, sizes)
+                trainable = self.trainable_codebooks()
+                sums = {c: torch.zeros(k, self.code_dim, device=z.device).index_add_(0, codes[:, c], residuals[c])
+                        for c, k in enumerate(sizes) if c in trainable}
+                self._ema_update(counts, sums, sizes)
+            q = self._gather_sum(codes, sizes)
             if self.mode == "ema":
-                gathered = [g.detach() for g in gathered]
-            q = torch.stack(gathered, 0).sum(0) if gathered else torch.zeros_like(z)
-            losses = self._losses(z, residuals, gathered) if self.training else {}
+                q = q.detach()
+            losses = self._losses(z, codes, residuals, counts, sums, sizes) if self.training else {}
             out = self.adapter_out(q) if self.adapter_out is not None else q
-            stats = self._stats(codes, sizes)
+            stats = self._stats(counts, sizes)
             if self.training:
                 self._restart_dead(residuals, sizes)
         return RQOutput(quantized=out.to(x.dtype), codes=codes, losses=losses, stats=stats,
                         num_codebooks=len(sizes), num_embeddings=sizes)
 
-    def _losses(self, z, residuals, gathered) -> Dict[str, torch.Tensor]:
+    def _gather_sum(self, codes: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """sum_c C_c[codes[:, c]] as one embedding_bag over the concatenated active prefixes
+        (one gather forward, one sparse accumulation backward)."""
+        books = torch.cat([self._codebook(c, k) for c, k in enumerate(sizes)], 0)
+        offsets = torch.tensor([0] + list(sizes[:-1]), device=codes.device).cumsum(0)
+        return nn.functional.embedding_bag(codes + offsets, books, mode="sum")
+
+    def _losses(self, z, codes, residuals, counts, sums, sizes) -> Dict[str, torch.Tensor]:
+        """Codebook loss ``sum_c mean ||sg(r_c) - C_c[idx_c]||^2`` over trainable codebooks, computed
+        exactly from per-entry counts and residual sums (a K x D graph instead of N x D):
+        ``sum_i ||r_i - C_k(i)||^2 = sum_k n_k ||C_k||^2 - 2 C_k . S_k + sum_i ||r_i||^2``.
+        Commitment (cumulative, RQ-VAE) only with an adapter, the only thing it can train."""
         losses: Dict[str, torch.Tensor] = {}
-        trainable = set(self.trainable_codebooks())
-        if self.mode == "gradient" and any(c in trainable for c in range(len(gathered))):
-            terms = [(residuals[c] - gathered[c]).pow(2).mean() for c in range(len(gathered)) if c in trainable]
+        numel = max(z.shape[0] * self.code_dim, 1)
+        if self.mode == "gradient" and sums:
+            terms = []
+            for c, s_k in sums.items():
+                book = self._codebook(c, sizes[c])
+                sq = (counts[c] * book.pow(2).sum(1)).sum() - 2 * (book * s_k).sum() + residuals[c].pow(2).sum()
+                terms.append(sq / numel)
             losses["codebook"] = torch.stack(terms).sum()
         if self.adapter_in is not None:
             partial, terms = torch.zeros_like(z), []
-            for g in gathered:
-                partial = partial + g.detach()
+            for c, k in enumerate(sizes):
+                partial = partial + self._codebook(c, k)[codes[:, c]].detach()
                 terms.append((z - partial).pow(2).mean())
             losses["commitment"] = torch.stack(terms).mean()
         return losses
@@ -290,24 +309,20 @@ class ResidualQuantizer(nn.Module):
         self.initialised[c, todo] = True
 
     @torch.no_grad()
-    def _ema_update(self, codes, residuals, sizes) -> None:
-        """EMA usage counts (both modes, for dead-entry detection and stats); in EMA mode also the
-        EMA sums and the entries themselves. Counts and sums are all-reduced under DDP."""
-        ema_mode = self.mode == "ema"
-        for c in self.trainable_codebooks():
-            if c >= len(sizes):
-                continue
+    def _ema_update(self, counts, sums, sizes) -> None:
+        """EMA usage counts of trainable codebooks (both modes: dead-entry detection, stats); in EMA
+        mode also the EMA sums and the entries themselves. All-reduced under DDP."""
+        for c in sums:
             k = sizes[c]
-            counts = torch.bincount(codes[:, c], minlength=k)[:k].float()
+            cnt, s_k = counts[c], sums[c]
             if _dist_world() > 1:
-                dist.all_reduce(counts)
-            self.ema_count[c, :k].mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            if not ema_mode:
+                cnt, s_k = cnt.clone(), s_k.clone()
+                dist.all_reduce(cnt)
+                dist.all_reduce(s_k)
+            self.ema_count[c, :k].mul_(self.decay).add_(cnt, alpha=1 - self.decay)
+            if self.mode != "ema":
                 continue
-            sums = torch.zeros(k, self.code_dim, device=residuals[c].device).index_add_(0, codes[:, c], residuals[c])
-            if _dist_world() > 1:
-                dist.all_reduce(sums)
-            self.ema_sum[c, :k].mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            self.ema_sum[c, :k].mul_(self.decay).add_(s_k, alpha=1 - self.decay)
             n = self.ema_count[c, :k].sum()
             smoothed = (self.ema_count[c, :k] + self.eps) / (n + k * self.eps) * n
             self.codebooks[c].data[:k] = self.ema_sum[c, :k] / smoothed.unsqueeze(1)
@@ -334,13 +349,12 @@ class ResidualQuantizer(nn.Module):
 
     # ---- statistics --------------------------------------------------------------------------
     @torch.no_grad()
-    def _stats(self, codes: torch.Tensor, sizes: Sequence[int]) -> Dict[str, float]:
+    def _stats(self, counts, sizes: Sequence[int]) -> Dict[str, float]:
         stats: Dict[str, float] = {}
         for c, k in enumerate(sizes):
-            counts = torch.bincount(codes[:, c], minlength=k)[:k].float()
-            p = counts / counts.sum().clamp_min(1)
-            entropy = -(p[p > 0] * p[p > 0].log()).sum()
-            stats[f"perplexity_{c}"] = float(entropy.exp())
-            stats[f"usage_{c}"] = float((counts > 0).float().mean())
+            p = counts[c] / counts[c].sum().clamp_min(1)
+            nz = p[p > 0]
+            stats[f"perplexity_{c}"] = float((-(nz * nz.log()).sum()).exp())
+            stats[f"usage_{c}"] = float((counts[c] > 0).float().mean())
             stats[f"dead_{c}"] = float((self.ema_count[c, :k] < self.dead_threshold).float().mean())
         return stats

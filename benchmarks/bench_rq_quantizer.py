@@ -1,0 +1,105 @@
+"""RQ bottleneck speed: one training step (forward + backward + EMA statistics) and encode, with
+5 codebooks x 256 entries, dim 64, on 12,000 vectors (a KITTI frame's non-empty pillars) and on
+214,272 (the full 496 x 432 grid).
+
+Reference: vector_quantize_pytorch.ResidualVQ(dim=64, num_quantizers=5, codebook_size=256)
+(EMA codebooks, its defaults), in the same run. Prints times, ratios (ours / reference) and
+peak memory of each. `pip install vector-quantize-pytorch` for the reference.
+    python benchmarks/bench_rq_quantizer.py [--threads 2]
+"""
+import argparse
+import time
+import tracemalloc
+
+import torch
+
+from pcdet_ext.quantization import ResidualQuantizer
+
+
+def timed(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def peak_mb(fn):
+    """Peak bytes allocated by torch's CPU allocator during ``fn`` (via the profiler's memory stats)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.key_averages()
+    return max(e.cpu_memory_usage for e in events) / 2 ** 20 if events else float("nan")
+
+
+def ours(n, mode):
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim=64, num_codebooks=5, codebook_size=256, operating_point_training=False,
+                          freeze_earlier=False)
+    x = torch.randn(n, 64)
+    q.train()
+    for c in range(5):
+        q.start_stage(c, 256, x[:20000])
+    q.set_mode(mode)
+
+    def step():
+        out = q(x)
+        if mode == "gradient":  # the detection loss reaches the codebooks through the gathered vectors
+            (out.quantized.sum() + out.losses["codebook"]).backward()
+    q_eval = lambda: q.encode(x)  # noqa: E731
+    return step, q_eval
+
+
+def reference(n):
+    from vector_quantize_pytorch import ResidualVQ
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=64, num_quantizers=5, codebook_size=256)
+    x = torch.randn(1, n, 64, requires_grad=True)
+    rvq.train()
+
+    def step():
+        quantized, _, loss = rvq(x)
+        (quantized.sum() + loss.sum()).backward()
+
+    def enc():
+        rvq.eval()
+        with torch.no_grad():
+            rvq(x)
+        rvq.train()
+    return step, enc
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+        have_ref = True
+    except ImportError:
+        have_ref = False
+        print("vector-quantize-pytorch not installed: reference skipped (pip install vector-quantize-pytorch)")
+    print(f"torch {torch.__version__}, {args.threads} threads; 5 codebooks x 256, dim 64")
+    for n in (12000, 214272):
+        repeats = 5 if n < 100000 else 2
+        step, enc = ours(n, "gradient")
+        ema_step, _ = ours(n, "ema")
+        t_step, t_enc, t_ema = timed(step, repeats), timed(enc, repeats), timed(ema_step, repeats)
+        m_step = peak_mb(step)
+        line = (f"N={n:>6}: pcdet_ext gradient step {t_step * 1e3:7.1f} ms (peak {m_step:6.1f} MB), "
+                f"EMA step {t_ema * 1e3:6.1f} ms, encode {t_enc * 1e3:6.1f} ms")
+        if have_ref:
+            rstep, renc = reference(n)
+            r_step, r_enc = timed(rstep, repeats), timed(renc, repeats)
+            r_mem = peak_mb(rstep)
+            line += (f" | ResidualVQ train step {r_step * 1e3:7.1f} ms (peak {r_mem:6.1f} MB), encode {r_enc * 1e3:6.1f} ms"
+                     f" | ratio step {t_step / r_step:.2f}x, encode {t_enc / r_enc:.2f}x")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
