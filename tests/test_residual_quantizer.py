@@ -297,3 +297,17 @@ def test_codebook_loss_equals_direct_mse_in_value_and_gradient():
     torch.testing.assert_close(out.losses["codebook"].detach(), direct.detach(), rtol=1e-4, atol=1e-5)
     for fast, cb in zip(fast_grads, q.codebooks[:2]):
         torch.testing.assert_close(fast, cb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_quantization_stays_fp32_under_autocast():
+    x, _, _ = mixture()
+    q = make()
+    q.train()
+    q.start_stage(0, 16, x)
+    q.eval()
+    ref = q.encode(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        codes = q.encode(x)
+        out = q(x.bfloat16())
+    assert torch.equal(codes, ref)
+    assert out.quantized.dtype == torch.bfloat16 and torch.equal(out.codes, q.encode(x.bfloat16().float()))
