@@ -32,6 +32,15 @@ def make(**kw):
     return ResidualQuantizer(**args)
 
 
+def staged(x, k, mode, **kw):
+    """A quantizer in training mode with codebook 0 started at ``k`` entries from ``x``."""
+    q = make(**kw)
+    q.train()
+    q.start_stage(0, k, x)
+    q.set_mode(mode)
+    return q
+
+
 def test_nearest_matches_brute_force_and_chunks():
     g = torch.Generator().manual_seed(1)
     x, book = torch.randn(1000, 5, generator=g), torch.randn(37, 5, generator=g)
@@ -41,10 +50,7 @@ def test_nearest_matches_brute_force_and_chunks():
 
 def test_codes_respect_active_size_and_prefix_decoding():
     x, _, _ = mixture()
-    q = make()
-    q.train()
-    q.start_stage(0, 16, x)
-    q.set_mode("ema")
+    q = staged(x, 16, "ema")
     for _ in range(5):
         q(x)
     q.eval()
@@ -116,10 +122,7 @@ def test_growing_initialises_new_entries_from_data():
 
 def test_gradient_reaches_codebook_through_frozen_input():
     x, _, _ = mixture()
-    q = make()
-    q.train()
-    q.start_stage(0, 8, x)
-    q.set_mode("gradient")
+    q = staged(x, 8, "gradient")
     target = torch.randn_like(x)
     out = q(x.requires_grad_(False))
     assert set(out.losses) == {"codebook"}  # no adapter: no commitment term reported
@@ -133,10 +136,7 @@ def test_gradient_reaches_codebook_through_frozen_input():
 
 def test_ema_mode_output_does_not_train_codebooks_and_losses_depend_on_input():
     x, _, _ = mixture()
-    q = make()
-    q.train()
-    q.start_stage(0, 8, x)
-    q.set_mode("ema")
+    q = staged(x, 8, "ema")
     out = q(x)
     assert out.losses == {} and not out.quantized.requires_grad
     q.set_mode("gradient")
@@ -147,10 +147,7 @@ def test_ema_mode_output_does_not_train_codebooks_and_losses_depend_on_input():
 
 def test_adapter_commitment_trains_the_adapter():
     x, _, _ = mixture()
-    q = make(adapter_dim=4)
-    q.train()
-    q.start_stage(0, 8, x)
-    q.set_mode("gradient")
+    q = staged(x, 8, "gradient", adapter_dim=4)
     out = q(x)
     assert set(out.losses) == {"codebook", "commitment"}
     out.losses["commitment"].backward()
@@ -160,9 +157,7 @@ def test_adapter_commitment_trains_the_adapter():
 
 def test_freeze_earlier_codebooks():
     x, _, _ = mixture()
-    q = make()
-    q.train()
-    q.start_stage(0, 8, x)
+    q = staged(x, 8, "ema")
     q.start_stage(1, 4, x)
     assert q.trainable_codebooks() == [1]
     assert not q.codebooks[0].requires_grad and q.codebooks[1].requires_grad
@@ -174,10 +169,7 @@ def test_freeze_earlier_codebooks():
 
 def test_smaller_prefix_error_does_not_rise_when_larger_stage_trains():
     x, _, _ = mixture(k=16, noise=0.3)
-    q = make(num_codebooks=1, codebook_size=16)
-    q.train()
-    q.start_stage(0, 4, x)
-    q.set_mode("ema")
+    q = staged(x, 4, "ema", num_codebooks=1, codebook_size=16)
     for _ in range(20):
         q(x)
     q.set_active(1, 4)
@@ -194,11 +186,8 @@ def test_smaller_prefix_error_does_not_rise_when_larger_stage_trains():
 
 def test_state_dict_round_trip_across_set_active():
     x, _, _ = mixture()
-    q = make()
-    q.train()
-    q.start_stage(0, 16, x)
+    q = staged(x, 16, "gradient")
     q.start_stage(1, 8, x)
-    q.set_mode("gradient")
     shapes = {k: v.shape for k, v in make().state_dict().items()}
     state = q.state_dict()
     assert {k: v.shape for k, v in state.items()} == shapes  # one shape in every stage
