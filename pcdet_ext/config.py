@@ -87,22 +87,33 @@ def _coerce(value, current, key: str):
     return value
 
 
+def _child(node, sub: str):
+    """``node[sub]`` for a dict key or a list index; None when absent."""
+    if isinstance(node, dict):
+        return (node, sub) if sub in node else None
+    if isinstance(node, list) and sub.lstrip("-").isdigit() and -len(node) <= int(sub) < len(node):
+        return node, int(sub)
+    return None
+
+
 def cfg_from_list(cfg_list: Sequence[str], config: EasyDict) -> EasyDict:
-    """Apply ``KEY VALUE`` pairs (``A.B.C 3``), values parsed as Python literals."""
+    """Apply ``KEY VALUE`` pairs (``A.B.C 3``; list items by index, ``A.LIST.2.KEY``), values
+    parsed as Python literals."""
     if len(cfg_list) % 2:
         raise ValueError(f"--set takes KEY VALUE pairs, got an odd number of items: {list(cfg_list)}")
     for key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
         node = config
         parts: List[str] = key.split(".")
-        for i, sub in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or sub not in node:
+        for i, sub in enumerate(parts):
+            found = _child(node, sub)
+            if found is None:
                 raise KeyError(f"--set {key}: no key {'.'.join(parts[:i + 1])} in the config")
-            node = node[sub]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise KeyError(f"--set {key}: no key {key} in the config")
+            parent, index = found
+            if i < len(parts) - 1:
+                node = parent[index]
         try:
             value = literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node[parts[-1]] = EasyDict(value) if isinstance(value, dict) else _coerce(value, node[parts[-1]], key)
+        parent[index] = EasyDict(value) if isinstance(value, dict) else _coerce(value, parent[index], key)
     return config

@@ -46,3 +46,11 @@ def test_set_overrides_and_errors():
         cfg_from_list(["OPT.EPOCHS", "abc"], cfg)
     with pytest.raises(ValueError, match="odd number"):
         cfg_from_list(["OPT.LR"], cfg)
+
+
+def test_set_reaches_list_items_by_index():
+    cfg = EasyDict({"DATA": {"PROC": [EasyDict({"NAME": "a"}), EasyDict({"NAME": "vox", "SIZE": [0.16, 0.16, 4.0]})]}})
+    cfg_from_list(["DATA.PROC.1.SIZE", "[0.2, 0.2, 4]"], cfg)
+    assert cfg.DATA.PROC[1].SIZE == [0.2, 0.2, 4]
+    with pytest.raises(KeyError, match="DATA.PROC.5"):
+        cfg_from_list(["DATA.PROC.5.SIZE", "[1]"], cfg)

@@ -76,8 +76,11 @@ class RQBottleneck(nn.Module):
             schedule=cfg.EMBEDDING_SCHEDULE, adapter_dim=cfg.ADAPTER_DIM,
             operating_point_training=cfg.OPERATING_POINT_TRAINING, freeze_earlier=cfg.FREEZE_EARLIER,
             dead_threshold=cfg.DEAD_THRESHOLD)
+        self.bypass = False  # True: pass features through unquantized (the uncompressed reference)
 
     def forward(self, batch_dict: Dict) -> Dict:
+        if self.bypass:
+            return batch_dict
         if self.mode == "sparse":
             feats = batch_dict["pillar_features"]
             out = self.quantizer(feats)

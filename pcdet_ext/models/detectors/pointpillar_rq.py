@@ -63,7 +63,7 @@ class PointPillarRQ(PointPillar):
         batch_dict = self.backbone_2d(batch_dict)
         batch_dict = self.dense_head(batch_dict)
         if self.training:
-            loss, tb_dict, disp_dict = self.get_training_loss(batch_dict["rq_output"])
+            loss, tb_dict, disp_dict = self.get_training_loss(batch_dict.get("rq_output"))
             return {"loss": loss}, tb_dict, disp_dict
         pred_dicts, recall_dicts = self.post_processing(batch_dict)
         return pred_dicts, recall_dicts
@@ -73,6 +73,9 @@ class PointPillarRQ(PointPillar):
         loss_det, tb_dict = self.dense_head.get_loss()
         loss = w.DET * loss_det
         tb_dict = {"loss_det": loss_det.item(), **tb_dict}
+        if rq_out is None:  # bottleneck bypassed
+            tb_dict["loss_total"] = loss.item()
+            return loss, tb_dict, {"loss_det": f"{loss_det.item():.3f}"}
         if "codebook" in rq_out.losses:
             loss = loss + w.CODEBOOK * rq_out.losses["codebook"]
             tb_dict["loss_codebook"] = rq_out.losses["codebook"].item()

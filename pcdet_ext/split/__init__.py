@@ -1,0 +1,1 @@
+"""Split inference with the RQ bottleneck: experiment schema, progressive training, evaluation, rates."""

@@ -1,0 +1,95 @@
+"""Evaluate a PointPillarRQ at (codebooks, entries) operating points: KITTI-metric mAP and rate."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .rate import RateMeter
+
+
+def mean_moderate_ap(result_dict: Dict[str, float]) -> float:
+    """mAP = mean over classes of the 3D AP (R40) at moderate difficulty."""
+    vals = [v for k, v in result_dict.items() if k.endswith("_3d/moderate_R40")]
+    return float(sum(vals) / len(vals)) if vals else 0.0
+
+
+@contextlib.contextmanager
+def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
+    """Temporarily use the first k entries of the first n codebooks (restores the active state)."""
+    depth, sizes = quantizer.active_depth.clone(), quantizer.active_size.clone()
+    quantizer.set_active(n, k)
+    try:
+        yield
+    finally:
+        quantizer.active_depth.copy_(depth)
+        quantizer.active_size.copy_(sizes)
+        quantizer._apply_freezing()
+
+
+@contextlib.contextmanager
+def bypassed(model) -> Iterator[None]:
+    model.rq_bottleneck.bypass = True
+    try:
+        yield
+    finally:
+        model.rq_bottleneck.bypass = False
+
+
+def trained_cells(quantizer, schedule: List[int]) -> List[Tuple[int, int]]:
+    """Every (n, k) the run trained: n up to the deepest trained codebook, k in the schedule up to
+    the size every one of those n codebooks was trained at."""
+    sizes = [int(s) for s in quantizer.trained_size]
+    cells = []
+    for n in range(1, len(sizes) + 1):
+        if sizes[n - 1] == 0:
+            break
+        cap = min(sizes[:n])
+        cells += [(n, k) for k in schedule if k <= cap]
+    return cells
+
+
+def check_cell(quantizer, n: int, k: int) -> None:
+    """--mode eval range check: n <= trained codebooks, k in 1..256 (and allocated)."""
+    trained = int((quantizer.trained_size > 0).sum())
+    if not 1 <= n <= trained:
+        raise ValueError(f"--eval_num_codebooks {n}: this checkpoint has {trained} trained codebook(s); "
+                         f"expected 1..{trained}")
+    if not 1 <= k <= min(256, quantizer.max_entries):
+        raise ValueError(f"--eval_num_embeddings {k}: expected 1..{min(256, quantizer.max_entries)}")
+
+
+def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Optional[int] = None,
+             detection_loss: bool = False) -> Dict:
+    """Predict every frame (at (n, k), or uncompressed when n is None) and evaluate.
+
+    Returns mAP, the KITTI result string/dict, the rate summary, and with ``detection_loss`` the
+    mean detection loss on these frames (quantizer in eval mode: no EMA update).
+    """
+    from pcdet.models import load_data_to_gpu
+    grid = dataset.grid_size
+    meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
+    ctx = operating_point(model.quantizer, n, k) if n else bypassed(model)
+    det_annos, losses = [], []
+    with ctx:
+        for batch in loader:
+            load_data_to_gpu(batch)
+            with torch.no_grad():
+                if detection_loss:
+                    model.train()
+                    model.rq_bottleneck.eval()
+                    ret, _, _ = model(dict(batch))
+                    losses.append(float(ret["loss"]))
+                model.eval()
+                pred_dicts, _ = model(batch)
+            if meter is not None:
+                meter.add(batch["rq_codes"], batch["voxel_coords"][:, 0].long(), int(batch["batch_size"]))
+            det_annos += dataset.generate_prediction_dicts(batch, pred_dicts, class_names)
+    result_str, result_dict = dataset.evaluation(det_annos, class_names, eval_metric="kitti")
+    out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict}
+    if meter is not None:
+        out.update(meter.summary())
+    if losses:
+        out["loss"] = sum(losses) / len(losses)
+    return out

@@ -1,0 +1,240 @@
+"""The ``split1_ALL.yaml`` experiment schema: defaults, validation, the stage plan (pure python).
+
+Decisions (documented in docs/progressive_rq.md):
+
+* ``training.max_epoch`` is the epoch budget of the whole run. Progressive mode runs
+  ``num_stages = n_codebook x len(embedding_schedule)`` stages of
+  ``min(embedding_stage_epochs, max_epoch // num_stages)`` epochs each (the first
+  ``warmup_epochs`` of them EMA warm-up). Legacy mode runs one stage of ``max_epoch`` epochs.
+* ``rq_model.codebook_size`` is the entry count of the legacy (non-progressive) mode. In
+  progressive mode the schedule overrides it: entries allocated = ``max(embedding_schedule)``.
+* ``training.patience``: epochs without a new best validation mAP before the stage's learning
+  rate is divided by 10. ``training.early_stopping_patience``: epochs without a new best before
+  the stage stops. Both count gradient epochs inside one stage.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from easydict import EasyDict
+
+_REQUIRED = object()
+
+# section -> key -> (default, allowed types); _REQUIRED marks keys without a default
+SCHEMA: Dict[str, Dict[str, tuple]] = {
+    "dataset": {"name": ("KITTI", (str,)), "dir": (_REQUIRED, (str,)), "num_classes": (3, (int,))},
+    "model": {"pre_trained_model": ("pointpillar", (str,)), "n_codebook": (5, (int,)),
+              "pretrained_weight": (None, (str, type(None))),
+              "cfg_file": ("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},
+    "progressive_learning": {"enabled": (True, (bool,)), "embedding_schedule": ([16, 32, 64, 128, 256], (list,)),
+                             "embedding_stage_epochs": (20, (int,)), "warmup_epochs": (2, (int,))},
+    "training": {"mode": ("train", (str,)), "batch_size": (6, (int,)), "num_workers": (4, (int,)),
+                 "max_epoch": (100, (int,)), "init_lr": (0.001, (float,)), "ckpt_freq_epoch": (20, (int,)),
+                 "patience": (5, (int,)), "early_stopping_patience": (5, (int,))},
+    "rq_model": {"latent_shape": ([496, 432, 64], (list,)), "code_shape": ([496, 432, 1], (list,)),
+                 "codebook_size": (64, (int,)), "decay": (0.99, (float,))},
+    "loss_weights": {"vq_weight": (0.25, (float,)), "codebook_weight": (0.1, (float,)), "det_weight": (0.8, (float,))},
+    "evaluation": {"enabled": (False, (bool,)), "use_num_codebook": (None, (int, type(None))),
+                   "use_num_embedding": (None, (int, type(None))), "rq_ckpt": (None, (str, type(None)))},
+    "logging": {"use_wandb": (True, (bool,)), "wandb_project": ("pcdet_ext_rq", (str,)),
+                "wandb_name": (None, (str, type(None))), "log_freq": (8, (int,)),
+                "saved_path": ("progressive_rq_logs", (str,)), "save_stage_weights": (True, (bool,))},
+    "hardware": {"gpu": (0, (int, type(None)))},
+}
+
+
+class ConfigError(ValueError):
+    """The experiment config is invalid; the message names the key and what was expected."""
+
+
+def _type_name(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_type(key: str, value: Any, types) -> Any:
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{key}: expected {_type_name(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{key}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[Path] = None) -> EasyDict:
+    """Fill defaults and check every key; raises :class:`ConfigError` before any work starts."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; expected some of {sorted(SCHEMA)}")
+    cfg = EasyDict()
+    for section, keys in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {given!r}")
+        bad = sorted(set(given) - set(keys))
+        if bad:
+            raise ConfigError(f"{section}: unknown key(s) {bad}; expected some of {sorted(keys)}")
+        out = {}
+        for key, (default, types) in keys.items():
+            name = f"{section}.{key}"
+            if key not in given:
+                if default is _REQUIRED:
+                    raise ConfigError(f"{name}: required ({_type_name(types)})")
+                out[key] = copy.deepcopy(default)
+                continue
+            out[key] = _check_type(name, given[key], types)
+        cfg[section] = EasyDict(out)
+    _check_values(cfg)
+    if check_paths:
+        _check_paths(cfg, base_dir or Path.cwd())
+    return cfg
+
+
+def _positive(cfg, *names):
+    for name in names:
+        section, key = name.split(".")
+        if cfg[section][key] <= 0:
+            raise ConfigError(f"{name}: expected > 0, got {cfg[section][key]}")
+
+
+def _check_values(cfg: EasyDict) -> None:
+    _positive(cfg, "dataset.num_classes", "model.n_codebook", "training.batch_size", "training.max_epoch",
+              "training.init_lr", "training.ckpt_freq_epoch", "training.patience",
+              "training.early_stopping_patience", "progressive_learning.embedding_stage_epochs",
+              "rq_model.codebook_size", "logging.log_freq")
+    if cfg.training.num_workers < 0:
+        raise ConfigError(f"training.num_workers: expected >= 0, got {cfg.training.num_workers}")
+    if cfg.training.mode not in ("train", "eval"):
+        raise ConfigError(f"training.mode: expected 'train' or 'eval', got {cfg.training.mode!r}")
+    sched = cfg.progressive_learning.embedding_schedule
+    if not sched or not all(isinstance(s, int) and not isinstance(s, bool) for s in sched):
+        raise ConfigError(f"progressive_learning.embedding_schedule: expected a list of ints, got {sched!r}")
+    if any(b <= a for a, b in zip(sched, sched[1:])) or sched[0] < 1:
+        raise ConfigError(f"progressive_learning.embedding_schedule: expected strictly increasing sizes >= 1, got {sched}")
+    if sched[-1] > 256:
+        raise ConfigError(f"progressive_learning.embedding_schedule: sizes above 256 are not supported, got {sched}")
+    pl = cfg.progressive_learning
+    if pl.warmup_epochs < 0 or pl.warmup_epochs >= pl.embedding_stage_epochs:
+        raise ConfigError(f"progressive_learning.warmup_epochs: expected 0 <= warmup_epochs < embedding_stage_epochs "
+                          f"({pl.embedding_stage_epochs}), got {pl.warmup_epochs}")
+    if not 0 < cfg.rq_model.decay < 1:
+        raise ConfigError(f"rq_model.decay: expected 0 < decay < 1, got {cfg.rq_model.decay}")
+    for key in ("latent_shape", "code_shape"):
+        shape = cfg.rq_model[key]
+        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise ConfigError(f"rq_model.{key}: expected 3 positive ints [H, W, C], got {shape}")
+    for key, val in cfg.loss_weights.items():
+        if val < 0:
+            raise ConfigError(f"loss_weights.{key}: expected >= 0, got {val}")
+    if stage_epochs(cfg) < pl.warmup_epochs + 1 and pl.enabled:
+        raise ConfigError(f"training.max_epoch: {cfg.training.max_epoch} epochs over {num_stages(cfg)} stages leaves "
+                          f"{stage_epochs(cfg)} per stage, fewer than warmup_epochs + 1 = {pl.warmup_epochs + 1}")
+    ev = cfg.evaluation
+    for key in ("use_num_codebook", "use_num_embedding"):
+        if ev[key] is not None and ev[key] < 1:
+            raise ConfigError(f"evaluation.{key}: expected >= 1, got {ev[key]}")
+
+
+def _check_paths(cfg: EasyDict, base: Path) -> None:
+    data = resolve(cfg.dataset.dir, base)
+    if not data.is_dir():
+        raise ConfigError(f"dataset.dir: {data} is not a directory")
+    if cfg.training.mode == "train":
+        if cfg.model.pretrained_weight is None:
+            raise ConfigError("model.pretrained_weight: required for training (the trained PointPillars "
+                              "checkpoint whose frozen head and tail surround the bottleneck)")
+        weight = resolve(cfg.model.pretrained_weight, base)
+        if not weight.is_file():
+            raise ConfigError(f"model.pretrained_weight: {weight} does not exist")
+
+
+def resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load(path: Path, check_paths: bool = True) -> EasyDict:
+    """Read and validate an experiment YAML; relative paths resolve against the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return validate(raw, check_paths=check_paths)
+
+
+def set_overrides(cfg_dict: Dict[str, Any], pairs: List[str]) -> Dict[str, Any]:
+    """Apply ``section.key VALUE`` overrides (YAML-parsed values) to a raw config dict."""
+    if len(pairs) % 2:
+        raise ConfigError(f"--set takes KEY VALUE pairs, got an odd number of items: {pairs}")
+    out = copy.deepcopy(cfg_dict)
+    for key, raw in zip(pairs[0::2], pairs[1::2]):
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
+            raise ConfigError(f"--set {key}: not a key of the experiment schema (section.key)")
+        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw)
+    return out
+
+
+# ---- the stage plan -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    codebook: int          # 1-based, as in the checkpoint names
+    stage: int             # 1-based index within the codebook's schedule
+    num_embeddings: int
+    warmup_epochs: int     # EMA warm-up epochs
+    gradient_epochs: int
+
+    @property
+    def epochs(self) -> int:
+        return self.warmup_epochs + self.gradient_epochs
+
+
+def num_stages(cfg: EasyDict) -> int:
+    if not cfg.progressive_learning.enabled:
+        return 1
+    return cfg.model.n_codebook * len(cfg.progressive_learning.embedding_schedule)
+
+
+def stage_epochs(cfg: EasyDict) -> int:
+    if not cfg.progressive_learning.enabled:
+        return cfg.training.max_epoch
+    return min(cfg.progressive_learning.embedding_stage_epochs, cfg.training.max_epoch // num_stages(cfg))
+
+
+def allocated_entries(cfg: EasyDict) -> int:
+    if cfg.progressive_learning.enabled:
+        return max(cfg.progressive_learning.embedding_schedule)
+    return cfg.rq_model.codebook_size
+
+
+def stage_plan(cfg: EasyDict) -> List[Stage]:
+    """Every stage in order. Legacy mode: one stage, all codebooks at ``codebook_size``."""
+    pl = cfg.progressive_learning
+    if not pl.enabled:
+        warm = min(pl.warmup_epochs, cfg.training.max_epoch - 1)
+        return [Stage(cfg.model.n_codebook, 1, cfg.rq_model.codebook_size, warm, cfg.training.max_epoch - warm)]
+    per = stage_epochs(cfg)
+    return [Stage(c, s, k, pl.warmup_epochs, per - pl.warmup_epochs)
+            for c in range(1, cfg.model.n_codebook + 1)
+            for s, k in enumerate(pl.embedding_schedule, 1)]
+
+
+def describe_plan(cfg: EasyDict) -> str:
+    plan = stage_plan(cfg)
+    lines = [f"stage plan ({'progressive' if cfg.progressive_learning.enabled else 'legacy: all codebooks together'}), "
+             f"{sum(s.epochs for s in plan)} epochs of max_epoch={cfg.training.max_epoch}, "
+             f"{allocated_entries(cfg)} entries allocated per codebook:"]
+    for st in plan:
+        lines.append(f"  codebook {st.codebook} stage {st.stage}: {st.num_embeddings:3d} entries, "
+                     f"{st.warmup_epochs} EMA warm-up + {st.gradient_epochs} gradient epochs")
+    if cfg.progressive_learning.enabled and cfg.rq_model.codebook_size != allocated_entries(cfg):
+        lines.append(f"  (rq_model.codebook_size={cfg.rq_model.codebook_size} applies to legacy mode only; "
+                     f"the schedule sets the sizes here)")
+    return "\n".join(lines)

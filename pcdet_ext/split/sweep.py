@@ -1,0 +1,78 @@
+"""Evaluate every trained (codebooks, entries) cell; write CSV, JSON and the rate/accuracy plot."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from .evaluate import run_eval, trained_cells
+from .rate import dense_float32_kb
+
+COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_fixed", "kb_per_frame_entropy",
+           "code_bits_fixed", "code_bits_entropy", "occupancy_bits_fixed", "occupancy_bits_entropy",
+           "pillars_per_frame", "frames"]
+
+
+def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log) -> Dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = run_eval(model, dataset, loader, class_names)  # bottleneck bypassed
+    rows = []
+    for n, k in trained_cells(model.quantizer, schedule):
+        res = run_eval(model, dataset, loader, class_names, n, k)
+        rows.append({c: res[c] for c in COLUMNS})
+        log.info("(%d, %3d): mAP %6.2f  %7.2f KB/frame fixed-length, %7.2f KB/frame entropy",
+                 n, k, res["mAP"], res["kb_per_frame_fixed"], res["kb_per_frame_entropy"])
+    grid = dataset.grid_size
+    summary = {"uncompressed_mAP": reference["mAP"],
+               "uncompressed_kb_per_frame": dense_float32_kb(int(grid[1]), int(grid[0]), model.quantizer.dim),
+               "cells": rows}
+    with open(out_dir / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out_dir / "sweep.png")
+    return summary
+
+
+def format_table(summary: Dict) -> str:
+    lines = [f"{'codebooks':>9} {'entries':>7} {'mAP':>7} {'KB/frame':>9} {'KB/frame':>9}",
+             f"{'':>9} {'':>7} {'':>7} {'fixed':>9} {'entropy':>9}"]
+    for r in summary["cells"]:
+        lines.append(f"{r['num_codebooks']:>9} {r['num_embeddings']:>7} {r['mAP']:7.2f} "
+                     f"{r['kb_per_frame_fixed']:9.2f} {r['kb_per_frame_entropy']:9.2f}")
+    lines.append(f"{'uncompressed':>17} {summary['uncompressed_mAP']:7.2f} "
+                 f"{summary['uncompressed_kb_per_frame']:9.1f} (float32 BEV pseudo-image)")
+    return "\n".join(lines)
+
+
+def plot(summary: Dict, path: Path) -> Path:
+    """mAP vs KB per frame (fixed-length and entropy), one line per codebook count; the
+    uncompressed model as a horizontal line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    depths = sorted({r["num_codebooks"] for r in summary["cells"]})
+    for n in depths:
+        rows = sorted((r for r in summary["cells"] if r["num_codebooks"] == n), key=lambda r: r["num_embeddings"])
+        line, = ax.plot([r["kb_per_frame_fixed"] for r in rows], [r["mAP"] for r in rows], "o-",
+                        label=f"{n} codebook{'s' if n > 1 else ''} (fixed-length)")
+        ax.plot([r["kb_per_frame_entropy"] for r in rows], [r["mAP"] for r in rows], "x--", color=line.get_color(),
+                alpha=0.6, label=f"{n} codebook{'s' if n > 1 else ''} (entropy)")
+        for r in rows:
+            ax.annotate(str(r["num_embeddings"]), (r["kb_per_frame_fixed"], r["mAP"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":",
+               label=f"uncompressed ({summary['uncompressed_kb_per_frame'] / 1024:.1f} MB/frame)")
+    ax.set_xscale("log")
+    ax.set_xlabel("KB per frame")
+    ax.set_ylabel("mAP (3D, moderate, R40)")
+    ax.set_title("PointPillarRQ: accuracy vs rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

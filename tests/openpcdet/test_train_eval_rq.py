@@ -1,0 +1,106 @@
+"""tools/train_eval_rq.py end to end through OpenPCDet on CPU: progressive run, eval, sweep, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
+from pcdet_ext.engine import loop
+from pcdet_ext.split import checkpoints as ck
+from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
+from tier2 import REPO, seed_everything
+
+TOOL = str(REPO / "tools/train_eval_rq.py")
+SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]
+
+
+@pytest.fixture(scope="module")
+def pointpillars_ckpt(synthetic_kitti, tmp_path_factory):
+    seed_everything(2)
+    cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
+    cfg_from_list(SMALL, cfg)
+    cfg.MODEL.NAME = "PointPillar"
+    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
+    path = tmp_path_factory.mktemp("pp") / "pointpillar.pth"
+    atomic_save({"model_state": loop.build_model(cfg, train_set).state_dict()}, path)
+    return path
+
+
+def write_config(tmp_path, data, weight, epochs=2, **training):
+    cfg = {"dataset": {"name": "KITTI", "dir": str(data), "num_classes": 3},
+           "model": {"n_codebook": 2, "pretrained_weight": str(weight), "cfg_file": "cfgs/kitti_models/pointpillar_rq.yaml"},
+           "progressive_learning": {"embedding_schedule": [16, 64], "embedding_stage_epochs": epochs, "warmup_epochs": 1},
+           "training": {"batch_size": 2, "num_workers": 0, "max_epoch": 4 * epochs, "ckpt_freq_epoch": 1, **training},
+           "logging": {"use_wandb": True, "saved_path": str(tmp_path / "runs"), "log_freq": 1}}
+    path = tmp_path / "split1_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_tool(*args, timeout=600):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=str(REPO),
+                          env=env, timeout=timeout)
+
+
+def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpillars_ckpt):
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt, epochs=2)
+    proc = run_tool("--config", str(config), "--extra_tag", "t1", "--eval_sweep", "--set", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "t1"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for c in (1, 2):
+        for s in (1, 2):
+            assert {ck.best_name(c, s), ck.final_name(c, s), ck.epoch_name(c, s, 1), ck.epoch_name(c, s, 2)} <= set(names)
+    assert ck.GLOBAL_BEST in names and not [n for n in names if n.endswith(".tmp")]
+    state = load_checkpoint(run / "checkpoints" / ck.GLOBAL_BEST)
+    assert {"model_state", "optimizer_state", "stage_state", "config", "epoch", "it"} <= set(state)
+    assert any(k.startswith("rq_bottleneck.quantizer.codebooks") for k in state["model_state"])
+    assert "codebook 2 stage 2:  64 entries, 1 EMA warm-up + 1 gradient epochs" in proc.stderr + proc.stdout
+    assert list((run / "tensorboard").glob("events.out.tfevents*"))
+    sweep = json.loads((run / "eval" / "sweep.json").read_text())
+    cells = [(c["num_codebooks"], c["num_embeddings"]) for c in sweep["cells"]]
+    assert cells == [(1, 16), (1, 64), (2, 16), (2, 64)]
+    assert all(c["kb_per_frame_fixed"] > c["kb_per_frame_entropy"] > 0 for c in sweep["cells"])
+    assert (run / "eval" / "sweep.png").stat().st_size > 10000 and (run / "eval" / "sweep.csv").is_file()
+    ev = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "2", "--eval_num_embeddings", "16",
+                  "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "operating point: 2 codebook(s) x 16 entries" in ev.stdout and "Car AP@0.70" in ev.stdout
+    bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "3",
+                   "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
+    assert bad.returncode == 2 and "has 2 trained codebook(s); expected 1..2" in bad.stderr
+    again = run_tool("--config", str(config), "--extra_tag", "t1", "--set", *SMALL)
+    assert again.returncode == 0 and "this run is complete" in again.stderr + again.stdout
+    other = run_tool("--config", str(config), "--extra_tag", "t1", "--set", "training.init_lr", "0.01", *SMALL)
+    assert other.returncode == 2 and "different config" in other.stderr
+
+
+def test_resume_after_kill(tmp_path, synthetic_kitti, pointpillars_ckpt):
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt, epochs=3)
+    args = ["--config", str(config), "--extra_tag", "t2", "--set", *SMALL]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, TOOL, *args], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "runs" / "t2" / "checkpoints" / ck.epoch_name(1, 2, 1)
+    deadline = time.time() + 400
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the run did not reach codebook 1 stage 2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = load_checkpoint(tmp_path / "runs" / "t2" / ck.RESUME)["stage_state"]
+    assert before["stage_index"] == 1 and not before["done"]
+    resumed = run_tool(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    text = resumed.stderr + resumed.stdout
+    assert f"resuming from {tmp_path / 'runs' / 't2' / ck.RESUME}: codebook 1 stage 2 (64 entries) epoch {before['next_epoch'] + 1}" in text
+    final = load_checkpoint(tmp_path / "runs" / "t2" / ck.RESUME)["stage_state"]
+    assert final["done"]
+    assert (tmp_path / "runs" / "t2" / "checkpoints" / ck.final_name(2, 2)).is_file()

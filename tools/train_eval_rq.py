@@ -1,0 +1,157 @@
+"""Progressive RQ training and evaluation of PointPillarRQ (split inference).
+
+    python tools/train_eval_rq.py --config cfgs/exp/split1_ALL.yaml                 # progressive training
+    python tools/train_eval_rq.py --config cfgs/exp/split1_ALL.yaml --gpu 0 --no_wandb
+    python tools/train_eval_rq.py --config cfgs/exp/split1_ALL.yaml --mode eval \\
+        --eval_num_codebooks 3 --eval_num_embeddings 64 --rq_ckpt path/to/checkpoint.pth
+    python tools/train_eval_rq.py --config cfgs/exp/split1_ALL.yaml --mode eval --eval_sweep
+    torchrun --nproc_per_node 2 tools/train_eval_rq.py --config ... --launcher pytorch
+
+``--set`` takes ``section.key VALUE`` pairs of the experiment schema (``training.max_epoch 10``)
+and UPPER-CASE keys of the OpenPCDet model config (``DATA_CONFIG.POINT_CLOUD_RANGE [...]``).
+Outputs: ``<logging.saved_path>[/<extra_tag>]/{checkpoints,tensorboard,eval}``.
+"""
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import pcdet_ext  # noqa: F401  (registers PointPillarRQ; CPU runtime on CUDA-less torch)
+import torch
+import torch.distributed as dist
+import yaml
+
+from pcdet_ext.split import checkpoints as ck
+from pcdet_ext.split import experiment, schema
+from pcdet_ext.split.evaluate import check_cell, run_eval
+from pcdet_ext.split.rate import dense_float32_kb
+from pcdet_ext.split.sweep import format_table, sweep
+from pcdet_ext.split.trainer import DistInfo, ProgressiveTrainer, plain
+from pcdet_ext.utils.checkpoint import load_checkpoint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML (split1_ALL.yaml schema)")
+    p.add_argument("--mode", choices=["train", "eval"], default=None, help="overrides training.mode")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device (hardware.gpu)")
+    p.add_argument("--no_wandb", action="store_true", help="tensorboard only")
+    p.add_argument("--eval_num_codebooks", type=int, default=None)
+    p.add_argument("--eval_num_embeddings", type=int, default=None)
+    p.add_argument("--rq_ckpt", type=Path, default=None, help="checkpoint to evaluate (default: global_best.pth)")
+    p.add_argument("--eval_sweep", action="store_true", help="evaluate every trained (codebooks, entries) cell")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
+    p.add_argument("--tcp_port", type=int, default=18888, help="rendezvous port without torchrun's MASTER_PORT")
+    p.add_argument("--extra_tag", default=None, help="sub-folder of logging.saved_path for this run")
+    p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
+    return p.parse_args(argv)
+
+
+def experiment_config(args):
+    """The raw YAML with command-line overrides, validated (errors before any work)."""
+    if not args.config.is_file():
+        raise schema.ConfigError(f"--config: {args.config} does not exist")
+    raw = yaml.safe_load(args.config.read_text()) or {}
+    if len(args.set_cfgs) % 2:
+        raise schema.ConfigError(f"--set takes KEY VALUE pairs, got {args.set_cfgs}")
+    pairs = list(zip(args.set_cfgs[0::2], args.set_cfgs[1::2]))
+    ours = [x for key, val in pairs if not key[:1].isupper() for x in (key, val)]  # experiment schema
+    pcdet_set = [x for key, val in pairs if key[:1].isupper() for x in (key, val)]  # OpenPCDet model cfg
+    raw = schema.set_overrides(raw, ours)
+    cli = {("training", "mode"): args.mode, ("training", "batch_size"): args.batch_size,
+           ("training", "num_workers"): args.workers, ("hardware", "gpu"): args.gpu,
+           ("evaluation", "use_num_codebook"): args.eval_num_codebooks,
+           ("evaluation", "use_num_embedding"): args.eval_num_embeddings,
+           ("evaluation", "rq_ckpt"): str(args.rq_ckpt) if args.rq_ckpt else None}
+    for (section, key), val in cli.items():
+        if val is not None:
+            raw.setdefault(section, {})[key] = val
+    if args.no_wandb:
+        raw.setdefault("logging", {})["use_wandb"] = False
+    return schema.validate(raw), pcdet_set
+
+
+def init_dist(args) -> DistInfo:
+    if args.launcher == "none":
+        return DistInfo()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.tcp_port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        exp, pcdet_set = experiment_config(args)
+        cfg = experiment.build_model_cfg(exp, pcdet_set)
+    except (schema.ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    info = init_dist(args)
+    if info.world_size == 1 and torch.cuda.is_available() and exp.hardware.gpu is not None:
+        torch.cuda.set_device(exp.hardware.gpu)
+    root = Path(exp.logging.saved_path) / args.extra_tag if args.extra_tag else Path(exp.logging.saved_path)
+    run = ck.RunDir(root)
+    if exp.training.mode == "train" and info.is_main:
+        try:  # before any work: never continue another config's run in this folder
+            run.check_reusable(ck.fingerprint(plain(exp)))
+        except FileExistsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    from pcdet.utils import common_utils
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    log = common_utils.create_logger(root / f"log_{exp.training.mode}_{stamp}.txt", rank=info.rank)
+    model, train, val = experiment.build(exp, cfg, info.world_size > 1, log)
+    names = experiment.class_names(cfg)
+    if exp.training.mode == "train":
+        log.info("experiment %s -> %s", args.config, root)
+        model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
+        ProgressiveTrainer(exp, model, (train, val), names, run, log, info,
+                           use_wandb=exp.logging.use_wandb).fit()
+        if not (args.eval_sweep and info.is_main):
+            return 0
+        ckpt_path = run.ckpt(ck.GLOBAL_BEST)
+    else:
+        ckpt_path = Path(exp.evaluation.rq_ckpt) if exp.evaluation.rq_ckpt else run.ckpt(ck.GLOBAL_BEST)
+    if not info.is_main:
+        return 0
+    state = load_checkpoint(ckpt_path)
+    model.load_state_dict(state["model_state"])
+    log.info("evaluating %s", ckpt_path)
+    if args.eval_sweep:
+        summary = sweep(model, val[0], val[1], names, list(exp.progressive_learning.embedding_schedule)
+                        if exp.progressive_learning.enabled else [exp.rq_model.codebook_size], run.eval, log)
+        print(format_table(summary))
+        print(f"wrote {run.eval / 'sweep.csv'}, {run.eval / 'sweep.json'}, {run.eval / 'sweep.png'}")
+        return 0
+    q = model.quantizer
+    trained = int((q.trained_size > 0).sum())
+    n = exp.evaluation.use_num_codebook or trained
+    k = exp.evaluation.use_num_embedding or (int(q.trained_size[n - 1]) if 1 <= n <= trained else 1)
+    try:
+        check_cell(q, n, k)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    res = run_eval(model, val[0], val[1], names, n, k)
+    grid = val[0].grid_size
+    print(res["result_str"])
+    print(f"operating point: {n} codebook(s) x {k} entries; mAP (3D moderate R40) {res['mAP']:.2f}")
+    print(f"rate per frame: {res['pillars_per_frame']:.0f} pillars; codes {res['code_bits_fixed'] / 8192:.2f} KB "
+          f"fixed-length, {res['code_bits_entropy'] / 8192:.2f} KB at their empirical entropy; occupancy "
+          f"{res['occupancy_bits_fixed'] / 8192:.2f} KB raw, {res['occupancy_bits_entropy'] / 8192:.2f} KB i.i.d. "
+          f"entropy bound; total {res['kb_per_frame_fixed']:.2f} KB (fixed) / {res['kb_per_frame_entropy']:.2f} KB "
+          f"(entropy) vs {dense_float32_kb(int(grid[1]), int(grid[0]), q.dim):.0f} KB float32 BEV")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
