@@ -28,8 +28,7 @@ LAYOUTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="kitti")
     parser.add_argument("--out", type=Path, default=Path("output/demo"))
     parser.add_argument("--num_frames", type=int, default=16)
@@ -38,7 +37,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+
+
+def overrides(layout: str) -> list:
+    """``--set`` pairs for the small grid this demo trains on."""
+    voxel_index = 2  # DATA_PROCESSOR: mask, shuffle, transform_points_to_voxels
+    return ["DATA_CONFIG.POINT_CLOUD_RANGE", LAYOUTS[layout]["range"],
+            f"DATA_CONFIG.DATA_PROCESSOR.{voxel_index}.VOXEL_SIZE", str(LAYOUTS[layout]["voxel"])]
+
+
+def run(args) -> tuple:
+    """Data, infos, training, evaluation, checkpoint. Returns (data root, checkpoint path)."""
     torch.manual_seed(args.seed)
     spec = LAYOUTS[args.layout]
     data = args.out / f"synthetic_{args.layout}_{args.num_frames}f_s{args.seed}"
@@ -51,10 +60,7 @@ def main() -> None:
             create_infos.create_custom(data, synthetic_writer.CONSTRUCTION_CLASSES,
                                        dataset_cfg=REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", workers=1)
     cfg = cfg_from_yaml_file(resolve_base(spec["cfg"], Path.cwd()))
-    cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", spec["range"]], cfg)
-    for proc in cfg.DATA_CONFIG.DATA_PROCESSOR:
-        if proc.NAME == "transform_points_to_voxels":
-            proc.VOXEL_SIZE = spec["voxel"]
+    cfg_from_list(overrides(args.layout), cfg)
     (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(
         cfg, data, args.batch_size, args.workers)
     model = loop.build_model(cfg, train_set).cuda()
@@ -72,6 +78,13 @@ def main() -> None:
                         "optimizer_state": optimizer.state_dict(), "version": f"pcdet_ext+{pcdet_ext.__version__}"},
                        args.out / "ckpt" / f"pointpillar_{args.layout}_demo.pth")
     print(f"checkpoint: {ckpt}")
+    return data, ckpt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -5,4 +5,4 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 bash tools/setup_env.sh
 source .pcdet_env
-python tools/demo_pointpillars.py "$@"
+python tools/demo_split_rq.py "$@"
