@@ -9,7 +9,6 @@ peak memory of each. `pip install vector-quantize-pytorch` for the reference.
 """
 import argparse
 import time
-import tracemalloc
 
 import torch
 

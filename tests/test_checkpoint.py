@@ -1,6 +1,5 @@
 """weights_only loading of OpenPCDet-style checkpoints and atomic saves."""
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -12,14 +12,15 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 import tqdm
 
 from .. import __version__
+from ..utils.checkpoint import load_checkpoint
 from . import checkpoints as ck
 from . import schema
 from .evaluate import run_eval
@@ -131,6 +132,7 @@ class ProgressiveTrainer:
             ss = resume["stage_state"]
             if ss["done"]:
                 self.log.info("this run is complete (%s); nothing to train", self.run.root / ck.RESUME)
+                self.writer.close()
                 return
             self.model.load_state_dict(resume["model_state"])
             start_stage, start_epoch = ss["stage_index"], ss["next_epoch"]
@@ -172,6 +174,9 @@ class ProgressiveTrainer:
             optimizer.load_state_dict(opt_state)
             scheduler.load_state_dict(sched_state)
         best_state = None
+        best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
+        if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
+            best_state = load_checkpoint(best_file)["model_state"]
         bar = tqdm.trange(first_epoch, st.epochs, desc=f"codebook {st.codebook} stage {st.stage} k={st.num_embeddings}",
                           disable=not self.dist.is_main, dynamic_ncols=True)
         for epoch in bar:

@@ -1,6 +1,5 @@
 """tools/create_data.py through OpenPCDet's own info creators; bad inputs leave nothing behind."""
 import pickle
-import shutil
 import subprocess
 import sys
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
