@@ -1,0 +1,165 @@
+"""Bitstream codec: lossless round trips, rate against entropy, and malformed input (fuzzed)."""
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pcdet_ext.bitstream import BitstreamError, GridGeometry, ProbabilityModels, decode_frame, encode_frame, read_header
+from pcdet_ext.bitstream.codec import HEADER
+from pcdet_ext.split.rate import binary_entropy
+
+GEO = GridGeometry(height=96, width=80, sensor_row=48.0, sensor_col=0.0, cell_m=0.32, levels=4)
+SIZES = (16, 64)
+
+
+def lidar_like_occupancy(rng, geo=GEO):
+    """Rings around the sensor plus a few blobs, thinning with range."""
+    rows, cols = np.indices((geo.height, geo.width))
+    r = np.hypot(rows + 0.5 - geo.sensor_row, cols + 0.5 - geo.sensor_col) * geo.cell_m
+    ring = (np.abs((r % 3.0) - 1.5) < 0.25) & (rng.random(r.shape) < 0.8 * np.exp(-r / 20))
+    blobs = np.zeros_like(ring)
+    for _ in range(6):
+        y, x = rng.integers(0, geo.height), rng.integers(0, geo.width)
+        blobs[max(0, y - 3): y + 3, max(0, x - 5): x + 5] = True
+    return ring | (blobs & (rng.random(r.shape) < 0.7))
+
+
+def fitted_models(seed=0, frames=20):
+    rng = np.random.default_rng(seed)
+    models = ProbabilityModels.empty(GEO, 3, SIZES)
+    for _ in range(frames):
+        occ = lidar_like_occupancy(rng)
+        m = int(occ.sum())
+        skew = lambda k: np.minimum(rng.geometric(0.15, size=(m, 3)) - 1, k - 1)  # noqa: E731
+        models.observe(occ, {k: skew(k) for k in SIZES})
+    return models
+
+
+MODELS = fitted_models()
+MODEL_ID = MODELS.identifier(np.zeros((3, 64, 8)))
+
+
+def frame(seed=1, n=3, k=64):
+    rng = np.random.default_rng(seed)
+    occ = lidar_like_occupancy(rng)
+    cells = np.flatnonzero(occ.ravel())
+    rng.shuffle(cells)  # any order in
+    codes = np.minimum(rng.geometric(0.15, size=(len(cells), n)) - 1, k - 1)
+    return cells, codes
+
+
+def test_round_trip_is_lossless_at_every_operating_point():
+    for n in (1, 2, 3):
+        for k in (16, 64, 5):  # 5: no statistics for that size -> uniform model, still lossless
+            cells, codes = frame(n=n, k=k)
+            data = encode_frame(cells, codes, k, MODELS, MODEL_ID)
+            out = decode_frame(data, MODELS, MODEL_ID, max_codebooks=3, max_entries=64)
+            order = np.argsort(cells)
+            assert np.array_equal(out.cells, cells[order]) and np.array_equal(out.codes, codes[order])
+
+
+def test_empty_frame_and_dense_mode():
+    data = encode_frame(np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64), 16, MODELS, MODEL_ID)
+    out = decode_frame(data, MODELS, MODEL_ID, 3, 64)
+    assert out.cells.size == 0 and out.codes.shape == (0, 2)
+    cells = np.arange(GEO.height * GEO.width)
+    codes = np.random.default_rng(0).integers(0, 16, (len(cells), 1))
+    dense = encode_frame(cells, codes, 16, MODELS, MODEL_ID, dense=True)
+    out = decode_frame(dense, MODELS, MODEL_ID, 3, 64)
+    assert out.dense and np.array_equal(out.codes, codes)
+
+
+def test_rates_codes_near_model_entropy_and_occupancy_below_iid_bound():
+    cells, codes = frame(seed=5, n=3, k=64)
+    data = encode_frame(cells, codes, 64, MODELS, MODEL_ID)
+    hdr = read_header(data)
+    cross_entropy_bits = sum(-np.log2(MODELS.code_probs(c, 64)[codes[:, c]]).sum() for c in range(3))
+    assert hdr["code_words"] * 32 <= cross_entropy_bits * 1.02 + 64
+    m = len(cells)
+    iid_bits = GEO.height * GEO.width * binary_entropy(m / (GEO.height * GEO.width))
+    assert hdr["occ_words"] * 32 < iid_bits
+
+
+def test_other_codebooks_are_refused():
+    cells, codes = frame()
+    data = encode_frame(cells, codes, 64, MODELS, MODEL_ID)
+    other = MODELS.identifier(np.ones((3, 64, 8)))
+    with pytest.raises(BitstreamError, match="refusing to decode"):
+        decode_frame(data, MODELS, other, 3, 64)
+    with pytest.raises(BitstreamError, match="exceed this model"):
+        decode_frame(data, MODELS, MODEL_ID, 2, 64)
+
+
+def test_models_survive_a_state_round_trip():
+    again = ProbabilityModels.from_state(MODELS.to_state())
+    assert again.identifier(np.zeros((3, 64, 8))) == MODEL_ID
+    cells, codes = frame()
+    assert np.array_equal(decode_frame(encode_frame(cells, codes, 64, MODELS, MODEL_ID), again, MODEL_ID, 3, 64).codes,
+                          codes[np.argsort(cells)])
+
+
+def test_encoder_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="0..15"):
+        encode_frame(np.array([1, 2]), np.array([[0], [16]]), 16, MODELS, MODEL_ID)
+    with pytest.raises(ValueError, match="distinct"):
+        encode_frame(np.array([3, 3]), np.array([[0], [1]]), 16, MODELS, MODEL_ID)
+
+
+VALID = encode_frame(*frame(seed=9), 64, MODELS, MODEL_ID)
+
+
+def _rewrite(data, **fields):
+    names = ["magic", "version", "mode", "h", "w", "n", "k", "model_id", "pillars", "occ", "codes", "crc"]
+    vals = dict(zip(names, HEADER.unpack_from(data)))
+    vals.update(fields)
+    packed = HEADER.pack(*[vals[n] for n in names])
+    body = data[HEADER.size:]
+    crc = zlib.crc32(packed[:-4] + body)
+    return HEADER.pack(*[vals[n] for n in names[:-1]], crc) + body
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "truncated"), (VALID[:10], "truncated"), (VALID[:-4], "does not match its header"),
+    (b"XXXX" + VALID[4:], "bad magic"), (VALID[:4] + bytes([9]) + VALID[5:], "unsupported format version"),
+    (_rewrite(VALID, h=60000, w=60000), "out of range"), (_rewrite(VALID, n=0), "out of range"),
+    (_rewrite(VALID, k=0), "out of range"), (_rewrite(VALID, pillars=10 ** 9), "out of range"),
+    (_rewrite(VALID, occ=2 ** 31), "does not match its header"), (_rewrite(VALID, mode=7), "out of range"),
+    (_rewrite(VALID, h=GEO.height + 16), "does not match the model"),
+    (_rewrite(VALID, pillars=5), "header says 5"),
+])
+def test_malformed_frames(data, match):
+    with pytest.raises(BitstreamError, match=match):
+        decode_frame(data, MODELS, MODEL_ID, 3, 64)
+
+
+def test_flipped_bits_are_detected():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        data = bytearray(VALID)
+        pos = int(rng.integers(len(data)))
+        data[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(BitstreamError):
+            decode_frame(bytes(data), MODELS, MODEL_ID, 3, 64)
+
+
+@settings(max_examples=2000, deadline=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.binary(max_size=4096),
+    st.integers(0, len(VALID)).map(lambda n: VALID[:n]),
+    st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)).map(
+        lambda t: VALID[:t[0]] + bytes([t[1]]) + VALID[t[0] + 1:]),
+    st.binary(min_size=HEADER.size, max_size=HEADER.size + 64).map(lambda b: b"RQBS" + bytes([1]) + b[5:]),
+))
+def test_fuzz_never_crashes_and_fails_fast(data):
+    start = time.perf_counter()
+    try:
+        out = decode_frame(data, MODELS, MODEL_ID, 3, 64)
+    except BitstreamError:
+        pass
+    else:
+        assert data == VALID or len(out.cells) == read_header(data)["pillars"]
+    assert time.perf_counter() - start < 0.2

@@ -1,0 +1,84 @@
+"""Length-prefixed TCP transport on localhost: normal use, garbage, disconnects, oversize, stalls."""
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from pcdet_ext.bitstream import decode_frame, encode_frame
+from pcdet_ext.split.transport import FrameClient, FrameServer, TransportError
+from test_bitstream import MODEL_ID, MODELS, frame
+
+
+def handler(data: bytes) -> bytes:
+    out = decode_frame(data, MODELS, MODEL_ID, 3, 64)
+    return struct.pack("!I", len(out.cells))
+
+
+@pytest.fixture()
+def server():
+    srv = FrameServer(("127.0.0.1", 0), handler, max_frame=1 << 20, timeout_s=1.0)
+    srv.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def good_frame(seed=1):
+    cells, codes = frame(seed=seed)
+    return encode_frame(cells, codes, 64, MODELS, MODEL_ID), len(cells)
+
+
+def test_frames_round_trip(server):
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        for seed in range(3):
+            data, n = good_frame(seed)
+            assert struct.unpack("!I", client.request(data))[0] == n
+
+
+def test_garbage_gets_an_error_and_the_connection_survives(server):
+    data, n = good_frame()
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        with pytest.raises(TransportError, match="BitstreamError"):
+            client.request(b"random garbage" * 10)
+        assert struct.unpack("!I", client.request(data))[0] == n
+
+
+def test_disconnect_mid_frame_and_stall_do_not_affect_others(server):
+    data, n = good_frame()
+    quitter = socket.create_connection(("127.0.0.1", server.port))
+    quitter.sendall(struct.pack("!I", len(data)) + data[:20])  # half a frame, then gone
+    quitter.close()
+    staller = socket.create_connection(("127.0.0.1", server.port))
+    staller.sendall(struct.pack("!I", len(data)))  # length only, then silence past the timeout
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        assert struct.unpack("!I", client.request(data))[0] == n
+    time.sleep(1.5)
+    staller.settimeout(2)
+    assert staller.recv(1) == b""  # the server dropped the stalled client
+    staller.close()
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        assert struct.unpack("!I", client.request(data))[0] == n
+
+
+def test_oversized_frame_is_refused_without_reading_it(server):
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        client.sock.sendall(struct.pack("!I", 1 << 30))  # claims 1 GiB
+        reply = client.sock.recv(1024)
+        assert b"exceeds the limit" in reply
+    data, n = good_frame()
+    with FrameClient("127.0.0.1", server.port, timeout_s=5) as client:
+        assert struct.unpack("!I", client.request(data))[0] == n
+
+
+def test_many_clients_in_parallel(server):
+    import concurrent.futures as cf
+    frames = [good_frame(seed) for seed in range(8)]
+
+    def one(item):
+        data, n = item
+        with FrameClient("127.0.0.1", server.port, timeout_s=10) as client:
+            return struct.unpack("!I", client.request(data))[0] == n
+    with cf.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, frames))
