@@ -190,12 +190,13 @@ class ResidualQuantizer(nn.Module):
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Vectors [N, dim] from codes [N, n] of the first n codebooks (any prefix)."""
+        """Vectors [N, dim] from codes [N, n] of the first n codebooks (any prefix); the same
+        arithmetic as the forward pass, so a decoded frame equals the in-process one bit for bit."""
         if codes.dim() != 2 or not 1 <= codes.shape[1] <= self.max_codebooks:
             raise ValueError(f"codes must be [N, n] with 1 <= n <= {self.max_codebooks}, got {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.max_entries):
             raise ValueError(f"code indices must lie in 0..{self.max_entries - 1}")
-        out = sum(self.codebooks[c][codes[:, c]] for c in range(codes.shape[1]))
+        out = self._gather_sum(codes.to(self.codebooks[0].device), [self.max_entries] * codes.shape[1])
         return self.adapter_out(out) if self.adapter_out is not None else out
 
     def active_sizes(self) -> List[int]:

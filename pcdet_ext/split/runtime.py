@@ -1,0 +1,170 @@
+"""Edge and server sides of split inference for a trained PointPillarRQ.
+
+Edge: points -> OpenPCDet's point/voxel processing -> PillarVFE -> quantizer codes -> bytes.
+Server: bytes -> codes -> code vectors -> PointPillarScatter -> 2D backbone -> head ->
+post-processing -> boxes. Both load from an OpenPCDet config and a checkpoint (the checkpoint
+must carry the bitstream's probability models: ``fit_probability_models`` adds them).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..bitstream import GridGeometry, ProbabilityModels, decode_frame, encode_frame
+from ..utils.checkpoint import atomic_save, load_checkpoint
+
+STATE_KEY = "bitstream_models"
+
+
+def grid_geometry(dataset, levels: int = 4) -> GridGeometry:
+    """BEV grid of an OpenPCDet dataset: rows = y cells, cols = x cells, sensor at the origin."""
+    nx, ny = int(dataset.grid_size[0]), int(dataset.grid_size[1])
+    pc, vs = dataset.point_cloud_range, dataset.voxel_size
+    return GridGeometry(height=ny, width=nx, sensor_row=float(-pc[1] / vs[1]), sensor_col=float(-pc[0] / vs[0]),
+                        cell_m=float(vs[0]), levels=levels)
+
+
+def codebook_array(quantizer) -> np.ndarray:
+    return torch.stack([cb.detach().cpu() for cb in quantizer.codebooks]).numpy()
+
+
+def _batch(dataset, points: np.ndarray, frame_id: str = "0") -> Dict:
+    from pcdet.models import load_data_to_gpu
+    data = dataset.prepare_data({"points": points, "frame_id": frame_id})
+    batch = dataset.collate_batch([data])
+    load_data_to_gpu(batch)
+    return batch
+
+
+def _cells(batch: Dict, width: int) -> np.ndarray:
+    coords = batch["voxel_coords"].long().cpu().numpy()
+    return coords[:, 2] * width + coords[:, 3]
+
+
+@torch.no_grad()
+def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: Sequence[int]) -> ProbabilityModels:
+    """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
+    codebooks) from training frames."""
+    q = model.quantizer
+    geo = grid_geometry(dataset)
+    depth = int((q.trained_size > 0).sum()) or q.max_codebooks
+    models = ProbabilityModels.empty(geo, depth, sizes)
+    model.eval()
+    for points in frames:
+        batch = model.vfe(_batch(dataset, points))
+        cells = _cells(batch, geo.width)
+        occ = np.zeros(geo.height * geo.width, dtype=bool)
+        occ[cells] = True
+        by_k = {}
+        for k in sizes:
+            q.set_active(depth, k)
+            by_k[int(k)] = q.encode(batch["pillar_features"]).cpu().numpy()
+        models.observe(occ.reshape(geo.height, geo.width) if model.rq_cfg.MODE == "sparse" else None, by_k)
+    return models
+
+
+def save_with_models(ckpt_path, models: ProbabilityModels, out_path) -> None:
+    state = load_checkpoint(ckpt_path)
+    state[STATE_KEY] = models.to_state()
+    atomic_save(state, out_path)
+
+
+@dataclass
+class Timing:
+    ms: float
+    bytes: int = 0
+
+
+class _Side:
+    def __init__(self, model, dataset, models: ProbabilityModels):
+        self.model, self.dataset, self.models = model.eval(), dataset, models
+        self.q = model.quantizer
+        self.geo = models.geometry
+        if (self.geo.height, self.geo.width) != (int(dataset.grid_size[1]), int(dataset.grid_size[0])):
+            raise ValueError(f"bitstream models were fitted on a {self.geo.height} x {self.geo.width} grid, the "
+                             f"model config has {int(dataset.grid_size[1])} x {int(dataset.grid_size[0])}")
+        self.model_id = models.identifier(codebook_array(self.q))
+        self.dense = model.rq_cfg.MODE == "dense"
+
+    @classmethod
+    def from_checkpoint(cls, model, dataset, ckpt_path, *args):
+        state = load_checkpoint(ckpt_path)
+        if STATE_KEY not in state:
+            raise KeyError(f"{ckpt_path} has no '{STATE_KEY}': fit them first (tools/split_infer.py --fit_models)")
+        model.load_state_dict(state["model_state"])
+        return cls(model, dataset, ProbabilityModels.from_state(state[STATE_KEY]), *args)
+
+
+class EdgeRuntime(_Side):
+    """Points -> bytes at (n, k)."""
+
+    def __init__(self, model, dataset, models: ProbabilityModels, num_codebooks: int, num_embeddings: int):
+        super().__init__(model, dataset, models)
+        self.q.set_active(num_codebooks, num_embeddings)
+        self.n, self.k = num_codebooks, num_embeddings
+
+    @torch.no_grad()
+    def encode(self, points: np.ndarray) -> Tuple[bytes, Dict[str, float]]:
+        t0 = time.perf_counter()
+        batch = self.model.vfe(_batch(self.dataset, points))
+        t1 = time.perf_counter()
+        if self.dense:
+            batch = self.model.map_to_bev_module(batch)
+            bev = batch["spatial_features"][0]
+            feats = bev.permute(1, 2, 0).reshape(-1, bev.shape[0])
+            cells = np.arange(self.geo.height * self.geo.width)
+        else:
+            feats = batch["pillar_features"]
+            cells = _cells(batch, self.geo.width)
+        codes = self.q.encode(feats).cpu().numpy()
+        data = encode_frame(cells, codes, self.k, self.models, self.model_id, dense=self.dense)
+        t2 = time.perf_counter()
+        return data, {"head_ms": (t1 - t0) * 1e3, "quantize_encode_ms": (t2 - t1) * 1e3, "pillars": len(cells)}
+
+
+class ServerRuntime(_Side):
+    """Bytes -> OpenPCDet prediction dict (boxes, scores, labels)."""
+
+    @torch.no_grad()
+    def decode(self, data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        t0 = time.perf_counter()
+        frame = decode_frame(data, self.models, self.model_id, self.q.max_codebooks, self.q.max_entries)
+        feats = self.q.decode(torch.from_numpy(frame.codes))
+        t1 = time.perf_counter()
+        if frame.dense:
+            c = feats.shape[1]
+            batch = {"spatial_features": feats.reshape(1, frame.height, frame.width, c).permute(0, 3, 1, 2).contiguous(),
+                     "batch_size": 1}
+        elif len(frame.cells) == 0:  # nothing in range: an empty pseudo-image
+            c = self.model.map_to_bev_module.num_bev_features
+            batch = {"spatial_features": torch.zeros(1, c, frame.height, frame.width), "batch_size": 1}
+        else:
+            cells = torch.from_numpy(frame.cells)
+            coords = torch.stack([torch.zeros_like(cells), torch.zeros_like(cells), cells // frame.width,
+                                  cells % frame.width], 1).float()
+            batch = self.model.map_to_bev_module({"pillar_features": feats, "voxel_coords": coords, "batch_size": 1})
+        batch = self.model.dense_head(self.model.backbone_2d(batch))
+        pred_dicts, _ = self.model.post_processing(batch)
+        t2 = time.perf_counter()
+        return pred_dicts[0], {"decode_ms": (t1 - t0) * 1e3, "tail_ms": (t2 - t1) * 1e3}
+
+
+def boxes_payload(pred: Dict[str, torch.Tensor], class_names: List[str]) -> Dict[str, list]:
+    """JSON-able detections."""
+    labels = pred["pred_labels"].cpu().numpy()
+    return {"boxes": pred["pred_boxes"].cpu().numpy().round(4).tolist(),
+            "scores": pred["pred_scores"].cpu().numpy().round(4).tolist(),
+            "labels": [class_names[int(i) - 1] for i in labels]}
+
+
+def in_process(model, dataset, points: np.ndarray, num_codebooks: int, num_embeddings: Optional[int]):
+    """The reference: the whole PointPillarRQ in one process at (n, k)."""
+    model.eval()
+    model.quantizer.set_active(num_codebooks, num_embeddings)
+    with torch.no_grad():
+        pred_dicts, _ = model(_batch(dataset, points))
+    return pred_dicts[0]
