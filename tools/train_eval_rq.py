@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     if exp.training.mode == "train":
         log.info("experiment %s -> %s", args.config, root)
         model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
-        ProgressiveTrainer(exp, model, (train, val), names, run, log, info,
+        ProgressiveTrainer(exp, model, (train, val), cfg, run, log, info,
                            use_wandb=exp.logging.use_wandb).fit()
         if not (args.eval_sweep and info.is_main):
             return 0

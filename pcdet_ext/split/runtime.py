@@ -168,3 +168,47 @@ def in_process(model, dataset, points: np.ndarray, num_codebooks: int, num_embed
     with torch.no_grad():
         pred_dicts, _ = model(_batch(dataset, points))
     return pred_dicts[0]
+
+
+def load_split_model(cfg_file=None, set_cfgs: Sequence[str] = (), root_path=None, ckpt=None):
+    """(model, dataset, cfg) for an OpenPCDet PointPillarRQ config: ``cfg_file``, or the config a
+    tools/train_eval_rq.py checkpoint carries (``pcdet_cfg``). The dataset object only provides the
+    point/voxel processing and the grid (no infos needed)."""
+    from pathlib import Path
+
+    from easydict import EasyDict
+    from pcdet.datasets import DatasetTemplate
+    from pcdet.models import build_network
+    from pcdet.utils import common_utils
+
+    from ..config import cfg_from_list, cfg_from_yaml_file, resolve_base
+    if cfg_file is not None:
+        cfg = cfg_from_yaml_file(resolve_base(str(cfg_file), Path.cwd()))
+    else:
+        stored = load_checkpoint(ckpt).get("pcdet_cfg") if ckpt else None
+        if stored is None:
+            raise ValueError(f"{ckpt} carries no OpenPCDet config (pcdet_cfg): pass --cfg_file")
+        cfg = EasyDict(stored)
+    cfg_from_list(list(set_cfgs), cfg)
+    dataset = DatasetTemplate(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, training=False,
+                              root_path=Path(root_path) if root_path else None, logger=common_utils.create_logger())
+    model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)
+    if type(model).__name__ != "PointPillarRQ":
+        raise ValueError(f"{cfg_file} builds {type(model).__name__}, expected PointPillarRQ")
+    return model, dataset, cfg
+
+
+def read_points(path, num_features: int) -> np.ndarray:
+    """A KITTI ``.bin`` (float32 x, y, z, intensity) or an ``.npy`` array, cut to ``num_features``."""
+    from pathlib import Path
+    path = Path(path)
+    if path.suffix == ".npy":
+        pts = np.load(path, allow_pickle=False)
+    else:
+        raw = np.fromfile(path, dtype=np.float32)
+        if raw.size % 4:
+            raise ValueError(f"{path}: {raw.size * 4} bytes is not a whole number of float32 x, y, z, intensity points")
+        pts = raw.reshape(-1, 4)
+    if pts.ndim != 2 or pts.shape[1] < num_features:
+        raise ValueError(f"{path}: expected points [N, >= {num_features}], got {pts.shape}")
+    return np.ascontiguousarray(pts[:, :num_features], dtype=np.float32)

@@ -80,10 +80,11 @@ class Logger:
 
 
 class ProgressiveTrainer:
-    def __init__(self, exp, model, loaders, class_names: List[str], run: ck.RunDir, log: logging.Logger,
+    def __init__(self, exp, model, loaders, pcdet_cfg, run: ck.RunDir, log: logging.Logger,
                  dist_info: DistInfo, use_wandb: bool):
         self.exp, self.model, self.run, self.log, self.dist = exp, model, run, log, dist_info
-        self.class_names = list(class_names)
+        self.pcdet_cfg = plain(pcdet_cfg)
+        self.class_names = list(pcdet_cfg.CLASS_NAMES)
         (self.train_set, self.train_loader, self.train_sampler), (self.val_set, self.val_loader) = loaders
         self.plan = schema.stage_plan(exp)
         self.fingerprint = ck.fingerprint(plain(exp))
@@ -118,7 +119,7 @@ class ProgressiveTrainer:
                                 "num_embeddings": st.num_embeddings, "next_epoch": next_epoch,
                                 "stage_best_map": best, "bad_epochs": bad, "global_best_map": self.global_best,
                                 "done": done},
-                "config": plain(self.exp), "fingerprint": self.fingerprint}
+                "config": plain(self.exp), "pcdet_cfg": self.pcdet_cfg, "fingerprint": self.fingerprint}
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> None:

@@ -1,0 +1,80 @@
+"""tools/split_infer.py and tools/split_server.py on a checkpoint from tools/train_eval_rq.py."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pcdet_ext.bitstream.codec import HEADER
+from pcdet_ext.split import checkpoints as ck
+from pcdet_ext.split.transport import FrameClient, TransportError
+from tier2 import REPO
+
+SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]
+
+
+def tool(name, *args, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *args], capture_output=True, text=True,
+                          cwd=str(REPO), timeout=timeout, env=dict(os.environ, WANDB_MODE="disabled"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_kitti, tmp_path_factory):
+    from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
+    from pcdet_ext.engine import loop
+    from pcdet_ext.utils.checkpoint import atomic_save
+    tmp = tmp_path_factory.mktemp("split_tools")
+    cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
+    cfg_from_list(SMALL, cfg)
+    cfg.MODEL.NAME = "PointPillar"
+    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
+    atomic_save({"model_state": loop.build_model(cfg, train_set).state_dict()}, tmp / "pp.pth")
+    exp = {"dataset": {"dir": str(synthetic_kitti)}, "model": {"n_codebook": 2, "pretrained_weight": str(tmp / "pp.pth")},
+           "progressive_learning": {"embedding_schedule": [16], "embedding_stage_epochs": 2, "warmup_epochs": 1},
+           "training": {"batch_size": 2, "num_workers": 0, "max_epoch": 4},
+           "logging": {"use_wandb": False, "saved_path": str(tmp / "run")}}
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
+    proc = tool("train_eval_rq.py", "--config", str(tmp / "exp.yaml"), "--set", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run" / "checkpoints" / ck.GLOBAL_BEST
+
+
+def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
+    fitted = tmp_path / "with_models.pth"
+    local = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti), "--fit_models",
+                 "--save_ckpt", str(fitted), "--json", str(tmp_path / "local.json"))
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "bitstream models fitted on 4 train frames" in local.stdout and "(2, 16): median" in local.stdout
+    rows = json.loads((tmp_path / "local.json").read_text())
+    assert len(rows["frames"]) == 2 and rows["summary"]["ratio_vs_float32_dense"] > 100
+    assert all(r["bytes"] == r["occupancy_bytes"] + r["code_bytes"] + HEADER.size for r in rows["frames"])
+    server = subprocess.Popen([sys.executable, str(REPO / "tools/split_server.py"), "--ckpt", str(fitted), "--port", "0",
+                               "--timeout", "2"], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = int(line.strip().rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as quitter:  # half a frame, then gone
+            quitter.sendall(struct.pack("!I", 1000) + b"x" * 10)
+        with FrameClient("127.0.0.1", port, timeout_s=60) as client:
+            with pytest.raises(TransportError, match="BitstreamError"):
+                client.request(b"\x00" * 100)
+        remote = tool("split_infer.py", "--ckpt", str(fitted), "--data_path", str(synthetic_kitti),
+                      "--remote", f"127.0.0.1:{port}", "--json", str(tmp_path / "remote.json"))
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        again = json.loads((tmp_path / "remote.json").read_text())["frames"]
+        assert [(r["bytes"], r["boxes"]) for r in again] == [(r["bytes"], r["boxes"]) for r in rows["frames"]]
+        assert server.poll() is None  # still serving
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti):
+    proc = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti))
+    assert proc.returncode != 0 and "has no 'bitstream_models'" in proc.stderr
