@@ -26,7 +26,8 @@ setup(
     description="OpenPCDet plugins: RQ split inference for PointPillars, R-MAE/CMAE pretraining",
     packages=find_packages(include=["pcdet_ext", "pcdet_ext.*"]),
     python_requires=">=3.8",
-    install_requires=["numpy", "torch", "easydict", "pyyaml", "tensorboardX", "numba", "tqdm", "matplotlib"],
+    install_requires=["numpy", "torch", "easydict", "pyyaml", "tensorboardX", "numba", "tqdm", "matplotlib",
+                      "constriction"],
     extras_require=extras,
     include_package_data=True,
 )

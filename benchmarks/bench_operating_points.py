@@ -20,6 +20,7 @@ import pcdet_ext  # noqa: F401
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, resolve_base
 from pcdet_ext.engine import loop
 from pcdet_ext.quantization import ResidualQuantizer
+from pcdet_ext.quantization.fit import fit_progressive
 from pcdet_ext.utils.checkpoint import load_checkpoint
 
 
@@ -43,22 +44,7 @@ def train(x, depth, schedule, op_training, steps, seed=0):
     torch.manual_seed(seed)
     q = ResidualQuantizer(dim=x.shape[1], num_codebooks=depth, codebook_size=schedule[-1], schedule=schedule,
                           operating_point_training=op_training)
-    opt_params = lambda: [p for p in q.parameters() if p.requires_grad]  # noqa: E731
-    for c in range(depth):
-        for k in schedule:
-            q.train()
-            q.start_stage(c, k, x)
-            q.set_mode("ema")
-            for _ in range(steps):
-                q(x[torch.randint(len(x), (8192,))])
-            q.set_mode("gradient")
-            opt = torch.optim.Adam(opt_params(), lr=1e-3)
-            for _ in range(steps):
-                out = q(x[torch.randint(len(x), (8192,))])
-                opt.zero_grad()
-                out.losses["codebook"].backward()
-                opt.step()
-    return q
+    return fit_progressive(q, x, depth, schedule, steps)
 
 
 def rel_err(q, x, n, k):

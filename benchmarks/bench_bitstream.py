@@ -1,0 +1,104 @@
+"""Split-inference bytes and times on real KITTI frames, sparse vs dense.
+
+Bottleneck: a PointPillarRQ on the full KITTI grid (496 x 432, 0.16 m) whose PillarVFE comes from a
+PointPillars checkpoint (--ckpt; e.g. the synthetic-data one from tools/demo_pointpillars.py), with
+its 5 x 256 quantizer trained by feature reconstruction (pcdet_ext.quantization.fit) on the pillar
+features of real unlabelled scans (--train_dir, kitti_raw_2011_09_26), and the bitstream's
+probability models fitted on the same scans. Measured on the real frames of --test_dir
+(kitti_mini): bytes per frame (occupancy + codes), codes against their entropy under the stored
+model, occupancy against its i.i.d. entropy bound, edge quantize+encode and server decode times.
+
+    python benchmarks/bench_bitstream.py --ckpt output/demo/ckpt/pointpillar_kitti_demo.pth
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pcdet_ext  # noqa: F401
+from pcdet_ext.bitstream import read_header
+from pcdet_ext.split import runtime
+from pcdet_ext.split.rate import binary_entropy
+from pcdet_ext.quantization.fit import fit_progressive
+from pcdet_ext.utils.checkpoint import load_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+CELLS = [(1, 16), (3, 64), (5, 256)]
+
+
+def load(mode, ckpt):
+    model, dataset, _ = runtime.load_split_model("cfgs/kitti_models/pointpillar_rq.yaml",
+                                                 ["MODEL.RQ_BOTTLENECK.MODE", mode])
+    vfe = {k: v for k, v in load_checkpoint(ckpt)["model_state"].items() if k.startswith("vfe.")}
+    model.load_state_dict(vfe, strict=False)
+    return model.eval(), dataset
+
+
+@torch.no_grad()
+def features(model, dataset, frames):
+    return torch.cat([model.vfe(runtime._batch(dataset, f))["pillar_features"] for f in frames])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--train_dir", default=str(SHARED / "kitti_raw_2011_09_26/velodyne"))
+    p.add_argument("--test_dir", default=str(SHARED / "kitti_mini/training/velodyne"))
+    p.add_argument("--train_frames", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    train = [runtime.read_points(f, 4) for f in sorted(Path(args.train_dir).glob("*.bin"))[: args.train_frames]]
+    test = [runtime.read_points(f, 4) for f in sorted(Path(args.test_dir).glob("*.bin"))]
+    model, dataset = load("sparse", args.ckpt)
+    x = features(model, dataset, train)
+    torch.manual_seed(0)
+    fit_progressive(model.quantizer, x, 5, [16, 64, 256], steps=args.steps)
+    print(f"quantizer 5 x 256 trained on {len(x)} pillar features of {len(train)} real scans; "
+          f"testing on {len(test)} real KITTI frames, {args.threads} threads")
+    state = model.state_dict()
+    for mode in ("sparse", "dense"):
+        if mode == "dense":
+            model, dataset = load("dense", args.ckpt)
+            model.load_state_dict(state)
+        models = runtime.fit_probability_models(model, dataset, train, [16, 64, 256])
+        server = runtime.ServerRuntime(model, dataset, models)
+        print(f"\n{mode}: {'cell':>9} {'bytes':>8} {'occupancy':>9} {'iid bound':>9} {'codes':>8} {'model H':>8} "
+              f"{'codes/H':>7} {'edge ms':>7} {'decode ms':>9}")
+        for n, k in CELLS:
+            edge = runtime.EdgeRuntime(model, dataset, models, n, k)
+            rows = []
+            for pts in test:
+                edge.encode(pts)  # warm
+                data, t = edge.encode(pts)
+                hdr = read_header(data)
+                batch = model.vfe(runtime._batch(dataset, pts))
+                feats = batch["pillar_features"] if mode == "sparse" else None
+                if mode == "dense":
+                    bev = model.map_to_bev_module(batch)["spatial_features"][0]
+                    feats = bev.permute(1, 2, 0).reshape(-1, bev.shape[0])
+                codes = model.quantizer.encode(feats).numpy()
+                model_bits = sum(-np.log2(models.code_probs(c, k)[codes[:, c]]).sum() for c in range(n))
+                cells = hdr["pillars"] if mode == "sparse" else int((bev.abs().sum(0) > 0).sum())
+                grid = server.geo.height * server.geo.width
+                iid = grid * binary_entropy(cells / grid) / 8
+                t0 = time.perf_counter()
+                frame = runtime.decode_frame(data, models, server.model_id, 5, 256)
+                model.quantizer.decode(torch.from_numpy(frame.codes))
+                dec_ms = (time.perf_counter() - t0) * 1e3
+                rows.append((len(data), 4 * hdr["occ_words"], iid, 4 * hdr["code_words"], model_bits / 8,
+                             t["quantize_encode_ms"], dec_ms))
+            med = [statistics.median(col) for col in zip(*rows)]
+            print(f"{'':>6} {str((n, k)):>9} {med[0]:8.0f} {med[1]:9.0f} {med[2]:9.0f} {med[3]:8.0f} {med[4]:8.0f} "
+                  f"{med[3] / med[4]:7.3f} {med[5]:7.1f} {med[6]:9.1f}")
+    print("\nmedians over frames; bytes: whole frame, coded occupancy, its i.i.d. entropy bound, coded indices, "
+          "their entropy under the stored model (codes/H: coded / model entropy); edge ms: quantize + encode "
+          "(after the PillarVFE); decode ms: bitstream decode + code vectors")
+
+
+if __name__ == "__main__":
+    main()
