@@ -1,5 +1,4 @@
 """Bitstream codec: lossless round trips, rate against entropy, and malformed input (fuzzed)."""
-import struct
 import time
 import zlib
 

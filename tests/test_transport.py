@@ -3,7 +3,6 @@ import socket
 import struct
 import time
 
-import numpy as np
 import pytest
 
 from pcdet_ext.bitstream import decode_frame, encode_frame
