@@ -21,9 +21,9 @@ from pcdet_ext.utils.checkpoint import atomic_save
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {
     "kitti": dict(cfg="cfgs/kitti_models/pointpillar.yaml", range="[0, -25.6, -3, 51.2, 25.6, 1]",
-                  voxel=[0.2, 0.2, 4], scene=synthetic.SceneSpec(fov_deg=70.0, max_range=45.0)),
+                  voxel=[0.32, 0.32, 4], scene=synthetic.SceneSpec(fov_deg=70.0, max_range=45.0)),
     "custom": dict(cfg=str(REPO / "cfgs/custom_models/pointpillar_isarc_4class.yaml"),
-                   range="[-51.2, -51.2, -6, 51.2, 51.2, 10]", voxel=[0.4, 0.4, 16],
+                   range="[-51.2, -51.2, -6, 51.2, 51.2, 10]", voxel=[0.64, 0.64, 16],
                    scene=synthetic.SceneSpec(max_range=45.0, sensor=synthetic.CONSTRUCTION_SCENE.sensor)),
 }
 

@@ -23,7 +23,7 @@ import train_eval_rq  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_pointpillars.add_arguments(parser)
-    parser.set_defaults(out=Path("output/split_demo"), iters=150, num_frames=16)
+    parser.set_defaults(out=Path("output/split_demo"), iters=300, num_frames=24)
     parser.add_argument("--n_codebook", type=int, default=2)
     parser.add_argument("--schedule", default="16,64")
     parser.add_argument("--stage_epochs", type=int, default=2)

@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--no_wandb", action="store_true", help="tensorboard only")
     p.add_argument("--eval_num_codebooks", type=int, default=None)
     p.add_argument("--eval_num_embeddings", type=int, default=None)
-    p.add_argument("--rq_ckpt", type=Path, default=None, help="checkpoint to evaluate (default: global_best.pth)")
+    p.add_argument("--rq_ckpt", type=Path, default=None,
+                   help="checkpoint to evaluate (default: the last stage's best, which holds every trained codebook)")
     p.add_argument("--eval_sweep", action="store_true", help="evaluate every trained (codebooks, entries) cell")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
@@ -118,11 +119,12 @@ def main(argv=None) -> int:
                            use_wandb=exp.logging.use_wandb).fit()
         if not (args.eval_sweep and info.is_main):
             return 0
-        ckpt_path = run.ckpt(ck.GLOBAL_BEST)
-    else:
-        ckpt_path = Path(exp.evaluation.rq_ckpt) if exp.evaluation.rq_ckpt else run.ckpt(ck.GLOBAL_BEST)
     if not info.is_main:
         return 0
+    ckpt_path = Path(exp.evaluation.rq_ckpt) if exp.evaluation.rq_ckpt else run.latest_stage_best(schema.stage_plan(exp))
+    if ckpt_path is None:
+        print(f"error: no --rq_ckpt and no stage checkpoint under {run.checkpoints}", file=sys.stderr)
+        return 2
     state = load_checkpoint(ckpt_path)
     model.load_state_dict(state["model_state"])
     log.info("evaluating %s", ckpt_path)

@@ -48,6 +48,15 @@ class RunDir:
     def save(self, name: str, state: Dict[str, Any]) -> Path:
         return atomic_save(state, self.ckpt(name))
 
+    def latest_stage_best(self, plan) -> Optional[Path]:
+        """The best checkpoint of the last stage that has one: the run's final model, holding every
+        codebook trained so far (``global_best`` may come from an early, shallower stage)."""
+        for st in reversed(plan):
+            path = self.ckpt(best_name(st.codebook, st.stage))
+            if path.is_file():
+                return path
+        return None
+
     def resume_state(self) -> Optional[Dict[str, Any]]:
         path = self.root / RESUME
         return load_checkpoint(path) if path.is_file() else None
