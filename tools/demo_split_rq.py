@@ -5,7 +5,7 @@
 3. a short progressive RQ schedule on that model (default 2 codebooks x [16, 64]),
 4. the evaluation sweep: rate/accuracy table, CSV/JSON and the plot.
 
-    python tools/demo_split_rq.py [--out output/split_demo] [--pp_iters 150] [--schedule 16,64]
+    python tools/demo_split_rq.py [--out output/split_demo] [--iters 300] [--schedule 16,64]
 
 Every number printed comes from this run.
 """

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.split import checkpoints as ck
 from pcdet_ext.split import experiment, schema
 from pcdet_ext.split.evaluate import check_cell, run_eval
@@ -106,10 +107,9 @@ def main(argv=None) -> int:
         except FileExistsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    from pcdet.utils import common_utils
     root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    log = common_utils.create_logger(root / f"log_{exp.training.mode}_{stamp}.txt", rank=info.rank)
+    log = create_logger(root / f"log_{exp.training.mode}_{stamp}.txt", rank=info.rank)
     model, train, val = experiment.build(exp, cfg, info.world_size > 1, log)
     names = experiment.class_names(cfg)
     if exp.training.mode == "train":

@@ -10,12 +10,23 @@ import tqdm
 from ..openpcdet import require_pcdet
 
 
+def create_logger(log_file=None, rank: int = 0):
+    """OpenPCDet's logger, without stacking a second set of handlers when called twice in a process."""
+    require_pcdet("pcdet_ext.engine")
+    import logging
+
+    from pcdet.utils import common_utils
+    existing = logging.getLogger(common_utils.__name__)
+    for handler in list(existing.handlers):
+        existing.removeHandler(handler)
+    return common_utils.create_logger(log_file, rank=rank)
+
+
 def build_loaders(cfg, root: Path, batch_size: int = 2, workers: int = 0, logger=None):
     """``((train_set, train_loader, sampler), (test_set, test_loader, sampler))`` via ``build_dataloader``."""
     require_pcdet("pcdet_ext.engine")
     from pcdet.datasets import build_dataloader
-    from pcdet.utils import common_utils
-    logger = logger or common_utils.create_logger()
+    logger = logger or create_logger()
     kwargs = dict(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=False,
                   root_path=Path(root), workers=workers, logger=logger)
     return build_dataloader(training=True, **kwargs), build_dataloader(training=False, **kwargs)
