@@ -131,3 +131,26 @@ def test_spconv_eval_with_bias_matches_dense_reference():
         weight = conv.weight.permute(0, 4, 1, 2, 3)  # spconv 2.x KRSC -> conv3d [out, in, kz, ky, kx]
         ref = torch.nn.functional.conv3d(dense, weight, conv.bias, padding=1)[0][:, idx[:, 1], idx[:, 2], idx[:, 3]].t()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_spconv_cpu_kernels_do_not_race_with_two_threads():
+    """spconv's CPU kernels race with >1 thread (a wrong voxel now and then); the runtime runs them
+    single-threaded. 200 random convolutions against the dense reference, train and eval mode."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, feats = _sparse_input()
+        idx = x.indices.long()
+        dense = torch.zeros(1, 4, 8, 8, 8)
+        dense[0, :, idx[:, 1], idx[:, 2], idx[:, 3]] = feats.t()
+        wrong = 0
+        for i in range(200):
+            conv = spconv.SubMConv3d(4, 6, 3, bias=bool(i % 2), indice_key="k").train(bool(i % 3))
+            x, _ = _sparse_input()
+            with torch.no_grad():
+                out = conv(x).features
+                ref = torch.nn.functional.conv3d(dense, conv.weight.permute(0, 4, 1, 2, 3), conv.bias, padding=1)
+            wrong += not torch.allclose(out, ref[0][:, idx[:, 1], idx[:, 2], idx[:, 3]].t(), rtol=1e-4, atol=1e-4)
+        assert wrong == 0
+    finally:
+        torch.set_num_threads(threads)
