@@ -103,3 +103,19 @@ def test_resume_after_kill(tmp_path, synthetic_kitti, pointpillars_ckpt):
     final = load_checkpoint(tmp_path / "runs" / "t2" / ck.RESUME)["stage_state"]
     assert final["done"]
     assert (tmp_path / "runs" / "t2" / "checkpoints" / ck.final_name(2, 2)).is_file()
+
+
+def test_legacy_mode_trains_all_codebooks_together(tmp_path, synthetic_kitti, pointpillars_ckpt):
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["progressive_learning"] = {"enabled": False, "warmup_epochs": 1}
+    cfg["rq_model"] = {"codebook_size": 32}
+    cfg["training"]["max_epoch"] = 2
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_tool("--config", str(config), "--extra_tag", "legacy", "--set", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "legacy: all codebooks together" in proc.stderr + proc.stdout
+    state = load_checkpoint(tmp_path / "runs" / "legacy" / "checkpoints" / ck.final_name(2, 1))
+    q = state["model_state"]
+    assert q["rq_bottleneck.quantizer.trained_size"].tolist() == [32, 32]
+    assert q["rq_bottleneck.quantizer.active_size"].tolist() == [32, 32]
