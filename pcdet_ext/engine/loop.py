@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import tqdm
@@ -68,8 +68,10 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
     return losses, tb_dict
 
 
-def evaluate(model, dataset, loader, class_names, output_path: Optional[Path] = None):
-    """Predict every frame and run the dataset's KITTI-metric evaluation.
+def evaluate(model, dataset, loader, class_names, output_path: Optional[Path] = None,
+             on_batch: Optional[Callable[[Dict], None]] = None):
+    """Predict every frame and run the dataset's KITTI-metric evaluation; ``on_batch(batch)`` sees
+    each batch after its prediction (and must leave the model in eval mode).
 
     Returns ``(det_annos, result_str, result_dict)`` as OpenPCDet's ``eval_one_epoch`` computes them.
     """
@@ -81,5 +83,7 @@ def evaluate(model, dataset, loader, class_names, output_path: Optional[Path] = 
         with torch.no_grad():
             pred_dicts, _ = model(batch)
         det_annos += dataset.generate_prediction_dicts(batch, pred_dicts, class_names, output_path=output_path)
+        if on_batch is not None:
+            on_batch(batch)
     result_str, result_dict = dataset.evaluation(det_annos, class_names, eval_metric="kitti")
     return det_annos, result_str, result_dict

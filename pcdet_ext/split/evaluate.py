@@ -67,26 +67,24 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     Returns mAP, the KITTI result string/dict, the rate summary, and with ``detection_loss`` the
     mean detection loss on these frames (quantizer in eval mode: no EMA update).
     """
-    from pcdet.models import load_data_to_gpu
+    from ..engine.loop import evaluate
     grid = dataset.grid_size
     meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
-    ctx = operating_point(model.quantizer, n, k) if n else bypassed(model)
-    det_annos, losses = [], []
-    with ctx:
-        for batch in loader:
-            load_data_to_gpu(batch)
+    losses = []
+
+    def on_batch(batch: Dict) -> None:
+        if meter is not None:
+            meter.add(batch["rq_codes"], batch["voxel_coords"][:, 0].long(), int(batch["batch_size"]))
+        if detection_loss:  # the head's targets need training mode; the quantizer stays in eval
+            model.train()
+            model.rq_bottleneck.eval()
             with torch.no_grad():
-                if detection_loss:
-                    model.train()
-                    model.rq_bottleneck.eval()
-                    ret, _, _ = model(dict(batch))
-                    losses.append(float(ret["loss"]))
-                model.eval()
-                pred_dicts, _ = model(batch)
-            if meter is not None:
-                meter.add(batch["rq_codes"], batch["voxel_coords"][:, 0].long(), int(batch["batch_size"]))
-            det_annos += dataset.generate_prediction_dicts(batch, pred_dicts, class_names)
-    result_str, result_dict = dataset.evaluation(det_annos, class_names, eval_metric="kitti")
+                ret, _, _ = model(dict(batch))
+            losses.append(float(ret["loss"]))
+            model.eval()
+
+    with operating_point(model.quantizer, n, k) if n else bypassed(model):
+        _, result_str, result_dict = evaluate(model, dataset, loader, class_names, on_batch=on_batch)
     out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict}
     if meter is not None:
         out.update(meter.summary())
