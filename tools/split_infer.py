@@ -72,8 +72,7 @@ def main() -> int:
         ckpt = ckpt_out
     q = model.quantizer
     server = runtime.ServerRuntime.from_checkpoint(model, dataset, ckpt)
-    trained = int((q.trained_size > 0).sum())
-    n = args.num_codebooks or trained
+    n = args.num_codebooks or q.trained_depth
     k = args.num_embeddings or int(q.trained_size[:n].min())
     edge = runtime.EdgeRuntime(model, dataset, server.models, n, k)
     client = None

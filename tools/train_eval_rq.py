@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         print(f"wrote {run.eval / 'sweep.csv'}, {run.eval / 'sweep.json'}, {run.eval / 'sweep.png'}")
         return 0
     q = model.quantizer
-    trained = int((q.trained_size > 0).sum())
+    trained = q.trained_depth
     n = exp.evaluation.use_num_codebook or trained
     k = exp.evaluation.use_num_embedding or (int(q.trained_size[n - 1]) if 1 <= n <= trained else 1)
     try:

@@ -152,6 +152,11 @@ class ResidualQuantizer(nn.Module):
             trainable = c < depth and (not self.freeze_earlier or c == depth - 1)
             cb.requires_grad_(trainable)
 
+    @property
+    def trained_depth(self) -> int:
+        """How many codebooks have been trained (started) so far."""
+        return int((self.trained_size > 0).sum())
+
     def trainable_codebooks(self) -> List[int]:
         return [c for c in range(int(self.active_depth)) if self.codebooks[c].requires_grad]
 
@@ -275,21 +280,25 @@ class ResidualQuantizer(nn.Module):
     # ---- state updates ---------------------------------------------------------------------
     @torch.no_grad()
     def initialise_entries(self, codebook: int, data: torch.Tensor) -> None:
-        """k-means++ initialisation of the uninitialised active entries of ``codebook`` from the
-        residuals of ``data`` at that codebook."""
-        z = self._prepare(data.detach())
+        """k-means++ initialisation of the uninitialised active entries of codebooks up to
+        ``codebook`` from the residuals of ``data``."""
         sizes = self.active_sizes()
         if codebook >= len(sizes):
             raise ValueError(f"codebook {codebook} is not active (depth {len(sizes)})")
-        _, residuals = self._residual_codes(z, sizes[:codebook + 1])
-        self._init_from(codebook, sizes[codebook], residuals[codebook])
+        self._lazy_init(self._prepare(data.detach()), sizes[:codebook + 1])
 
+    @torch.no_grad()
     def _lazy_init(self, z: torch.Tensor, sizes: Sequence[int]) -> None:
+        """One pass over the codebooks: initialise a codebook's missing entries from the current
+        residual, then assign and move on to the next residual."""
+        if bool(all(self.initialised[c, :k].all() for c, k in enumerate(sizes))):
+            return
+        residual = z.detach()
         for c, k in enumerate(sizes):
-            if not bool(self.initialised[c, :k].all()):
-                with torch.no_grad():
-                    _, residuals = self._residual_codes(z, sizes[:c + 1])
-                    self._init_from(c, k, residuals[c])
+            self._init_from(c, k, residual)
+            if c + 1 < len(sizes):
+                book = self._codebook(c, k).detach()
+                residual = residual - book[nearest(residual, book, self.chunk_size)]
 
     @torch.no_grad()
     def _init_from(self, c: int, k: int, residual: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ def trained_cells(quantizer, schedule: List[int]) -> List[Tuple[int, int]]:
 
 def check_cell(quantizer, n: int, k: int) -> None:
     """--mode eval range check: n <= trained codebooks, k in 1..256 (and allocated)."""
-    trained = int((quantizer.trained_size > 0).sum())
+    trained = quantizer.trained_depth
     if not 1 <= n <= trained:
         raise ValueError(f"--eval_num_codebooks {n}: this checkpoint has {trained} trained codebook(s); "
                          f"expected 1..{trained}")
