@@ -76,16 +76,13 @@ def main():
                 edge.encode(pts)  # warm
                 data, t = edge.encode(pts)
                 hdr = read_header(data)
-                batch = model.vfe(runtime._batch(dataset, pts))
-                feats = batch["pillar_features"] if mode == "sparse" else None
-                if mode == "dense":
-                    bev = model.map_to_bev_module(batch)["spatial_features"][0]
-                    feats = bev.permute(1, 2, 0).reshape(-1, bev.shape[0])
+                with torch.no_grad():
+                    feats, _ = runtime.head_features(model, dataset, pts, server.geo)
                 codes = model.quantizer.encode(feats).numpy()
                 model_bits = sum(-np.log2(models.code_probs(c, k)[codes[:, c]]).sum() for c in range(n))
-                cells = hdr["pillars"] if mode == "sparse" else int((bev.abs().sum(0) > 0).sum())
                 grid = server.geo.height * server.geo.width
-                iid = grid * binary_entropy(cells / grid) / 8
+                occupied = t["pillars"] if mode == "sparse" else int((feats.abs().sum(1) > 0).sum())
+                iid = grid * binary_entropy(occupied / grid) / 8
                 t0 = time.perf_counter()
                 frame = runtime.decode_frame(data, models, server.model_id, 5, 256)
                 model.quantizer.decode(torch.from_numpy(frame.codes))

@@ -45,25 +45,39 @@ def _cells(batch: Dict, width: int) -> np.ndarray:
     return coords[:, 2] * width + coords[:, 3]
 
 
+def head_features(model, dataset, points: np.ndarray, geo: GridGeometry) -> Tuple[torch.Tensor, np.ndarray]:
+    """What the edge quantizes and which cells it covers: the non-empty pillars (sparse mode) or
+    every cell of the scattered pseudo-image (dense mode, raster order)."""
+    batch = model.vfe(_batch(dataset, points))
+    if model.rq_cfg.MODE == "dense":
+        bev = model.map_to_bev_module(batch)["spatial_features"][0]
+        return bev.permute(1, 2, 0).reshape(-1, bev.shape[0]), np.arange(geo.height * geo.width)
+    return batch["pillar_features"], _cells(batch, geo.width)
+
+
 @torch.no_grad()
 def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: Sequence[int]) -> ProbabilityModels:
     """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
-    codebooks) from training frames."""
+    trained codebooks) from training frames, on exactly what the edge codes."""
+    from .evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
-    depth = int((q.trained_size > 0).sum()) or q.max_codebooks
+    depth = q.trained_depth or q.max_codebooks
+    sparse = model.rq_cfg.MODE == "sparse"
     models = ProbabilityModels.empty(geo, depth, sizes)
     model.eval()
     for points in frames:
-        batch = model.vfe(_batch(dataset, points))
-        cells = _cells(batch, geo.width)
-        occ = np.zeros(geo.height * geo.width, dtype=bool)
-        occ[cells] = True
+        feats, cells = head_features(model, dataset, points, geo)
+        occ = None
+        if sparse:
+            occ = np.zeros(geo.height * geo.width, dtype=bool)
+            occ[cells] = True
+            occ = occ.reshape(geo.height, geo.width)
         by_k = {}
         for k in sizes:
-            q.set_active(depth, k)
-            by_k[int(k)] = q.encode(batch["pillar_features"]).cpu().numpy()
-        models.observe(occ.reshape(geo.height, geo.width) if model.rq_cfg.MODE == "sparse" else None, by_k)
+            with operating_point(q, depth, k):
+                by_k[int(k)] = q.encode(feats).cpu().numpy()
+        models.observe(occ, by_k)
     return models
 
 
@@ -110,16 +124,8 @@ class EdgeRuntime(_Side):
     @torch.no_grad()
     def encode(self, points: np.ndarray) -> Tuple[bytes, Dict[str, float]]:
         t0 = time.perf_counter()
-        batch = self.model.vfe(_batch(self.dataset, points))
+        feats, cells = head_features(self.model, self.dataset, points, self.geo)
         t1 = time.perf_counter()
-        if self.dense:
-            batch = self.model.map_to_bev_module(batch)
-            bev = batch["spatial_features"][0]
-            feats = bev.permute(1, 2, 0).reshape(-1, bev.shape[0])
-            cells = np.arange(self.geo.height * self.geo.width)
-        else:
-            feats = batch["pillar_features"]
-            cells = _cells(batch, self.geo.width)
         codes = self.q.encode(feats).cpu().numpy()
         data = encode_frame(cells, codes, self.k, self.models, self.model_id, dense=self.dense)
         t2 = time.perf_counter()
@@ -163,9 +169,9 @@ def boxes_payload(pred: Dict[str, torch.Tensor], class_names: List[str]) -> Dict
 
 def in_process(model, dataset, points: np.ndarray, num_codebooks: int, num_embeddings: Optional[int]):
     """The reference: the whole PointPillarRQ in one process at (n, k)."""
+    from .evaluate import operating_point
     model.eval()
-    model.quantizer.set_active(num_codebooks, num_embeddings)
-    with torch.no_grad():
+    with torch.no_grad(), operating_point(model.quantizer, num_codebooks, num_embeddings):
         pred_dicts, _ = model(_batch(dataset, points))
     return pred_dicts[0]
 
