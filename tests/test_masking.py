@@ -110,3 +110,13 @@ def test_config_keys_and_grid_check():
     assert cfg.angular_group_size == 2.0 and not cfg.use_bernoulli
     with pytest.raises(ValueError, match="outside the grid"):
         mask_voxels(torch.tensor([[0, 0, 5, 5000]]), 1, VOXEL, PC_RANGE, cfg, grid_size=GRID)
+
+
+def test_a_samples_mask_does_not_depend_on_the_rest_of_the_batch(batches):
+    coords = batches[1]
+    first = coords[coords[:, 0] == 0]
+    other = coords[coords[:, 0] == 1]
+    cfg = MaskingConfig(masked_ratio=0.7)
+    alone = mask_voxels(first, 1, VOXEL, PC_RANGE, cfg, seed=4).masked
+    together = mask_voxels(torch.cat([other, first]), 2, VOXEL, PC_RANGE, cfg, seed=4).masked
+    assert torch.equal(together[len(other):], alone)  # other voxels placed before it change nothing

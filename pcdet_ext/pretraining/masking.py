@@ -101,13 +101,27 @@ def voxel_centres_xy(coords: torch.Tensor, voxel_size: Sequence[float], pc_range
     return torch.stack([x, y], 1)
 
 
-def _per_sample_uniform(batch_idx: torch.Tensor, batch_size: int, count: int, seed: int) -> torch.Tensor:
-    """[B, count] uniforms, row b drawn from a generator seeded by (seed, b): reproducible per sample."""
-    rows = []
-    for b in range(batch_size):  # one generator per sample (B is small); no loop over voxels
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        rows.append(torch.rand(count, generator=g, dtype=torch.float64))
-    return torch.stack(rows) if rows else torch.zeros(0, count, dtype=torch.float64)
+def _generator(seed: int, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + sample)
+
+
+def _per_sample_uniform(batch_size: int, count: int, seed: int) -> torch.Tensor:
+    """[B, count] uniforms, row b from a generator seeded by (seed, b): reproducible per sample."""
+    if batch_size == 0:
+        return torch.zeros(0, count, dtype=torch.float64)
+    return torch.stack([torch.rand(count, generator=_generator(seed, b), dtype=torch.float64)
+                        for b in range(batch_size)])  # one generator per sample (B is small)
+
+
+def _per_voxel_uniform(b_idx: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """One uniform per voxel; a sample's draws come from its own generator in its voxel order, so its
+    mask does not depend on the other samples of the batch."""
+    order = torch.argsort(b_idx, stable=True)
+    counts = torch.bincount(b_idx, minlength=batch_size).tolist()
+    draws = [torch.rand(c, generator=_generator(seed, b), dtype=torch.float64) for b, c in enumerate(counts)]
+    noise = torch.empty(len(b_idx), dtype=torch.float64)
+    noise[order] = torch.cat(draws) if draws else noise[:0]
+    return noise
 
 
 def _reachable(p: torch.Tensor, b_idx: torch.Tensor, batch_size: int, target: torch.Tensor) -> torch.Tensor:
@@ -140,7 +154,7 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
     xy = voxel_centres_xy(coords, voxel_size, pc_range)
     dist = torch.hypot(xy[:, 0] - cfg.sensor_origin[0], xy[:, 1] - cfg.sensor_origin[1])
     rbin = torch.bucketize(dist, torch.tensor(list(cfg.distance_thresholds), dtype=torch.float64), right=True)
-    noise = _per_sample_uniform(b_idx, batch_size, n, seed + 17)[b_idx, torch.arange(n)] if n else torch.zeros(0)
+    noise = _per_voxel_uniform(b_idx, batch_size, seed + 17)
     counts = torch.bincount(b_idx, minlength=batch_size).double()
     target = cfg.masked_ratio * counts                                  # expected masked voxels per sample
     if cfg.mask_type == "random":
@@ -157,7 +171,7 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
         probs = torch.tensor([cfg.range_mask_probs[k] for k in RANGE_BINS], dtype=torch.float64)
         weight = _reachable(probs[rbin], b_idx, batch_size, target) if cfg.two_stage else torch.ones(n, dtype=torch.float64)
         w_key = torch.zeros(batch_size * sectors, dtype=torch.float64).index_add_(0, key, weight)
-        u_key = _per_sample_uniform(b_idx, batch_size, sectors, seed).reshape(-1)
+        u_key = _per_sample_uniform(batch_size, sectors, seed).reshape(-1)
         order = torch.argsort(torch.arange(batch_size).repeat_interleave(sectors).double() * 2 + u_key)
         cum = torch.cumsum(w_key[order], 0)
         sample_of = order // sectors
