@@ -79,3 +79,27 @@ def pcdet_available() -> bool:
         return True
     except OpenPCDetNotFoundError:
         return False
+
+
+def pcdet_tools_module(relative: str) -> types.ModuleType:
+    """A package from OpenPCDet's ``tools/`` (not part of the ``pcdet`` package), e.g.
+    ``train_utils/optimization``, loaded under a private name so that another ``train_utils``
+    on ``sys.path`` (this repo's ``tools/``) cannot shadow it."""
+    pcdet = require_pcdet(f"OpenPCDet's tools/{relative}")
+    folder = Path(pcdet.__file__).resolve().parent.parent / "tools" / relative
+    init = folder / "__init__.py"
+    if not init.is_file():
+        raise OpenPCDetNotFoundError(f"OpenPCDet checkout without tools/{relative} (expected {init})")
+    name = "_pcdet_tools." + relative.replace("/", ".")
+    if name not in sys.modules:
+        import importlib.util
+        sys.modules.setdefault("_pcdet_tools", types.ModuleType("_pcdet_tools"))
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]

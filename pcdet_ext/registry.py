@@ -26,6 +26,10 @@ REGISTRY_MODULES: Dict[str, str] = {
 # (registry key, NAME in configs, "module:Class" inside pcdet_ext); extended by each capability.
 REGISTRY_TABLE: List[Tuple[str, str, str]] = [
     ("detectors", "PointPillarRQ", "pcdet_ext.models.detectors.pointpillar_rq:PointPillarRQ"),
+    ("backbones_3d", "RMAECMAEBackbonePhase1",
+     "pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1:RMAECMAEBackbonePhase1"),
+    ("detectors", "RMAECMAEDetectorPhase1",
+     "pcdet_ext.models.detectors.rmae_cmae_detector_phase1:RMAECMAEDetectorPhase1"),
 ]
 
 

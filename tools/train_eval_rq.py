@@ -13,22 +13,21 @@ Outputs: ``<logging.saved_path>[/<extra_tag>]/{checkpoints,tensorboard,eval}``.
 """
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers PointPillarRQ; CPU runtime on CUDA-less torch)
 import torch
-import torch.distributed as dist
 import yaml
 
+from pcdet_ext.engine.launch import init_dist
 from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.split import checkpoints as ck
 from pcdet_ext.split import experiment, schema
 from pcdet_ext.split.evaluate import check_cell, run_eval
 from pcdet_ext.split.rate import dense_float32_kb
 from pcdet_ext.split.sweep import format_table, sweep
-from pcdet_ext.split.trainer import DistInfo, ProgressiveTrainer, plain
+from pcdet_ext.split.trainer import ProgressiveTrainer, plain
 from pcdet_ext.utils.checkpoint import load_checkpoint
 
 
@@ -76,18 +75,6 @@ def experiment_config(args):
     return schema.validate(raw), pcdet_set
 
 
-def init_dist(args) -> DistInfo:
-    if args.launcher == "none":
-        return DistInfo()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(args.tcp_port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(dist.get_rank(), dist.get_world_size())
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
     except (schema.ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    info = init_dist(args)
+    info = init_dist(args.launcher, args.tcp_port)
     if info.world_size == 1 and torch.cuda.is_available() and exp.hardware.gpu is not None:
         torch.cuda.set_device(exp.hardware.gpu)
     root = Path(exp.logging.saved_path) / args.extra_tag if args.extra_tag else Path(exp.logging.saved_path)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
@@ -20,20 +19,11 @@ import torch.distributed as dist
 import tqdm
 
 from .. import __version__
+from ..engine.launch import DistInfo
 from ..utils.checkpoint import load_checkpoint
 from . import checkpoints as ck
 from . import schema
 from .evaluate import run_eval
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def plain(obj: Any) -> Any:

@@ -1,0 +1,63 @@
+"""OpenPCDet-style command lines: flags, config loading (``--set``), output folders."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import cfg_from_list, cfg_from_yaml_file
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """OpenPCDet's ``tools/train.py`` flags (``--local_rank`` / ``--local-rank`` accepted and ignored:
+    torchrun's ``LOCAL_RANK`` is used)."""
+    p = parser
+    p.add_argument("--cfg_file", type=str, required=True, help="model config (cfgs/<group>/<name>.yaml)")
+    p.add_argument("--batch_size", type=int, default=None, help="per GPU / process (default: BATCH_SIZE_PER_GPU)")
+    p.add_argument("--epochs", type=int, default=None, help="default: OPTIMIZATION.NUM_EPOCHS")
+    p.add_argument("--workers", type=int, default=4, help="dataloader workers")
+    p.add_argument("--extra_tag", type=str, default="default")
+    p.add_argument("--ckpt", type=str, default=None, help="checkpoint to resume from (default: latest in ckpt/)")
+    p.add_argument("--pretrained_model", type=str, default=None)
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
+    p.add_argument("--tcp_port", type=int, default=18888, help="rendezvous port when MASTER_PORT is unset")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sync_bn", action="store_true", default=False)
+    p.add_argument("--fix_random_seed", action="store_true", default=False)
+    p.add_argument("--ckpt_save_interval", type=int, default=1)
+    p.add_argument("--max_ckpt_save_num", type=int, default=30)
+    p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER, help="KEY VALUE pairs")
+    return p
+
+
+def resolve_cfg_file(cfg_file: str, repo_root: Path) -> Path:
+    """``--cfg_file`` as given, else relative to this repo's root (so ``cd tools`` works as in
+    OpenPCDet), else relative to ``$PCDET_ROOT/tools``."""
+    candidates = [Path(cfg_file), repo_root / cfg_file]
+    if os.environ.get("PCDET_ROOT"):
+        candidates.append(Path(os.environ["PCDET_ROOT"]) / "tools" / cfg_file)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise FileNotFoundError(f"--cfg_file: {cfg_file} not found (looked in {', '.join(str(c) for c in candidates)})")
+
+
+def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Path):
+    """The EasyDict config with ``--set`` applied, ``TAG`` (file stem) and ``EXP_GROUP_PATH`` (its
+    folders below ``cfgs/``, as OpenPCDet computes them)."""
+    path = resolve_cfg_file(cfg_file, repo_root)
+    cfg = cfg_from_yaml_file(path)
+    if set_cfgs:
+        if len(set_cfgs) % 2:
+            raise ValueError(f"--set takes KEY VALUE pairs, got {list(set_cfgs)}")
+        cfg_from_list(list(set_cfgs), cfg)
+    cfg.TAG = path.stem
+    parts = Path(cfg_file).parts
+    cfg.EXP_GROUP_PATH = "/".join(parts[parts.index("cfgs") + 1:-1] if "cfgs" in parts else parts[1:-1])
+    return cfg
+
+
+def output_dir(cfg, extra_tag: str, repo_root: Path) -> Path:
+    """``<repo>/output/<EXP_GROUP_PATH>/<TAG>/<extra_tag>`` (OpenPCDet's layout)."""
+    return repo_root / "output" / cfg.EXP_GROUP_PATH / cfg.TAG / extra_tag

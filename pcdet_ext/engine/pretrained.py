@@ -1,0 +1,81 @@
+"""``--pretrained_model``: partial, shape-matched loading with a per-module coverage report."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..optimization.param_groups import BACKBONE_MODULES
+from ..utils.checkpoint import load_checkpoint
+
+
+class PretrainedWeightsError(ValueError):
+    """A --pretrained_model that is missing, not a checkpoint, or does not fit the model."""
+
+
+def read_weights(path) -> Dict[str, torch.Tensor]:
+    """Tensors of an OpenPCDet checkpoint (``model_state``) or a bare state dict (``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"--pretrained_model: {path} does not exist")
+    try:
+        state = load_checkpoint(path)
+    except RuntimeError as exc:
+        raise PretrainedWeightsError(f"--pretrained_model: {exc}") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("model_state"), Mapping):
+        state = state["model_state"]
+    elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"--pretrained_model: {path} holds no model weights (expected an OpenPCDet "
+                                     "checkpoint with model_state, or a state dict)")
+    return dict(state)
+
+
+def coverage(model_state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+             ) -> Tuple[Dict[str, Tuple[int, int]], Set[str]]:
+    """Per top-level module ``(loaded, total)`` over the model's keys, and the loadable key set
+    (same name and shape)."""
+    table: Dict[str, Tuple[int, int]] = {}
+    ok: Set[str] = set()
+    for key, val in model_state.items():
+        module = key.split(".", 1)[0]
+        hit = key in weights and tuple(weights[key].shape) == tuple(val.shape)
+        loaded, total = table.get(module, (0, 0))
+        table[module] = (loaded + hit, total + 1)
+        if hit:
+            ok.add(key)
+    return table, ok
+
+
+def format_coverage(table: Mapping[str, Tuple[int, int]]) -> str:
+    return "\n".join(f"  {m:<20}{a:>6}/{b:<6}({100.0 * a / max(b, 1):5.1f} %)" for m, (a, b) in table.items())
+
+
+def load_pretrained(model: nn.Module, path, min_backbone_coverage: float = 0.9,
+                    backbone_modules: Sequence[str] = BACKBONE_MODULES,
+                    logger: Optional[logging.Logger] = None) -> Set[str]:
+    """Copy every weight whose name and shape match; log the coverage per module; refuse (before
+    anything is copied) when the backbone's coverage is below ``min_backbone_coverage``.
+    Returns the names of the loaded parameters."""
+    weights = read_weights(path)
+    own = model.state_dict()
+    table, ok = coverage(own, weights)
+    backbone = [m for m in backbone_modules if m in table]
+    hit = sum(table[m][0] for m in backbone)
+    total = sum(table[m][1] for m in backbone)
+    report = format_coverage(table)
+    if logger:
+        logger.info("==> pretrained weights from %s, loaded/total per module:\n%s", path, report)
+    if total and hit / total < min_backbone_coverage:
+        raise PretrainedWeightsError(
+            f"--pretrained_model {path}: only {hit}/{total} backbone tensors ({', '.join(backbone)}) match this model "
+            f"(< {min_backbone_coverage:.0%}); wrong checkpoint or architecture?\n{report}")
+    if not ok:
+        raise PretrainedWeightsError(f"--pretrained_model {path}: no tensor matches this model\n{report}")
+    model.load_state_dict({k: weights[k] for k in ok}, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    return ok & params

@@ -1,0 +1,105 @@
+"""Shared start-up of the training tools: config, distributed init, folders, logging, data, model,
+pretrained weights, optimizer, resume, DDP, schedules."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Set
+
+import torch
+
+from ..optimization import build_optimizer, build_scheduler, describe
+from . import checkpointing as ck
+from .cli import load_config, output_dir, resolve_cfg_file
+from .launch import DistInfo, init_dist
+from .loop import create_logger
+from .pretrained import load_pretrained
+
+
+@dataclass
+class TrainingRun:
+    args: argparse.Namespace
+    cfg: Any
+    info: DistInfo
+    output_dir: Path
+    ckpt_dir: Path
+    logger: Any
+    tb_log: Any
+    train_set: Any
+    train_loader: Any
+    sampler: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    warmup: Any
+    start_epoch: int
+    start_iter: int
+    total_epochs: int
+    loaded: Optional[Set[str]]
+
+
+def prepare_training(args: argparse.Namespace, repo_root: Path,
+                     check_cfg: Optional[Callable[[Any], None]] = None,
+                     dataset_hook: Optional[Callable[[Any], None]] = None,
+                     min_backbone_coverage: float = 0.9) -> TrainingRun:
+    """Everything up to the first iteration; every config / checkpoint error is raised before
+    anything is trained or written into an existing run."""
+    from pcdet.datasets import build_dataloader
+    from pcdet.models import build_network
+    from pcdet.config import log_config_to_file
+    from pcdet.utils import common_utils
+
+    cfg = load_config(args.cfg_file, args.set_cfgs, repo_root)
+    if check_cfg is not None:
+        check_cfg(cfg)
+    info = init_dist(args.launcher, args.tcp_port)
+    batch_size = args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU
+    total_epochs = args.epochs or cfg.OPTIMIZATION.NUM_EPOCHS
+    if args.fix_random_seed:
+        common_utils.set_random_seed(666 + info.rank)
+    out = output_dir(cfg, args.extra_tag, repo_root)
+    ckpt_dir = out / "ckpt"
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logger = create_logger(out / f"train_{stamp}.log" if info.is_main else None, rank=info.rank)
+    logger.info("world size %d, batch size per process %d, output %s", info.world_size, batch_size, out)
+    for key, val in vars(args).items():
+        logger.info("%-20s %s", key, val)
+    log_config_to_file(cfg, logger=logger)
+    tb_log = None
+    if info.is_main:
+        shutil.copy(resolve_cfg_file(args.cfg_file, repo_root), out / Path(args.cfg_file).name)
+        from tensorboardX import SummaryWriter
+        tb_log = SummaryWriter(log_dir=str(out / "tensorboard"))
+    train_set, train_loader, sampler = build_dataloader(
+        dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=info.distributed,
+        workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
+        seed=666 if args.fix_random_seed else None)
+    if dataset_hook is not None:
+        dataset_hook(train_set)
+    model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)
+    if args.sync_bn and info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    loaded = None
+    if args.pretrained_model:
+        loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger)
+    optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
+    describe(optimizer, logger)
+    start_epoch = start_iter = 0
+    ckpt = Path(args.ckpt) if args.ckpt else ck.latest(ckpt_dir)
+    if args.ckpt and not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt: {ckpt} does not exist")
+    if ckpt is not None:
+        start_epoch, start_iter = ck.resume(ckpt, model, optimizer, cfg, logger)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank % torch.cuda.device_count()] if torch.cuda.is_available() else None)
+    scheduler, warmup = build_scheduler(optimizer, len(train_loader), total_epochs, -1, cfg.OPTIMIZATION)
+    return TrainingRun(args, cfg, info, out, ckpt_dir, logger, tb_log, train_set, train_loader, sampler, model,
+                       optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded)

@@ -1,0 +1,84 @@
+"""Epoch / iteration loop over OpenPCDet's ``model_fn``: schedules per iteration, gradient clipping,
+tqdm, tensorboardX (every tb_dict term, each param group's LR, grad norm, iteration time), checkpoints."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import tqdm
+
+from ..optimization import group_lrs, scheduler_step
+from .checkpointing import checkpoint_state, save_epoch
+from .launch import DistInfo
+
+
+def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, epoch: int, optim_cfg,
+                    info: DistInfo, tb_log=None, after_step: Optional[Callable[[], None]] = None,
+                    max_iters: Optional[int] = None, leave_pbar: bool = False) -> int:
+    """One pass over ``loader`` (or ``max_iters`` iterations); returns the new iteration count.
+    ``after_step`` runs after every optimizer step (e.g. the EMA teacher update)."""
+    from pcdet.models import model_fn_decorator
+    model_fn = model_fn_decorator()
+    total = len(loader) if max_iters is None else min(max_iters, len(loader))
+    bar = tqdm.tqdm(total=total, leave=leave_pbar, desc=f"epoch {epoch}", dynamic_ncols=True, disable=not info.is_main)
+    clip = optim_cfg.get("GRAD_NORM_CLIP", 10)
+    model.train()
+    end = time.time()
+    for cur, batch in enumerate(loader):
+        if cur >= total:
+            break
+        data_time = time.time() - end
+        scheduler_step(scheduler, accumulated_iter, epoch)
+        optimizer.zero_grad()
+        loss, tb_dict, disp_dict = model_fn(model, batch)
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}, iteration {accumulated_iter} "
+                                     f"(terms: {tb_dict})")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        accumulated_iter += 1
+        iter_time = time.time() - end
+        end = time.time()
+        if info.is_main:
+            lrs = group_lrs(optimizer)
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{max(lrs.values()):.2e}", **disp_dict)
+            bar.update()
+            if tb_log is not None:
+                tb_log.add_scalar("train/loss", float(loss), accumulated_iter)
+                for key, val in tb_dict.items():
+                    tb_log.add_scalar(f"train/{key}", float(val), accumulated_iter)
+                for name, lr in lrs.items():
+                    tb_log.add_scalar(f"meta_data/learning_rate/{name}", lr, accumulated_iter)
+                tb_log.add_scalar("meta_data/grad_norm", float(grad_norm), accumulated_iter)
+                tb_log.add_scalar("meta_data/iter_time", iter_time, accumulated_iter)
+                tb_log.add_scalar("meta_data/data_time", data_time, accumulated_iter)
+    bar.close()
+    return accumulated_iter
+
+
+def train_model(model, optimizer, loader, sampler, scheduler, warmup, optim_cfg, start_epoch: int, total_epochs: int,
+                start_iter: int, info: DistInfo, cfg, ckpt_dir: Path, tb_log=None, ckpt_save_interval: int = 1,
+                max_ckpt_save_num: int = 30, after_step: Optional[Callable[[], None]] = None,
+                logger: Optional[logging.Logger] = None, max_iters_per_epoch: Optional[int] = None) -> int:
+    """Epochs ``start_epoch .. total_epochs - 1``; rank 0 saves ``checkpoint_epoch_<n>.pth`` every
+    ``ckpt_save_interval`` epochs and after the last one. Returns the final iteration count."""
+    it = start_iter
+    for epoch in tqdm.trange(start_epoch, total_epochs, desc="epochs", dynamic_ncols=True, disable=not info.is_main):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        current = warmup if warmup is not None and epoch < optim_cfg.WARMUP_EPOCH else scheduler
+        it = train_one_epoch(model, optimizer, loader, current, it, epoch, optim_cfg, info, tb_log, after_step,
+                             max_iters=max_iters_per_epoch)
+        trained = epoch + 1
+        if info.is_main and (trained % ckpt_save_interval == 0 or trained == total_epochs):
+            path = save_epoch(checkpoint_state(model, optimizer, trained, it, cfg), ckpt_dir, trained, max_ckpt_save_num)
+            if logger:
+                logger.info("saved %s", path)
+    return it

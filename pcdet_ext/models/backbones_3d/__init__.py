@@ -1,0 +1,1 @@
+"""3D backbones registered into ``pcdet.models.backbones_3d`` (encoder lookup needs OpenPCDet)."""

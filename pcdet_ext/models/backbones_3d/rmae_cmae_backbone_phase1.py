@@ -1,0 +1,245 @@
+"""R-MAE + CMAE Phase 1 backbone: a stock OpenPCDet sparse encoder plus masking, an occupancy
+decoder and an EMA teacher, active only with ``PRETRAINING: True``.
+
+``RMAECMAEBackbonePhase1`` *is* the encoder named by ``ENCODER`` (default OpenPCDet's
+``VoxelResBackBone8xVoxelNeXt``; ``VoxelBackBone8x`` for SECOND-style detectors; or a
+``package.module:Class`` of the user's fork): constructing it builds a subclass of that very class,
+so the encoder's modules keep OpenPCDet's names and shapes (``backbone_3d.conv_input...``) and the
+pretrained weights load 100 % into a stock backbone. The added modules live under
+``occ_decoder``, ``ts_regression`` and ``teacher`` (parameters turned into buffers) and are
+ignored by the fine-tune detector.
+
+Config (``MODEL.BACKBONE_3D``): the encoder's own keys, plus ``PRETRAINING``, the masking keys of
+:class:`~pcdet_ext.pretraining.masking.MaskingConfig`, ``MASK_SEED``, ``RMAE_WEIGHT``,
+``OCCUPANCY_DECODER`` (see :class:`~pcdet_ext.pretraining.occupancy.OccupancyConfig`),
+``ENABLE_TEACHER_STUDENT``, ``TEACHER_BACKBONE_TYPE`` (``identical``), ``TEACHER_MOMENTUM``,
+``TEACHER_STUDENT_WEIGHT``, ``TEACHER_STUDENT_SCALES``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ...openpcdet import require_pcdet
+from ...pretraining.masking import RANGE_BINS, MaskingConfig, mask_voxels
+from ...pretraining.occupancy import (OccupancyConfig, OccupancyDecoder, occupancy_loss, occupancy_metrics,
+                                      occupancy_targets)
+from ...pretraining.teacher_student import (FeatureRegression, cosine_similarity, ema_update_, match_features,
+                                            params_to_buffers_)
+
+DEFAULT_ENCODER = "VoxelResBackBone8xVoxelNeXt"
+ADDED_MODULES = ("occ_decoder", "ts_regression", "teacher")
+DETECTION_ONLY_FORBIDDEN = {"MASKED_RATIO": 0, "ENABLE_TEACHER_STUDENT": False}
+
+
+class ConfigError(ValueError):
+    """A config key has a value this module cannot use."""
+
+
+def resolve_encoder(name: str) -> type:
+    """An OpenPCDet ``backbones_3d`` class by registry name, or ``package.module:Class``."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"BACKBONE_3D.ENCODER: expected a backbone class name, got {name!r}")
+    if ":" in name:
+        module_name, cls_name = name.split(":", 1)
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"BACKBONE_3D.ENCODER: cannot import {name!r} ({exc})") from exc
+    else:
+        require_pcdet("RMAECMAEBackbonePhase1")
+        from pcdet.models import backbones_3d
+        cls = backbones_3d.__all__.get(name)
+        if cls is None:
+            available = sorted(k for k, v in backbones_3d.__all__.items()
+                               if isinstance(v, type) and not issubclass(v, RMAECMAEBackbonePhase1))
+            raise ConfigError(f"BACKBONE_3D.ENCODER: OpenPCDet has no backbones_3d class {name!r}; "
+                              f"available: {available}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, RMAECMAEBackbonePhase1):
+        raise ConfigError(f"BACKBONE_3D.ENCODER: {name!r} is not a stock sparse encoder class")
+    return cls
+
+
+_CONCRETE: Dict[type, type] = {}
+
+
+class RMAECMAEBackbonePhase1(nn.Module):
+    """See the module docstring. Pretraining outputs: ``get_loss() -> (loss, tb_dict)``;
+    ``batch_dict['teacher_multi_scale_3d_features']`` when the teacher runs."""
+
+    encoder_cls: type = None  # set on the concrete subclass built for one encoder
+
+    def __new__(cls, model_cfg=None, *args, **kwargs):
+        if cls.encoder_cls is None:
+            encoder = resolve_encoder((model_cfg or {}).get("ENCODER", DEFAULT_ENCODER))
+            if encoder not in _CONCRETE:
+                _CONCRETE[encoder] = type(f"RMAECMAEBackbonePhase1_{encoder.__name__}", (cls, encoder),
+                                          {"encoder_cls": encoder, "__module__": cls.__module__})
+            cls = _CONCRETE[encoder]
+        return super().__new__(cls)
+
+    def __init__(self, model_cfg, input_channels, grid_size, voxel_size, point_cloud_range, **kwargs):
+        enc_args = dict(model_cfg=model_cfg, input_channels=input_channels, grid_size=grid_size,
+                        voxel_size=voxel_size, point_cloud_range=point_cloud_range, **kwargs)
+        super().__init__(**enc_args)  # the encoder class (next in the MRO)
+        self.pretraining = bool(model_cfg.get("PRETRAINING", False))
+        self.voxel_size = [float(v) for v in voxel_size]
+        self.point_cloud_range = [float(v) for v in point_cloud_range]
+        self.grid_size = [int(g) for g in grid_size]
+        if not self.pretraining:
+            for key, off in DETECTION_ONLY_FORBIDDEN.items():
+                if model_cfg.get(key, off) != off:
+                    raise ConfigError(f"BACKBONE_3D.{key}: must be {off} with PRETRAINING: False "
+                                      f"(got {model_cfg.get(key)!r}); masking and the teacher are pretraining-only")
+            return
+        self._encoder_params = [n for n, _ in self.named_parameters()]
+        self.mask_cfg = MaskingConfig.from_cfg(model_cfg)
+        self.mask_seed = int(model_cfg.get("MASK_SEED", 0))
+        self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
+        self.rmae_weight = _weight(model_cfg, "RMAE_WEIGHT", 1.0)
+        self.ts_weight = _weight(model_cfg, "TEACHER_STUDENT_WEIGHT", 0.0)
+        self.use_teacher = bool(model_cfg.get("ENABLE_TEACHER_STUDENT", True))
+        if self.ts_weight > 0 and not self.use_teacher:
+            raise ConfigError("BACKBONE_3D.TEACHER_STUDENT_WEIGHT > 0 needs ENABLE_TEACHER_STUDENT: True")
+        probe = self._probe(input_channels)
+        enc = probe["encoded_spconv_tensor"]
+        self._encoded_shape = [int(v) for v in enc.spatial_shape]
+        self.occ_cfg = OccupancyConfig.from_cfg(model_cfg.get("OCCUPANCY_DECODER"))
+        self.full_shape = [int(s) for s in self.sparse_shape]
+        self.occ_decoder = OccupancyDecoder(
+            self.occ_cfg, enc.features.shape[1], enc.spatial_shape[0] if len(enc.spatial_shape) == 3 else 1,
+            int(probe["encoded_spconv_tensor_stride"]), self.full_shape)
+        if self.use_teacher:
+            kind = model_cfg.get("TEACHER_BACKBONE_TYPE", "identical")
+            if kind != "identical":
+                raise ConfigError(f"BACKBONE_3D.TEACHER_BACKBONE_TYPE: only 'identical' is supported, got {kind!r}")
+            self.momentum = float(model_cfg.get("TEACHER_MOMENTUM", 0.999))
+            if not 0.0 <= self.momentum <= 1.0:
+                raise ConfigError(f"BACKBONE_3D.TEACHER_MOMENTUM: expected a value in [0, 1], got {self.momentum}")
+            scales = list(model_cfg.get("TEACHER_STUDENT_SCALES", ["x_conv2", "x_conv3", "x_conv4"]))
+            multi = probe["multi_scale_3d_features"]
+            missing = [s for s in scales if s not in multi]
+            if missing:
+                raise ConfigError(f"BACKBONE_3D.TEACHER_STUDENT_SCALES: {missing} not among the encoder's "
+                                  f"multi_scale_3d_features {sorted(multi)}")
+            self.ts_scales = scales
+            self._scale_channels = {s: multi[s].features.shape[1] for s in scales}
+            teacher = self.encoder_cls(**enc_args)
+            wanted = teacher.state_dict()
+            teacher.load_state_dict({k: v for k, v in self.state_dict().items() if k in wanted})
+            self.teacher = params_to_buffers_(teacher)
+            if self.ts_weight > 0:
+                self.ts_regression = FeatureRegression(self._scale_channels)
+        self.forward_ret_dict: Dict = {}
+
+    @torch.no_grad()
+    def _probe(self, input_channels: int) -> Dict:
+        """The encoder's outputs (shapes, channels, stride) on two voxels, in eval mode."""
+        was_training = self.training
+        self.eval()
+        centre = [s // 2 for s in self.sparse_shape]
+        coords = torch.tensor([[0, *centre], [0, centre[0], centre[1] + 1, centre[2]]], dtype=torch.int32)
+        out = self.encoder_cls.forward(self, {"voxel_features": torch.zeros(2, input_channels),
+                                              "voxel_coords": coords, "batch_size": 1})
+        self.train(was_training)
+        return out
+
+    def _seed(self) -> int:
+        if not self.training:
+            return self.mask_seed + 1_000_003  # validation: the same masks every time
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return self.mask_seed + int(self.mask_step) * world + rank
+
+    def forward(self, batch_dict: Dict) -> Dict:
+        if not self.pretraining:
+            return super().forward(batch_dict)
+        coords = batch_dict["voxel_coords"].long()
+        feats = batch_dict["voxel_features"]
+        batch_size = int(batch_dict["batch_size"])
+        seed = self._seed()
+        if self.training:
+            self.mask_step += 1
+        mask = mask_voxels(coords.cpu(), batch_size, self.voxel_size, self.point_cloud_range, self.mask_cfg,
+                           seed=seed, grid_size=self.grid_size)
+        masked = mask.masked.to(coords.device)
+        visible = ~masked
+        n_vis = int(visible.sum())
+        if n_vis:
+            student = super().forward(dict(batch_dict, voxel_features=feats[visible],
+                                           voxel_coords=batch_dict["voxel_coords"][visible]))
+            batch_dict.update({k: student[k] for k in ("encoded_spconv_tensor", "encoded_spconv_tensor_stride",
+                                                        "multi_scale_3d_features", "multi_scale_3d_strides")})
+            enc = student["encoded_spconv_tensor"]
+            logits = self.occ_decoder(enc.features, enc.indices, enc.spatial_shape, batch_size)
+        else:  # nothing visible (e.g. every frame empty): the decoder still learns empty space from zeros;
+            # every encoder parameter stays in the graph so DDP's reducer sees the same set on all ranks
+            nothing = feats.new_zeros(0, self.occ_decoder.reduce.in_features)
+            idx = torch.zeros(0, len(self._encoded_shape) + 1, dtype=torch.long, device=feats.device)
+            logits = self.occ_decoder(nothing, idx, self._encoded_shape, batch_size) + 0.0 * sum(
+                p.sum() for n, p in self.named_parameters() if n in self._encoder_params)
+        gen = torch.Generator().manual_seed(seed + 29)
+        targets = occupancy_targets(coords, masked, batch_size, self.full_shape, self.occ_cfg, gen)
+        loss_occ = occupancy_loss(logits, targets, self.occ_cfg)
+        tb = {"loss_occupancy": float(loss_occ), "mask_ratio": mask.ratio, "visible_voxels": float(n_vis),
+              "masked_voxels": float(len(masked) - n_vis), **occupancy_metrics(logits, targets),
+              **{f"mask_ratio_{b.lower()}": mask.ratio_per_range[b] for b in RANGE_BINS}}
+        self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb}
+        if self.use_teacher:
+            if len(coords):  # the encoder cannot run on zero voxels
+                with torch.no_grad():
+                    teacher = self.teacher(dict(batch_dict))
+                batch_dict["teacher_multi_scale_3d_features"] = teacher["multi_scale_3d_features"]
+            tb["ema_momentum"] = self.momentum
+            matched = self._matched(batch_dict, n_vis)
+            tb.update(cosine_similarity(matched))
+            if self.ts_weight > 0:
+                loss_ts = self._get_teacher_student_loss(matched)
+                self.forward_ret_dict["loss_teacher_student"] = loss_ts
+                tb["loss_teacher_student"] = float(loss_ts)
+        return batch_dict
+
+    def _matched(self, batch_dict: Dict, n_vis: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Student / teacher features at shared voxel coordinates per scale (empty when either is absent)."""
+        out = {}
+        for s in self.ts_scales:
+            if n_vis and "teacher_multi_scale_3d_features" in batch_dict:
+                st, te = batch_dict["multi_scale_3d_features"][s], batch_dict["teacher_multi_scale_3d_features"][s]
+                out[s] = match_features((st.features, st.indices), (te.features, te.indices), st.spatial_shape)
+            else:
+                empty = torch.zeros(0, self._scale_channels[s], device=self.mask_step.device)
+                out[s] = (empty, empty)
+        return out
+
+    def _get_teacher_student_loss(self, matched: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Multi-scale latent regression: per scale, predicted student features vs the layer-normalised
+        teacher features at the same voxel coordinates (MSE), averaged over scales (unweighted)."""
+        return self.ts_regression(matched)
+
+    def get_loss(self) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """``RMAE_WEIGHT x occupancy + TEACHER_STUDENT_WEIGHT x teacher-student`` of the last forward."""
+        if not self.forward_ret_dict:
+            raise RuntimeError("RMAECMAEBackbonePhase1.get_loss() before a pretraining forward")
+        ret = self.forward_ret_dict
+        loss = self.rmae_weight * ret["loss_occupancy"]
+        if "loss_teacher_student" in ret:
+            loss = loss + self.ts_weight * ret["loss_teacher_student"]
+        tb = dict(ret["tb_dict"], loss_pretrain=float(loss))
+        return loss, tb
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """EMA step of the teacher from the student encoder; call after every optimizer step."""
+        if self.pretraining and self.use_teacher:
+            params = dict(self.named_parameters())
+            ema_update_(self.teacher, ((n, params[n]) for n in self._encoder_params), self.momentum)
+
+
+def _weight(cfg, key: str, default: float) -> float:
+    val = cfg.get(key, default)
+    if not isinstance(val, (int, float)) or val < 0:
+        raise ConfigError(f"BACKBONE_3D.{key}: expected a non-negative number, got {val!r}")
+    return float(val)
