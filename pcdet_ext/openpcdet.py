@@ -82,19 +82,21 @@ def pcdet_available() -> bool:
 
 
 def pcdet_tools_module(relative: str) -> types.ModuleType:
-    """A package from OpenPCDet's ``tools/`` (not part of the ``pcdet`` package), e.g.
-    ``train_utils/optimization``, loaded under a private name so that another ``train_utils``
-    on ``sys.path`` (this repo's ``tools/``) cannot shadow it."""
+    """A package or module file from OpenPCDet's ``tools/`` (not part of the ``pcdet`` package),
+    e.g. ``train_utils/optimization`` or ``eval_utils/eval_utils.py``, loaded under a private name
+    so that another ``train_utils`` on ``sys.path`` (this repo's ``tools/``) cannot shadow it."""
+    import importlib.util
     pcdet = require_pcdet(f"OpenPCDet's tools/{relative}")
-    folder = Path(pcdet.__file__).resolve().parent.parent / "tools" / relative
-    init = folder / "__init__.py"
-    if not init.is_file():
-        raise OpenPCDetNotFoundError(f"OpenPCDet checkout without tools/{relative} (expected {init})")
-    name = "_pcdet_tools." + relative.replace("/", ".")
+    target = Path(pcdet.__file__).resolve().parent.parent / "tools" / relative
+    is_pkg = not relative.endswith(".py")
+    source = target / "__init__.py" if is_pkg else target
+    if not source.is_file():
+        raise OpenPCDetNotFoundError(f"OpenPCDet checkout without tools/{relative} (expected {source})")
+    name = "_pcdet_tools." + relative.removesuffix(".py").replace("/", ".")
     if name not in sys.modules:
-        import importlib.util
         sys.modules.setdefault("_pcdet_tools", types.ModuleType("_pcdet_tools"))
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+        spec = importlib.util.spec_from_file_location(
+            name, source, submodule_search_locations=[str(target)] if is_pkg else None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers the R-MAE + CMAE classes; CPU runtime on CUDA-less torch)
+import torch.distributed as dist
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     if run.tb_log is not None:
         run.tb_log.close()
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)
+    if run.info.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

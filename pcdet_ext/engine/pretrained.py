@@ -79,3 +79,19 @@ def load_pretrained(model: nn.Module, path, min_backbone_coverage: float = 0.9,
     model.load_state_dict({k: weights[k] for k in ok}, strict=False)
     params = {n for n, _ in model.named_parameters()}
     return ok & params
+
+
+def build_model_without_data(cfg) -> nn.Module:
+    """``build_network`` from a config alone: the grid comes from OpenPCDet's DataProcessor, no frames are read."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from pcdet.datasets.processor.data_processor import DataProcessor
+    from pcdet.models import build_network
+    num_features = len(cfg.DATA_CONFIG.POINT_FEATURE_ENCODING.used_feature_list)
+    proc = DataProcessor(cfg.DATA_CONFIG.DATA_PROCESSOR, point_cloud_range=np.array(
+        cfg.DATA_CONFIG.POINT_CLOUD_RANGE, dtype=np.float32), training=False, num_point_features=num_features)
+    dataset = SimpleNamespace(class_names=cfg.CLASS_NAMES, grid_size=proc.grid_size, voxel_size=proc.voxel_size,
+                              point_cloud_range=proc.point_cloud_range, depth_downsample_factor=None,
+                              point_feature_encoder=SimpleNamespace(num_point_features=num_features))
+    return build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)

@@ -129,6 +129,9 @@ def build_scheduler(optimizer, total_iters_each_epoch: int, total_epochs: int, l
     fastai = pcdet_tools_module("train_utils/optimization")
     total_steps = total_iters_each_epoch * total_epochs
     name = optim_cfg.OPTIMIZER
+    if name in ("adam_onecycle", "adam_cosineanneal") and int(total_steps * optim_cfg.PCT_START) < 1:
+        raise OptimConfigError(f"OPTIMIZATION.PCT_START: {optim_cfg.PCT_START} x {total_steps} iterations is under one "
+                               f"iteration; OpenPCDet's {name} schedule needs more iterations (epochs x batches)")
     if name == "adam_onecycle":
         return fastai.OneCycle(optimizer, total_steps, optim_cfg.LR, list(optim_cfg.MOMS), optim_cfg.DIV_FACTOR,
                                optim_cfg.PCT_START), None

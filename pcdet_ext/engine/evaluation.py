@@ -1,0 +1,50 @@
+"""Checkpoint evaluation through OpenPCDet's ``eval_one_epoch`` (one process, rank 0)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List
+
+from ..openpcdet import pcdet_tools_module
+from ..utils.checkpoint import load_checkpoint
+from .checkpointing import epoch_of, unwrap
+
+
+def load_for_eval(model, path: Path, logger=None) -> int:
+    """Load a training checkpoint's ``model_state`` strictly; returns its epoch (or -1)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model_state" not in state:
+        raise ValueError(f"--ckpt {path}: not an OpenPCDet checkpoint (no model_state)")
+    unwrap(model).load_state_dict(state["model_state"])
+    if logger:
+        logger.info("loaded %s (epoch %s)", path, state.get("epoch"))
+    return int(state.get("epoch", epoch_of(Path(path))))
+
+
+def evaluate(cfg, model, test_loader, epoch_id, logger, result_dir: Path, save_to_file: bool = False,
+             infer_time: bool = False) -> Dict:
+    """OpenPCDet's ``eval_one_epoch`` on this process (no DDP wrapper: it assumes CUDA)."""
+    eval_utils = pcdet_tools_module("eval_utils/eval_utils.py")
+    cfg.LOCAL_RANK = 0
+    result_dir.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(save_to_file=save_to_file, infer_time=infer_time)
+    return eval_utils.eval_one_epoch(cfg, args, unwrap(model), test_loader, epoch_id, logger,
+                                     dist_test=False, result_dir=result_dir)
+
+
+def pending_checkpoints(ckpt_dir: Path, record: Path) -> List[Path]:
+    """Checkpoints in ``ckpt_dir`` not yet listed in ``record`` (oldest first); empty when all are done."""
+    done = set(record.read_text().split()) if record.is_file() else set()
+    found = sorted((p for p in Path(ckpt_dir).glob("checkpoint_epoch_*.pth") if epoch_of(p) >= 0), key=epoch_of)
+    return [p for p in found if str(epoch_of(p)) not in done]
+
+
+def mark_done(record: Path, path: Path) -> None:
+    with open(record, "a") as f:
+        f.write(f"{epoch_of(path)}\n")
+
+
+def build_test_loader(cfg, batch_size: int, workers: int, logger, training: bool = False):
+    from pcdet.datasets import build_dataloader
+    return build_dataloader(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size,
+                            dist=False, workers=workers, logger=logger, training=training)

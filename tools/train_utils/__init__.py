@@ -1,0 +1,1 @@
+"""OpenPCDet-layout import path for pcdet_ext's training utilities (see ``optimization/differential_lr.py``)."""
