@@ -18,13 +18,21 @@ from pcdet_ext.datasets import create_infos
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("layout", choices=["kitti", "custom"])
+    parser.add_argument("layout", choices=["kitti", "custom", "unlabelled"],
+                        help="unlabelled: --data_path is a folder of .bin/.npy scans, written to --out_dir")
     parser.add_argument("--data_path", type=Path, required=True)
     parser.add_argument("--out_dir", type=Path, default=None)
     parser.add_argument("--cfg_file", type=Path, default=None, help="dataset config (DATA_CONFIG) yaml")
     parser.add_argument("--class_names", nargs="+", default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.layout == "unlabelled":
+        if args.out_dir is None:
+            parser.error("unlabelled: --out_dir is required")
+        scans = sorted(list(args.data_path.glob("*.bin")) + list(args.data_path.glob("*.npy")))
+        root = create_infos.create_unlabelled(scans, args.out_dir, args.cfg_file)
+        print(f"{len(scans)} unlabelled scans and infos written under {root}")
+        return
     if args.layout == "kitti":
         root = create_infos.create_kitti(args.data_path, args.out_dir, args.cfg_file,
                                          args.class_names or create_infos.KITTI_CLASSES, args.workers)

@@ -128,3 +128,51 @@ def create_custom(data_path: Path, class_names: Sequence[str], out_dir: Optional
         custom_dataset.create_custom_infos(dataset_cfg=cfg, class_names=list(class_names), data_path=root,
                                            save_path=root, workers=workers)
     return root
+
+
+def create_unlabelled(scans: Sequence[Path], out_dir: Path, dataset_cfg=None, val_fraction: float = 0.25) -> Path:
+    """Unlabelled scans (KITTI ``.bin`` float32 x, y, z, intensity, or ``.npy``) -> OpenPCDet's custom
+    layout for self-supervised pretraining: ``points/<id>.npy`` with the config's
+    ``src_feature_list`` columns, ImageSets, and infos without annotations (OpenPCDet's own
+    ``get_infos(has_label=False)``). Pretrain on it with gt_sampling disabled."""
+    require_pcdet("create_unlabelled")
+    import pickle
+
+    import numpy as np
+    from pcdet.datasets.custom import custom_dataset
+    cfg = _load_dataset_cfg(dataset_cfg, "cfgs/dataset_configs/custom_dataset.yaml")
+    num_features = len(cfg.POINT_FEATURE_ENCODING.src_feature_list)
+    scans = sorted(Path(s) for s in scans)
+    if not scans:
+        raise FileNotFoundError("create_unlabelled: no scans given")
+    root = Path(out_dir)
+    (root / "points").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets").mkdir(exist_ok=True)
+    ids = []
+    for scan in scans:
+        if scan.suffix == ".bin":
+            raw = np.fromfile(scan, dtype=np.float32)
+            if raw.size % 4:
+                raise validation.DatasetFormatError(f"{scan}: size is not a multiple of 4 float32 (x, y, z, intensity)")
+            pts = raw.reshape(-1, 4)
+        else:
+            pts = np.load(scan).astype(np.float32)
+        if pts.ndim != 2 or pts.shape[1] < num_features:
+            raise validation.DatasetFormatError(f"{scan}: expected N x >={num_features} points, got {pts.shape}")
+        np.save(root / "points" / f"{scan.stem}.npy", np.ascontiguousarray(pts[:, :num_features]))
+        ids.append(scan.stem)
+    n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
+    splits = {"train": ids[:len(ids) - n_val] or ids, "val": ids[len(ids) - n_val:] or ids}
+    for split, names in splits.items():
+        (root / "ImageSets" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    _inject_path(custom_dataset)
+    from pcdet.utils import common_utils
+    dataset = custom_dataset.CustomDataset(dataset_cfg=cfg, class_names=[], root_path=root, training=False,
+                                           logger=common_utils.create_logger())
+    with _transaction(root, ("custom_infos_train.pkl", "custom_infos_val.pkl")):
+        for split in ("train", "val"):
+            dataset.set_split(split)
+            infos = dataset.get_infos([], num_workers=1, has_label=False, num_features=num_features)
+            with open(root / f"custom_infos_{split}.pkl", "wb") as f:
+                pickle.dump(infos, f)
+    return root

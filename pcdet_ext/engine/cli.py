@@ -59,5 +59,7 @@ def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Pat
 
 
 def output_dir(cfg, extra_tag: str, repo_root: Path) -> Path:
-    """``<repo>/output/<EXP_GROUP_PATH>/<TAG>/<extra_tag>`` (OpenPCDet's layout)."""
-    return repo_root / "output" / cfg.EXP_GROUP_PATH / cfg.TAG / extra_tag
+    """``<root>/output/<EXP_GROUP_PATH>/<TAG>/<extra_tag>`` (OpenPCDet's layout); ``<root>`` is this
+    repo, or ``$PCDET_EXT_OUTPUT_ROOT`` when set (e.g. a read-only checkout)."""
+    root = Path(os.environ.get("PCDET_EXT_OUTPUT_ROOT") or repo_root)
+    return root / "output" / cfg.EXP_GROUP_PATH / cfg.TAG / extra_tag

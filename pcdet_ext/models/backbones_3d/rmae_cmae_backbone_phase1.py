@@ -184,7 +184,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         gen = torch.Generator().manual_seed(seed + 29)
         targets = occupancy_targets(coords, masked, batch_size, self.full_shape, self.occ_cfg, gen)
         loss_occ = occupancy_loss(logits, targets, self.occ_cfg)
-        tb = {"loss_occupancy": float(loss_occ), "mask_ratio": mask.ratio, "visible_voxels": float(n_vis),
+        tb = {"loss_occupancy": loss_occ.item(), "mask_ratio": mask.ratio, "visible_voxels": float(n_vis),
               "masked_voxels": float(len(masked) - n_vis), **occupancy_metrics(logits, targets),
               **{f"mask_ratio_{b.lower()}": mask.ratio_per_range[b] for b in RANGE_BINS}}
         self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb}
@@ -199,7 +199,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
             if self.ts_weight > 0:
                 loss_ts = self._get_teacher_student_loss(matched)
                 self.forward_ret_dict["loss_teacher_student"] = loss_ts
-                tb["loss_teacher_student"] = float(loss_ts)
+                tb["loss_teacher_student"] = loss_ts.item()
         return batch_dict
 
     def _matched(self, batch_dict: Dict, n_vis: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -227,7 +227,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         loss = self.rmae_weight * ret["loss_occupancy"]
         if "loss_teacher_student" in ret:
             loss = loss + self.ts_weight * ret["loss_teacher_student"]
-        tb = dict(ret["tb_dict"], loss_pretrain=float(loss))
+        tb = dict(ret["tb_dict"], loss_pretrain=loss.item())
         return loss, tb
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
             return tb_dict, {}
         if self.training:
             loss, tb_dict = self.dense_head.get_loss()
-            return {"loss": loss}, dict(tb_dict, loss_rpn=float(loss)), {}
+            return {"loss": loss}, dict(tb_dict, loss_rpn=loss.item()), {}
         return self.post_processing(batch_dict)
 
     def post_processing(self, batch_dict: Dict):

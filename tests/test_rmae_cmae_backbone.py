@@ -1,0 +1,130 @@
+"""RMAECMAEBackbonePhase1 over a tiny spconv encoder (no OpenPCDet needed)."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from easydict import EasyDict
+
+import pcdet_ext  # noqa: F401  (CPU runtime: spconv backward on CUDA-less torch)
+from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError, RMAECMAEBackbonePhase1
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_encoder import TinyEncoder  # noqa: E402
+
+GRID = np.array([64, 64, 16])          # x, y, z voxels
+VOXEL = [0.5, 0.5, 0.5]
+PC_RANGE = [-16.0, -16.0, -4.0, 16.0, 16.0, 4.0]
+ENCODER = "_tiny_encoder:TinyEncoder"
+
+
+def make(**kw):
+    cfg = dict(NAME="RMAECMAEBackbonePhase1", ENCODER=ENCODER, PRETRAINING=True, MASKED_RATIO=0.6,
+               ANGULAR_GROUP_SIZE=10, OCCUPANCY_DECODER={"TARGET_STRIDE_XY": 2, "HIDDEN_CHANNELS": 8,
+                                                        "REDUCE_CHANNELS": 4, "MIN_NEGATIVES": 64},
+               TEACHER_STUDENT_SCALES=["x_conv1", "x_conv2"], TEACHER_STUDENT_WEIGHT=0.5)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return RMAECMAEBackbonePhase1(model_cfg=EasyDict(cfg), input_channels=4, grid_size=GRID.copy(),
+                                  voxel_size=VOXEL, point_cloud_range=PC_RANGE)
+
+
+def batch(sizes=(400, 300), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coords = []
+    for b, n in enumerate(sizes):
+        c = torch.stack([torch.full((n,), b), torch.randint(16, (n,), generator=g), torch.randint(64, (n,), generator=g),
+                         torch.randint(64, (n,), generator=g)], 1)
+        coords.append(torch.unique(c, dim=0))
+    coords = torch.cat(coords) if coords else torch.zeros(0, 4, dtype=torch.long)
+    feats = torch.rand(len(coords), 4, generator=g)
+    return {"voxel_features": feats, "voxel_coords": coords.float(), "batch_size": len(sizes)}
+
+
+def test_is_the_encoder_class_with_its_names_and_extras_apart():
+    bb = make()
+    assert isinstance(bb, TinyEncoder)
+    plain = set(TinyEncoder(None, 4, GRID.copy()).state_dict())
+    keys = set(bb.state_dict())
+    assert plain <= keys
+    assert {k.split(".")[0] for k in keys - plain} == {"occ_decoder", "teacher", "ts_regression", "mask_step"}
+    assert not any(n.startswith("teacher.") for n, _ in bb.named_parameters())
+    det = make(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False)
+    assert set(det.state_dict()) == plain
+
+
+def test_pretraining_loss_finite_input_dependent_grads_reach_student_not_teacher():
+    bb = make()
+    bb.train()
+    bb(batch())
+    loss, tb = bb.get_loss()
+    assert math.isfinite(loss.item()) and {"loss_occupancy", "loss_teacher_student", "occ_iou", "mask_ratio",
+                                          "ts_cos_x_conv2", "ema_momentum"} <= set(tb)
+    assert 0.5 < tb["mask_ratio"] < 0.7 and tb["visible_voxels"] > 0
+    loss.backward()
+    assert bb.conv_input[0].weight.grad.abs().sum() > 0 and bb.conv_out[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in bb.ts_regression.parameters())
+    assert all(not b.requires_grad for b in bb.teacher.buffers())
+    bb(batch(seed=5))
+    assert bb.get_loss()[0].item() != pytest.approx(loss.item())
+    assert bb._get_teacher_student_loss(bb._matched(batch(), 0)).item() == 0.0  # nothing visible: zero, in graph
+
+
+def test_ema_update_moves_teacher_towards_student():
+    bb = make(TEACHER_MOMENTUM=0.5)
+    with torch.no_grad():
+        bb.conv_out[0].weight.add_(1.0)
+    t_before = bb.teacher.conv_out[0].weight.clone()
+    bb.update_teacher()
+    assert torch.allclose(bb.teacher.conv_out[0].weight, 0.5 * t_before + 0.5 * bb.conv_out[0].weight.detach())
+
+
+def test_zero_voxel_frames_do_not_break_the_batch():
+    bb = make()
+    bb.train()
+    bb(batch(sizes=(400, 0, 200)))
+    loss, tb = bb.get_loss()
+    loss.backward()
+    assert math.isfinite(loss.item()) and tb["visible_voxels"] > 0
+    empty = make()
+    empty.train()
+    empty(batch(sizes=(0, 0)))
+    loss, tb = empty.get_loss()
+    loss.backward()  # decoder learns empty space; the encoder stays in the graph (DDP) with zero gradient
+    assert math.isfinite(loss.item()) and tb["visible_voxels"] == 0
+    assert empty.occ_decoder.logits.bias.grad.abs().sum() > 0
+
+
+def test_masks_reproducible_and_step_dependent():
+    a, b = make(), make()
+    a.train(), b.train()
+    a(batch()), b(batch())
+    assert a.get_loss()[1]["masked_voxels"] == b.get_loss()[1]["masked_voxels"]
+    a(batch())
+    assert int(a.mask_step) == 2
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ENCODER="no_such_module:Encoder"), "ENCODER"),
+    (dict(MASKED_RATIO=1.0), "MASKED_RATIO"),
+    (dict(DISTANCE_THRESHOLDS=[30, 10]), "DISTANCE_THRESHOLDS"),
+    (dict(RANGE_MASK_PROBS={"NEAR": 0.5, "MID": 1.5, "FAR": 0.9}), "RANGE_MASK_PROBS"),
+    (dict(TEACHER_STUDENT_SCALES=["x_conv9"]), "TEACHER_STUDENT_SCALES"),
+    (dict(TEACHER_MOMENTUM=2.0), "TEACHER_MOMENTUM"),
+    (dict(TEACHER_BACKBONE_TYPE="resnet"), "TEACHER_BACKBONE_TYPE"),
+    (dict(RMAE_WEIGHT=-1), "RMAE_WEIGHT"),
+    (dict(PRETRAINING=False), "MASKED_RATIO"),
+])
+def test_bad_config_names_the_key(kw, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        make(**kw)
+
+
+def test_no_teacher_when_disabled():
+    bb = make(ENABLE_TEACHER_STUDENT=False, TEACHER_STUDENT_WEIGHT=0.0)
+    assert not hasattr(bb, "teacher")
+    bb.train()
+    bb(batch())
+    assert "loss_teacher_student" not in bb.get_loss()[1]
