@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers pcdet_ext's classes; CPU runtime on CUDA-less torch)
-import torch.distributed as dist
 from pcdet_ext.engine.checkpointing import ResumeError
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate
@@ -50,11 +49,7 @@ def main(argv=None) -> int:
                                               args.workers, run.logger)
         evaluate(run.cfg, run.model, test_loader, run.total_epochs, run.logger,
                  run.output_dir / "eval" / "eval_with_train" / f"epoch_{run.total_epochs}")
-    if run.tb_log is not None:
-        run.tb_log.close()
-    if run.info.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    run.finish()
     return 0
 
 

@@ -27,8 +27,8 @@ from pcdet_ext.split import experiment, schema
 from pcdet_ext.split.evaluate import check_cell, run_eval
 from pcdet_ext.split.rate import dense_float32_kb
 from pcdet_ext.split.sweep import format_table, sweep
-from pcdet_ext.split.trainer import ProgressiveTrainer, plain
-from pcdet_ext.utils.checkpoint import load_checkpoint
+from pcdet_ext.split.trainer import ProgressiveTrainer
+from pcdet_ext.utils.checkpoint import load_checkpoint, plain
 
 
 def parse_args(argv=None):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers the R-MAE + CMAE classes; CPU runtime on CUDA-less torch)
-import torch.distributed as dist
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
@@ -55,12 +54,8 @@ def main(argv=None) -> int:
     detector = unwrap(run.model)
     run.logger.info("pretraining %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
     train_one_epoch_phase1(run, after_step=detector.update_teacher)
-    if run.tb_log is not None:
-        run.tb_log.close()
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)
-    if run.info.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    run.finish()
     return 0
 
 

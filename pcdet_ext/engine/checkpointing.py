@@ -6,11 +6,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..utils.checkpoint import atomic_save, load_checkpoint
+from ..utils.checkpoint import atomic_save, load_checkpoint, plain
 
 # OPTIMIZATION keys a resumed run may change (schedule length, batch size)
 RESUME_FREE = ("NUM_EPOCHS", "BATCH_SIZE_PER_GPU")
@@ -24,18 +23,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def run_config(cfg) -> Dict[str, Any]:
     """The parts of a config that define a run (model, classes, optimizer): stored in checkpoints."""
     optim = {k: v for k, v in dict(cfg.OPTIMIZATION).items() if k not in RESUME_FREE}
-    return _plain({"CLASS_NAMES": list(cfg.CLASS_NAMES), "MODEL": cfg.MODEL, "OPTIMIZATION": optim})
+    return plain({"CLASS_NAMES": list(cfg.CLASS_NAMES), "MODEL": cfg.MODEL, "OPTIMIZATION": optim})
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

@@ -40,6 +40,15 @@ class TrainingRun:
     total_epochs: int
     loaded: Optional[Set[str]]
 
+    def finish(self) -> None:
+        """Close tensorboard; under torchrun wait for every rank and leave the process group."""
+        if self.tb_log is not None:
+            self.tb_log.close()
+        if self.info.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def prepare_training(args: argparse.Namespace, repo_root: Path,
                      check_cfg: Optional[Callable[[Any], None]] = None,

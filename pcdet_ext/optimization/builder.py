@@ -12,6 +12,7 @@ base LR, so the ratios hold there natively.
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -143,10 +144,17 @@ def build_scheduler(optimizer, total_iters_each_epoch: int, total_epochs: int, l
         optimizer, partial(_step_decay, decay_steps, optim_cfg.LR_DECAY, optim_cfg.LR_CLIP / optim_cfg.LR),
         last_epoch=last_epoch)
     warmup = None
-    if optim_cfg.get("LR_WARMUP", False):  # upstream calls len() on an int here
-        warmup = fastai.CosineWarmupLR(optimizer, T_max=optim_cfg.WARMUP_EPOCH * total_iters_each_epoch,
-                                       eta_min=optim_cfg.LR / optim_cfg.DIV_FACTOR)
+    if optim_cfg.get("LR_WARMUP", False):
+        # OpenPCDet's CosineWarmupLR (T_max: upstream calls len() on an int) with one absolute eta_min
+        # would give every group the same LR; this is its curve relative to each group's own LR.
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+            _cosine_warmup, optim_cfg.WARMUP_EPOCH * total_iters_each_epoch, 1.0 / optim_cfg.DIV_FACTOR))
     return scheduler, warmup
+
+
+def _cosine_warmup(total: int, start: float, it: int) -> float:
+    """OpenPCDet's CosineWarmupLR factor: from ``start`` to 1 over ``total`` iterations."""
+    return start + (1.0 - start) * (1.0 - math.cos(math.pi * it / total)) / 2
 
 
 def _step_decay(decay_steps: List[int], decay: float, clip: float, it: int) -> float:

@@ -31,10 +31,10 @@ class OccupancyConfig:
     target_stride_z: int = 2
     reduce_channels: int = 16
     hidden_channels: int = 64
-    loss: str = "focal"               # focal | bce
+    loss: str = "bce"                 # bce | focal
     focal_gamma: float = 2.0
     neg_per_pos: float = 2.0
-    hard_neg_share: float = 0.5
+    hard_neg_share: float = 0.25
     min_negatives: int = 1024
 
     @classmethod

@@ -20,19 +20,10 @@ import tqdm
 
 from .. import __version__
 from ..engine.launch import DistInfo
-from ..utils.checkpoint import load_checkpoint
+from ..utils.checkpoint import load_checkpoint, plain
 from . import checkpoints as ck
 from . import schema
 from .evaluate import run_eval
-
-
-def plain(obj: Any) -> Any:
-    """EasyDicts/tuples to plain dicts/lists (checkpoints load with weights_only=True)."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
 
 
 class Logger:

@@ -35,6 +35,15 @@ def allow_numpy_scalars() -> None:
     _DONE = True
 
 
+def plain(obj: Any) -> Any:
+    """EasyDicts / tuples to plain dicts / lists, so configs stored in checkpoints load with weights_only."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with the numpy scalar allow-list and a clear error."""
     path = Path(path)
