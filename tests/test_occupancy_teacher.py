@@ -48,7 +48,7 @@ def test_loss_finite_balanced_depends_on_logits_and_has_gradient():
     assert math.isfinite(loss.item()) and logits.grad.abs().sum() > 0
     perfect = torch.full(t.shape, -8.0)
     perfect.view(-1)[t.positives] = 8.0
-    assert float(occupancy_loss(perfect, t, cfg)) < 1e-3 < float(loss)
+    assert occupancy_loss(perfect, t, cfg).item() < 1e-3 < loss.item()
     m = occupancy_metrics(perfect, t)
     assert m["occ_iou"] == pytest.approx(1.0) and m["occ_precision"] == pytest.approx(1.0)
     everything = torch.full(t.shape, 8.0)  # predicting occupied everywhere: full recall, poor precision

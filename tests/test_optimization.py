@@ -138,6 +138,10 @@ def test_pretrained_coverage_report_and_refusals(tmp_path):
     other = tmp_path / "other.pth"
     torch.save({"model_state": {"backbone_3d.conv.weight": torch.zeros(7, 7), "vfe.weight": torch.zeros(3, 3)}}, other)
     before = model.vfe.weight.detach().clone()
-    with pytest.raises(PretrainedWeightsError, match="backbone tensors"):
+    with pytest.raises(PretrainedWeightsError, match="vfe has only 1/2 tensors"):
         load_pretrained(model, other)
     assert torch.equal(model.vfe.weight, before)  # nothing copied when refused
+    head_only = tmp_path / "head.pth"
+    torch.save({"model_state": {"dense_head.0.weight": torch.zeros(3, 3)}}, head_only)
+    with pytest.raises(PretrainedWeightsError, match="none of this model's backbone modules"):
+        load_pretrained(model, head_only)

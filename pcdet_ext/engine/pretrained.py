@@ -59,21 +59,26 @@ def load_pretrained(model: nn.Module, path, min_backbone_coverage: float = 0.9,
                     backbone_modules: Sequence[str] = BACKBONE_MODULES,
                     logger: Optional[logging.Logger] = None) -> Set[str]:
     """Copy every weight whose name and shape match; log the coverage per module; refuse (before
-    anything is copied) when the backbone's coverage is below ``min_backbone_coverage``.
-    Returns the names of the loaded parameters."""
+    anything is copied) when the checkpoint holds no backbone module of the model, or when a backbone
+    module it holds (e.g. ``backbone_3d`` of a 3D pretraining; a SECOND's ``backbone_2d`` may be
+    absent) matches below ``min_backbone_coverage``. Returns the names of the loaded parameters."""
     weights = read_weights(path)
     own = model.state_dict()
     table, ok = coverage(own, weights)
-    backbone = [m for m in backbone_modules if m in table]
-    hit = sum(table[m][0] for m in backbone)
-    total = sum(table[m][1] for m in backbone)
+    provided = {k.split(".", 1)[0] for k in weights}
+    checked = [m for m in backbone_modules if m in table and m in provided]  # what the checkpoint claims to hold
     report = format_coverage(table)
     if logger:
         logger.info("==> pretrained weights from %s, loaded/total per module:\n%s", path, report)
-    if total and hit / total < min_backbone_coverage:
-        raise PretrainedWeightsError(
-            f"--pretrained_model {path}: only {hit}/{total} backbone tensors ({', '.join(backbone)}) match this model "
-            f"(< {min_backbone_coverage:.0%}); wrong checkpoint or architecture?\n{report}")
+    if not checked:
+        raise PretrainedWeightsError(f"--pretrained_model {path}: holds none of this model's backbone modules "
+                                     f"({', '.join(m for m in backbone_modules if m in table)})\n{report}")
+    for m in checked:
+        hit, total = table[m]
+        if hit / total < min_backbone_coverage:
+            raise PretrainedWeightsError(
+                f"--pretrained_model {path}: {m} has only {hit}/{total} tensors matching this model "
+                f"(< {min_backbone_coverage:.0%}); wrong checkpoint or architecture?\n{report}")
     if not ok:
         raise PretrainedWeightsError(f"--pretrained_model {path}: no tensor matches this model\n{report}")
     model.load_state_dict({k: weights[k] for k in ok}, strict=False)

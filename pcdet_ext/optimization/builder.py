@@ -11,6 +11,7 @@ base LR, so the ratios hold there natively.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from functools import partial
@@ -167,12 +168,15 @@ def _step_decay(decay_steps: List[int], decay: float, clip: float, it: int) -> f
 
 def scheduler_step(scheduler, accumulated_iter: int, epoch: int) -> None:
     """Advance any of the schedules above to iteration ``accumulated_iter`` (OpenPCDet's fastai
-    schedules take ``(it, epoch)``; torch schedulers are set in closed form)."""
+    schedules take ``(it)`` on v0.6.0, ``(it, epoch)`` on master; torch schedulers are set in
+    closed form)."""
     if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         scheduler.last_epoch = accumulated_iter - 1
         scheduler.step()
-    else:
+    elif "epoch" in inspect.signature(scheduler.step).parameters:
         scheduler.step(accumulated_iter, epoch)
+    else:
+        scheduler.step(accumulated_iter)
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:
