@@ -39,16 +39,24 @@ def build_model(cfg, dataset) -> torch.nn.Module:
 
 
 def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,
-                progress: bool = False) -> Tuple[List[float], Dict]:
-    """Run ``steps`` optimizer steps (cycling the loader) through OpenPCDet's ``model_fn``."""
+                progress: bool = False, on_step: Optional[Callable[[int], None]] = None) -> Tuple[List[float], Dict]:
+    """Run ``steps`` optimizer steps (cycling the loader) through OpenPCDet's ``model_fn``. The
+    schedule (torch or OpenPCDet's fastai ones) is set to step ``i`` before step ``i``; then
+    ``on_step(i)`` runs (e.g. to inspect the learning rates)."""
     from pcdet.models import model_fn_decorator
+
+    from ..optimization import scheduler_step
     model.train()
     model_fn = model_fn_decorator()
     losses: List[float] = []
     tb_dict: Dict = {}
     it = iter(loader)
     bar = tqdm.tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not progress)
-    for _ in range(steps):
+    for step in range(steps):
+        if scheduler is not None:
+            scheduler_step(scheduler, step, 0)
+        if on_step is not None:
+            on_step(step)
         try:
             batch = next(it)
         except StopIteration:
@@ -59,8 +67,6 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update()

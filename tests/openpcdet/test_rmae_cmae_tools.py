@@ -122,30 +122,18 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     backbone = [k for k in model.state_dict() if k.startswith("backbone_3d.")]
     assert backbone and all(torch.equal(model.state_dict()[k], pretrained_state[k]) for k in backbone)
     assert not any("Not updated weight backbone_3d" in r for r in records)
-    from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
+    from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs
     steps = 20
     loaded = {n for n, p in model.named_parameters() if n in pretrained_state and p.shape == pretrained_state[n].shape}
     optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
     scheduler, _ = build_scheduler(optimizer, steps, 1, -1, cfg.OPTIMIZATION)
-    from pcdet.models import model_fn_decorator
-    fn, losses, it = model_fn_decorator(), [], iter(train_loader)
-    model.train()
-    for step in range(steps):
-        scheduler_step(scheduler, step, 0)
+
+    def ratios_hold(step):
         lrs = group_lrs(optimizer)
         assert lrs["backbone_3d"] / lrs["dense_head"] == pytest.approx(0.05)
         assert all(lr / lrs["dense_head"] == pytest.approx(0.5) for g, lr in lrs.items() if g == "default")
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(train_loader)
-            batch = next(it)
-        optimizer.zero_grad()
-        loss, _, _ = fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10)
-        optimizer.step()
-        losses.append(loss.item())
+
+    losses, _ = loop.train_steps(model, train_loader, optimizer, steps, scheduler, on_step=ratios_hold)
     assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 
