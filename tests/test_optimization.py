@@ -145,3 +145,16 @@ def test_pretrained_coverage_report_and_refusals(tmp_path):
     torch.save({"model_state": {"dense_head.0.weight": torch.zeros(3, 3)}}, head_only)
     with pytest.raises(PretrainedWeightsError, match="none of this model's backbone modules"):
         load_pretrained(model, head_only)
+
+
+def test_fork_drop_in_file_serves_the_same_builder():
+    import importlib.util
+    from pathlib import Path
+
+    import pcdet_ext.optimization as ours
+    path = Path(__file__).resolve().parents[1] / "tools/train_utils/optimization/differential_lr.py"
+    spec = importlib.util.spec_from_file_location("differential_lr_dropin", path)  # not as train_utils.*
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.create_optimizer_with_differential_lr is ours.build_optimizer
+    assert module.build_scheduler is ours.build_scheduler

@@ -40,10 +40,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.logger.info("training %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
-    train_model(run.model, run.optimizer, run.train_loader, run.sampler, run.scheduler, run.warmup,
-                run.cfg.OPTIMIZATION, run.start_epoch, run.total_epochs, run.start_iter, run.info, run.cfg,
-                run.ckpt_dir, run.tb_log, args.ckpt_save_interval, args.max_ckpt_save_num, logger=run.logger,
-                max_iters_per_epoch=args.max_iters_per_epoch)
+    train_model(run)
     if run.info.is_main and not args.skip_eval:
         _, test_loader, _ = build_test_loader(run.cfg, args.batch_size or run.cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU,
                                               args.workers, run.logger)

@@ -18,7 +18,7 @@ from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.run import prepare_training
-from pcdet_ext.engine.train_loop import train_model
+from pcdet_ext.engine.train_loop import train_model, train_one_epoch
 from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError
 from pcdet_ext.optimization import OptimConfigError
 from pcdet_ext.pretraining.unlabelled import allow_unlabelled
@@ -32,12 +32,12 @@ def check_pretraining(cfg) -> None:
                           "BACKBONE_3D.PRETRAINING: True (fine-tune with tools/train.py)")
 
 
-def train_one_epoch_phase1(run, after_step) -> int:
-    """All epochs of the pretraining run; the EMA teacher steps after every optimizer step."""
-    return train_model(run.model, run.optimizer, run.train_loader, run.sampler, run.scheduler, run.warmup,
-                       run.cfg.OPTIMIZATION, run.start_epoch, run.total_epochs, run.start_iter, run.info, run.cfg,
-                       run.ckpt_dir, run.tb_log, run.args.ckpt_save_interval, run.args.max_ckpt_save_num,
-                       after_step=after_step, logger=run.logger, max_iters_per_epoch=run.args.max_iters_per_epoch)
+def train_one_epoch_phase1(model, optimizer, loader, scheduler, accumulated_iter: int, epoch: int, optim_cfg, info,
+                           tb_log=None, max_iters=None) -> int:
+    """One pretraining epoch (OpenPCDet's iteration loop, every loss term and the mask / occupancy /
+    teacher statistics to tensorboard); the EMA teacher steps after every optimizer step."""
+    return train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter, epoch, optim_cfg, info, tb_log,
+                           after_step=unwrap(model).update_teacher, max_iters=max_iters)
 
 
 def main(argv=None) -> int:
@@ -51,9 +51,8 @@ def main(argv=None) -> int:
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    detector = unwrap(run.model)
     run.logger.info("pretraining %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
-    train_one_epoch_phase1(run, after_step=detector.update_teacher)
+    train_model(run, one_epoch=train_one_epoch_phase1)
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)
     run.finish()
     return 0

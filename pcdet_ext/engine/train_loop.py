@@ -2,10 +2,8 @@
 tqdm, tensorboardX (every tb_dict term, each param group's LR, grad norm, iteration time), checkpoints."""
 from __future__ import annotations
 
-import logging
 import math
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -63,22 +61,22 @@ def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, 
     return accumulated_iter
 
 
-def train_model(model, optimizer, loader, sampler, scheduler, warmup, optim_cfg, start_epoch: int, total_epochs: int,
-                start_iter: int, info: DistInfo, cfg, ckpt_dir: Path, tb_log=None, ckpt_save_interval: int = 1,
-                max_ckpt_save_num: int = 30, after_step: Optional[Callable[[], None]] = None,
-                logger: Optional[logging.Logger] = None, max_iters_per_epoch: Optional[int] = None) -> int:
-    """Epochs ``start_epoch .. total_epochs - 1``; rank 0 saves ``checkpoint_epoch_<n>.pth`` every
-    ``ckpt_save_interval`` epochs and after the last one. Returns the final iteration count."""
-    it = start_iter
-    for epoch in tqdm.trange(start_epoch, total_epochs, desc="epochs", dynamic_ncols=True, disable=not info.is_main):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        current = warmup if warmup is not None and epoch < optim_cfg.WARMUP_EPOCH else scheduler
-        it = train_one_epoch(model, optimizer, loader, current, it, epoch, optim_cfg, info, tb_log, after_step,
-                             max_iters=max_iters_per_epoch)
+def train_model(run, one_epoch: Callable[..., int] = train_one_epoch) -> int:
+    """Epochs ``run.start_epoch .. run.total_epochs - 1`` of a :class:`~pcdet_ext.engine.run.TrainingRun`,
+    each by ``one_epoch`` (same arguments as :func:`train_one_epoch`); rank 0 saves
+    ``checkpoint_epoch_<n>.pth`` every ``--ckpt_save_interval`` epochs and after the last one.
+    Returns the final iteration count."""
+    args, optim_cfg, info = run.args, run.cfg.OPTIMIZATION, run.info
+    it = run.start_iter
+    for epoch in tqdm.trange(run.start_epoch, run.total_epochs, desc="epochs", dynamic_ncols=True,
+                             disable=not info.is_main):
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch)
+        current = run.warmup if run.warmup is not None and epoch < optim_cfg.WARMUP_EPOCH else run.scheduler
+        it = one_epoch(run.model, run.optimizer, run.train_loader, current, it, epoch, optim_cfg, info, run.tb_log,
+                       max_iters=getattr(args, "max_iters_per_epoch", None))
         trained = epoch + 1
-        if info.is_main and (trained % ckpt_save_interval == 0 or trained == total_epochs):
-            path = save_epoch(checkpoint_state(model, optimizer, trained, it, cfg), ckpt_dir, trained, max_ckpt_save_num)
-            if logger:
-                logger.info("saved %s", path)
+        if info.is_main and (trained % args.ckpt_save_interval == 0 or trained == run.total_epochs):
+            state = checkpoint_state(run.model, run.optimizer, trained, it, run.cfg)
+            run.logger.info("saved %s", save_epoch(state, run.ckpt_dir, trained, args.max_ckpt_save_num))
     return it

@@ -107,6 +107,16 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     assert "(100.0 %)" in row, res.stdout
     kept = load_checkpoint(conv)["model_state"]
     assert not any(".teacher." in k or "occ_decoder" in k for k in kept)
+    teacher_out = tmp_path / "teacher.pth"
+    res = subprocess.run([sys.executable, str(REPO / "tools/convert_pretrain_ckpt.py"), "--ckpt",
+                          str(ckpt_dir / "checkpoint_epoch_2.pth"), "--out", str(teacher_out), "--use", "teacher"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    source = load_checkpoint(ckpt_dir / "checkpoint_epoch_2.pth")["model_state"]
+    from_teacher = load_checkpoint(teacher_out)["model_state"]
+    weight = next(k for k in kept if k.startswith("backbone_3d.") and k.endswith("weight"))
+    assert torch.equal(from_teacher[weight], source[weight.replace("backbone_3d.", "backbone_3d.teacher.", 1)])
+    assert set(from_teacher) == set(kept)
     seed_everything()
     cfg = small_cfg(cfgs[1], synthetic_isarc)
     cfg.OPTIMIZATION.LR = 0.001  # a 20-step schedule on 4 frames
@@ -137,7 +147,8 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 
-def test_onecycle_ratios_every_step_and_momentum_identical_to_stock(pcdet_tools):
+@pytest.mark.parametrize("name", ["adam_onecycle", "adam_cosineanneal"])
+def test_fastai_schedules_keep_ratios_every_step_and_train_like_stock(pcdet_tools, name):
     from train_utils.optimization import build_optimizer as stock_build, build_scheduler as stock_sched
     from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
 
@@ -149,21 +160,24 @@ def test_onecycle_ratios_every_step_and_momentum_identical_to_stock(pcdet_tools)
         m.forward = lambda x: m.dense_head(m.backbone_3d(m.vfe(x))).pow(2).mean()
         return m
 
-    optim = EasyDict(OPTIMIZER="adam_onecycle", LR=0.003, WEIGHT_DECAY=0.01, MOMENTUM=0.9, MOMS=[0.95, 0.85],
+    from train_utils.optimization import learning_schedules_fastai
+    if name == "adam_cosineanneal" and not hasattr(learning_schedules_fastai, "CosineAnnealing"):
+        pytest.skip("this OpenPCDet has no adam_cosineanneal")
+    optim = EasyDict(OPTIMIZER=name, LR=0.003, WEIGHT_DECAY=0.01, MOMENTUM=0.9, MOMS=[0.95, 0.85], WARMUP_ITER=5,
                      PCT_START=0.4, DIV_FACTOR=10, DECAY_STEP_LIST=[35, 45], LR_DECAY=0.1, LR_CLIP=1e-7)
     total = 40
     a, b, c = model(), model(), model()
     stock = stock_build(a, optim)
-    stock_s, _ = stock_sched(stock, total, 1, -1, optim)
+    stock_s, _ = stock_sched(stock, 10, total // 10, -1, optim)
     same = build_optimizer(b, optim)  # no multipliers: must train exactly like stock
-    same_s, _ = build_scheduler(same, total, 1, -1, optim)
+    same_s, _ = build_scheduler(same, 10, total // 10, -1, optim)
     diff_cfg = EasyDict(optim, DIFFERENTIAL_LR=True, BACKBONE_LR_RATIO=0.1, DENSE_HEAD_LR_RATIO=2.0)
     ours = build_optimizer(c, diff_cfg)
-    ours_s, _ = build_scheduler(ours, total, 1, -1, diff_cfg)
+    ours_s, _ = build_scheduler(ours, 10, total // 10, -1, diff_cfg)
     x = torch.randn(16, 4)
     for step in range(total):
         for opt, sched, m in ((stock, stock_s, a), (same, same_s, b), (ours, ours_s, c)):
-            scheduler_step(sched, step, 0)
+            scheduler_step(sched, step, step // 10)
             opt.zero_grad()
             m(x).backward()
             opt.step()
