@@ -33,8 +33,9 @@ def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, 
         scheduler_step(scheduler, accumulated_iter, epoch)
         optimizer.zero_grad()
         loss, tb_dict, disp_dict = model_fn(model, batch)
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}, iteration {accumulated_iter} "
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value} at epoch {epoch}, iteration {accumulated_iter} "
                                      f"(terms: {tb_dict})")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -46,10 +47,10 @@ def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, 
         end = time.time()
         if info.is_main:
             lrs = group_lrs(optimizer)
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{max(lrs.values()):.2e}", **disp_dict)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{max(lrs.values()):.2e}", **disp_dict)
             bar.update()
             if tb_log is not None:
-                tb_log.add_scalar("train/loss", float(loss), accumulated_iter)
+                tb_log.add_scalar("train/loss", value, accumulated_iter)
                 for key, val in tb_dict.items():
                     tb_log.add_scalar(f"train/{key}", float(val), accumulated_iter)
                 for name, lr in lrs.items():
