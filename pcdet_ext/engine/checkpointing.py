@@ -59,24 +59,29 @@ def epoch_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """``checkpoint_epoch_<n>.pth`` files of ``ckpt_dir``, oldest epoch first."""
+    return sorted((p for p in Path(ckpt_dir).glob("checkpoint_epoch_*.pth") if epoch_of(p) >= 0), key=epoch_of)
+
+
 def save_epoch(state: Dict[str, Any], ckpt_dir: Path, epoch: int, max_keep: int) -> Path:
     """``ckpt_dir/checkpoint_epoch_<epoch>.pth`` written atomically; the oldest beyond ``max_keep`` removed."""
     path = atomic_save(state, Path(ckpt_dir) / f"checkpoint_epoch_{epoch}.pth")
-    kept = sorted((p for p in Path(ckpt_dir).glob("checkpoint_epoch_*.pth") if epoch_of(p) >= 0), key=epoch_of)
+    kept = epoch_checkpoints(ckpt_dir)
     for old in kept[:max(len(kept) - max_keep, 0)]:
         old.unlink()
     return path
 
 
 def latest(ckpt_dir: Path) -> Optional[Path]:
-    found = sorted((p for p in Path(ckpt_dir).glob("checkpoint_epoch_*.pth") if epoch_of(p) >= 0), key=epoch_of)
+    found = epoch_checkpoints(ckpt_dir)
     return found[-1] if found else None
 
 
 def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[logging.Logger] = None) -> Tuple[int, int]:
     """Load model and optimizer from ``path``; returns ``(next_epoch, iteration)``. A checkpoint from
     a different config (model, classes, optimizer) is refused with the differing keys."""
-    from ..optimization import load_optimizer_state
+    from ..optimization.builder import inner_optimizer, load_optimizer_state
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model_state" not in state:
         raise ResumeError(f"--ckpt {path}: not an OpenPCDet training checkpoint (no model_state)")
@@ -92,9 +97,8 @@ def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[loggin
         raise ResumeError(f"--ckpt {path}: model_state does not match this model "
                           f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)")
     if state.get("optimizer_state") is not None and optimizer is not None:
-        opt = optimizer.opt if hasattr(optimizer, "opt") else optimizer
         try:
-            load_optimizer_state(opt, state["optimizer_state"])
+            load_optimizer_state(inner_optimizer(optimizer), state["optimizer_state"])
         except ValueError as exc:
             raise ResumeError(f"--ckpt {path}: {exc}") from exc
     if logger:

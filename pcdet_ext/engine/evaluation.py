@@ -7,7 +7,7 @@ from typing import Dict, List
 
 from ..openpcdet import pcdet_tools_module
 from ..utils.checkpoint import load_checkpoint
-from .checkpointing import epoch_of, unwrap
+from .checkpointing import epoch_checkpoints, epoch_of, unwrap
 
 
 def load_for_eval(model, path: Path, logger=None) -> int:
@@ -35,8 +35,7 @@ def evaluate(cfg, model, test_loader, epoch_id, logger, result_dir: Path, save_t
 def pending_checkpoints(ckpt_dir: Path, record: Path) -> List[Path]:
     """Checkpoints in ``ckpt_dir`` not yet listed in ``record`` (oldest first); empty when all are done."""
     done = set(record.read_text().split()) if record.is_file() else set()
-    found = sorted((p for p in Path(ckpt_dir).glob("checkpoint_epoch_*.pth") if epoch_of(p) >= 0), key=epoch_of)
-    return [p for p in found if str(epoch_of(p)) not in done]
+    return [p for p in epoch_checkpoints(ckpt_dir) if str(epoch_of(p)) not in done]
 
 
 def mark_done(record: Path, path: Path) -> None:
@@ -44,7 +43,7 @@ def mark_done(record: Path, path: Path) -> None:
         f.write(f"{epoch_of(path)}\n")
 
 
-def build_test_loader(cfg, batch_size: int, workers: int, logger, training: bool = False):
+def build_test_loader(cfg, batch_size: int, workers: int, logger):
     from pcdet.datasets import build_dataloader
     return build_dataloader(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size,
-                            dist=False, workers=workers, logger=logger, training=training)
+                            dist=False, workers=workers, logger=logger, training=False)
