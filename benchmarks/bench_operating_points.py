@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import pcdet_ext  # noqa: F401
-from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, resolve_base
+from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.engine import loop
 from pcdet_ext.quantization import ResidualQuantizer
 from pcdet_ext.quantization.fit import fit_progressive
@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cfg = cfg_from_yaml_file(resolve_base(args.cfg_file, Path.cwd()))
+    cfg = cfg_from_yaml_file(find_config(args.cfg_file))
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", args.range], cfg)
     for proc in cfg.DATA_CONFIG.DATA_PROCESSOR:
         if proc.NAME == "transform_points_to_voxels":

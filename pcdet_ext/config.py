@@ -1,52 +1,70 @@
-"""OpenPCDet-style YAML configs (EasyDict, ``_BASE_CONFIG_``, ``--set`` overrides), pure python.
+"""OpenPCDet-style YAML configs (EasyDict, ``_BASE_CONFIG_``, ``--set`` overrides) and the one
+config-section validator of this package (:func:`from_cfg`), pure python.
 
-``_BASE_CONFIG_`` may appear at any level and is resolved, in order, against: the
-including file's folder, the working directory, this repository's root (so ``cfgs/...``
-works from anywhere) and ``$PCDET_ROOT/tools`` (so OpenPCDet's own
-``cfgs/dataset_configs/...`` paths work unchanged). Bases may themselves have bases.
+A config file or ``_BASE_CONFIG_`` entry is found by :func:`find_config`, in order: as given
+(absolute, or relative to the including file's folder), the working directory, this
+repository's root (so ``cfgs/...`` works from anywhere) and OpenPCDet's ``tools/`` (so OpenPCDet's
+own ``cfgs/dataset_configs/...`` paths work unchanged). Bases may themselves have bases.
+
+Every module that reads a config section validates it with :func:`from_cfg` against a spec of
+:class:`Opt` entries: an unknown key is a :class:`ConfigError` naming the key and the known
+ones; values are typed and range-checked once, defaults filled in.
 """
 from __future__ import annotations
 
-import os
+import copy
+import difflib
 from ast import literal_eval
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from easydict import EasyDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .openpcdet import REPO_ROOT, pcdet_tools_dir
+
+NoneType = type(None)
 
 
-def resolve_base(ref: str, including_dir: Path) -> Path:
-    """Find the file a ``_BASE_CONFIG_`` entry names; error lists every place tried."""
-    ref_path = Path(ref).expanduser()
+class ConfigError(ValueError):
+    """A config key is unknown, missing or has a value this package cannot use; the message names
+    the key (``SECTION.KEY``) and what was expected."""
+
+
+def find_config(ref: str, including_dir: Optional[Path] = None, what: str = "_BASE_CONFIG_") -> Path:
+    """The file a ``_BASE_CONFIG_`` entry or ``--cfg_file`` names; the error lists every place tried."""
+    ref_path = Path(str(ref)).expanduser()
     if ref_path.is_absolute():
         candidates = [ref_path]
     else:
-        candidates = [including_dir / ref_path, Path.cwd() / ref_path, REPO_ROOT / ref_path]
-        if os.environ.get("PCDET_ROOT"):
-            candidates.append(Path(os.environ["PCDET_ROOT"]).expanduser() / "tools" / ref_path)
+        candidates = [d / ref_path for d in (including_dir, Path.cwd(), REPO_ROOT) if d is not None]
+        tools = pcdet_tools_dir()
+        if tools is not None:
+            candidates.append(tools / ref_path)
     for cand in candidates:
         if cand.is_file():
             return cand.resolve()
-    raise FileNotFoundError(f"_BASE_CONFIG_ {ref!r} not found; tried: " + ", ".join(str(c) for c in candidates))
+    raise FileNotFoundError(f"{what} {str(ref)!r} not found; tried: " + ", ".join(str(c) for c in candidates))
 
 
 def _read_yaml(path: Path) -> dict:
     with open(path, "r") as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a config file must hold a mapping at top level, got {type(data).__name__}")
     return data
 
 
 def merge_config(config: EasyDict, new_config: dict, including_dir: Path) -> EasyDict:
     """OpenPCDet's merge: load ``_BASE_CONFIG_`` first, then override key by key (recursively)."""
     if "_BASE_CONFIG_" in new_config:
-        base_path = resolve_base(new_config["_BASE_CONFIG_"], including_dir)
+        base_path = find_config(new_config["_BASE_CONFIG_"], including_dir)
         merge_config(config, _read_yaml(base_path), base_path.parent)
     for key, val in new_config.items():
         if key == "_BASE_CONFIG_":
@@ -60,7 +78,7 @@ def merge_config(config: EasyDict, new_config: dict, including_dir: Path) -> Eas
     return config
 
 
-def cfg_from_yaml_file(cfg_file: os.PathLike, config: Optional[EasyDict] = None) -> EasyDict:
+def cfg_from_yaml_file(cfg_file, config: Optional[EasyDict] = None) -> EasyDict:
     """Load ``cfg_file`` (with its bases) into ``config`` (a new EasyDict by default)."""
     cfg_file = Path(cfg_file)
     if not cfg_file.is_file():
@@ -72,7 +90,7 @@ def cfg_from_yaml_file(cfg_file: os.PathLike, config: Optional[EasyDict] = None)
 def _coerce(value, current, key: str):
     if isinstance(current, bool) or isinstance(value, bool):
         if type(value) is not type(current):
-            raise TypeError(f"--set {key}: expected {type(current).__name__}, got {value!r}")
+            raise ConfigError(f"--set {key}: expected {type(current).__name__}, got {value!r}")
         return value
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
@@ -83,7 +101,7 @@ def _coerce(value, current, key: str):
     if isinstance(current, list) and isinstance(value, tuple):
         return list(value)
     if current is not None and type(value) is not type(current):
-        raise TypeError(f"--set {key}: expected {type(current).__name__}, got {value!r}")
+        raise ConfigError(f"--set {key}: expected {type(current).__name__}, got {value!r}")
     return value
 
 
@@ -98,16 +116,16 @@ def _child(node, sub: str):
 
 def cfg_from_list(cfg_list: Sequence[str], config: EasyDict) -> EasyDict:
     """Apply ``KEY VALUE`` pairs (``A.B.C 3``; list items by index, ``A.LIST.2.KEY``), values
-    parsed as Python literals."""
+    parsed as Python literals. A key absent from the config is an error."""
     if len(cfg_list) % 2:
-        raise ValueError(f"--set takes KEY VALUE pairs, got an odd number of items: {list(cfg_list)}")
+        raise ConfigError(f"--set takes KEY VALUE pairs, got an odd number of items: {list(cfg_list)}")
     for key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
         node = config
         parts: List[str] = key.split(".")
         for i, sub in enumerate(parts):
             found = _child(node, sub)
             if found is None:
-                raise KeyError(f"--set {key}: no key {'.'.join(parts[:i + 1])} in the config")
+                raise ConfigError(f"--set {key}: no key {'.'.join(parts[:i + 1])} in the config")
             parent, index = found
             if i < len(parts) - 1:
                 node = parent[index]
@@ -117,3 +135,99 @@ def cfg_from_list(cfg_list: Sequence[str], config: EasyDict) -> EasyDict:
             value = raw
         parent[index] = EasyDict(value) if isinstance(value, dict) else _coerce(value, parent[index], key)
     return config
+
+
+# ---- section validation -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opt:
+    """One config key: default, accepted types (``float`` accepts ints, ``bool`` only where
+    listed), allowed values (strings compared case-insensitively, returned lower-case), numeric
+    bounds (inclusive unless ``*_open``). ``note``: what an accepted-for-compatibility key means here."""
+    default: Any = None
+    types: Tuple[type, ...] = ()
+    choices: Optional[Tuple[Any, ...]] = None
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    required: bool = False
+    note: str = ""
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` typed and checked, or a :class:`ConfigError` naming ``name``."""
+        if value is None and (NoneType in self.types or (not self.types and not self.required)):
+            return None
+        types = self.types
+        if types:
+            if isinstance(value, bool) and bool not in types:
+                raise ConfigError(f"{name}: expected {type_names(types)}, got {value!r}")
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif not isinstance(value, types):
+                raise ConfigError(f"{name}: expected {type_names(types)}, got {type(value).__name__} {value!r}")
+        if self.choices is not None:
+            key = value.lower() if isinstance(value, str) else value
+            if key not in self.choices:
+                raise ConfigError(f"{name}: expected one of {list(self.choices)}, got {value!r}")
+            value = key
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            too_low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            too_high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+            if too_low or too_high:
+                raise ConfigError(f"{name}: expected a value in {self.range_text()}, got {value!r}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.lo is None else self.lo
+        hi = "inf" if self.hi is None else self.hi
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+def type_names(types: Iterable[type]) -> str:
+    return " or ".join("null" if t is NoneType else t.__name__ for t in types)
+
+
+def unknown_keys_error(where: str, unknown: Iterable[str], known: Iterable[str]) -> ConfigError:
+    """The error for keys no reader knows: each named (with the closest known key), then every known key."""
+    known = sorted(str(k) for k in known)
+    parts = []
+    for key in sorted(str(k) for k in unknown):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"{where}: unknown key(s) {', '.join(parts)}; known keys: {known}")
+
+
+def from_cfg(section: Optional[Mapping], spec: Mapping[str, Opt], where: str,
+             passthrough: Iterable[str] = ()) -> EasyDict:
+    """Validate one config section against ``spec``: unknown keys (not in ``spec`` nor in
+    ``passthrough``, the keys another reader owns and checks) are an error naming them and the
+    known ones; each spec key typed and range-checked, defaults filled in. Returns a new EasyDict
+    (spec keys, plus the passthrough keys present)."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(section).__name__} {section!r}")
+    passthrough = set(passthrough)
+    unknown = [k for k in section if k not in spec and k not in passthrough]
+    if unknown:
+        raise unknown_keys_error(where, unknown, set(spec) | passthrough)
+    out = EasyDict()
+    for key, opt in spec.items():
+        if key in section:
+            out[key] = opt.check(f"{where}.{key}", section[key])
+        elif opt.required:
+            raise ConfigError(f"{where}.{key}: required ({type_names(opt.types) or 'a value'})")
+        else:
+            out[key] = copy.deepcopy(opt.default)
+    for key in passthrough & set(section):
+        out[key] = section[key]
+    return out
+
+
+def agree(where_a: str, value_a: Any, where_b: str, value_b: Any) -> Any:
+    """The one value two places give for the same setting (either may be None); both given and
+    different is a :class:`ConfigError` naming both."""
+    if value_a is not None and value_b is not None and value_a != value_b:
+        raise ConfigError(f"{where_a}={value_a!r} conflicts with {where_b}={value_b!r}; give it in one place "
+                          "or make them equal")
+    return value_a if value_a is not None else value_b

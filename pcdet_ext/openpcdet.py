@@ -1,5 +1,7 @@
 """Locate and import the user's OpenPCDet: an installed ``pcdet`` or a checkout named by
-``PCDET_ROOT`` (put on ``sys.path``; nothing is written into it)."""
+``PCDET_ROOT`` (put on ``sys.path``; nothing is written into it). When the variable is unset,
+the ``.pcdet_env`` that ``tools/setup_env.sh`` writes (in this repository or the working
+directory) supplies it, so a new shell finds the checkout the set-up used."""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 ENV_VAR = "PCDET_ROOT"
+ENV_FILE = ".pcdet_env"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 _HOW = ("Install OpenPCDet (python setup.py develop in its checkout) or set PCDET_ROOT to the "
         "root of an OpenPCDet checkout (the folder holding pcdet/ and tools/); "
         "tools/setup_env.sh does either.")
@@ -20,11 +24,30 @@ class OpenPCDetNotFoundError(ImportError):
     """OpenPCDet is needed for this part of pcdet_ext and could not be imported."""
 
 
+def _from_env_file() -> str:
+    """``PCDET_ROOT`` as recorded in ``.pcdet_env`` (``export PCDET_ROOT=...``), '' when there is none."""
+    for folder in (REPO_ROOT, Path.cwd()):
+        env_file = folder / ENV_FILE
+        if env_file.is_file():
+            for line in env_file.read_text().splitlines():
+                if line.startswith(f"export {ENV_VAR}="):
+                    return line.split("=", 1)[1].strip().strip("'\"")
+    return ""
+
+
 def pcdet_root() -> Optional[Path]:
-    """The checkout named by ``PCDET_ROOT``, validated; None when the variable is unset."""
-    value = os.environ.get(ENV_VAR, "").strip()
-    if not value:
-        return None
+    """The checkout named by ``PCDET_ROOT`` (or, when it is unset, ``.pcdet_env``), validated; None
+    when neither names one.
+    A value from ``.pcdet_env`` is exported to ``os.environ`` so child processes see it too."""
+    if ENV_VAR in os.environ:  # set, even to '' (= "no checkout"): .pcdet_env is not consulted
+        value = os.environ[ENV_VAR].strip()
+        if not value:
+            return None
+    else:
+        value = _from_env_file()
+        if not value:
+            return None
+        os.environ[ENV_VAR] = value
     root = Path(value).expanduser().resolve()
     expected = ("pcdet/__init__.py", "pcdet/models/detectors/__init__.py", "pcdet/datasets/__init__.py")
     missing = [e for e in expected if not (root / e).is_file()]
@@ -79,6 +102,23 @@ def pcdet_available() -> bool:
         return True
     except OpenPCDetNotFoundError:
         return False
+
+
+def pcdet_tools_dir() -> Optional[Path]:
+    """OpenPCDet's ``tools/`` folder (of ``PCDET_ROOT`` or of an installed checkout), without
+    importing ``pcdet``; None when OpenPCDet cannot be located."""
+    import importlib.util
+    try:
+        root = pcdet_root()
+    except OpenPCDetNotFoundError:
+        return None
+    if root is None:
+        spec = importlib.util.find_spec("pcdet") if "pcdet" not in sys.modules else sys.modules["pcdet"].__spec__
+        if spec is None or not spec.origin:
+            return None
+        root = Path(spec.origin).resolve().parent.parent
+    tools = root / "tools"
+    return tools if tools.is_dir() else None
 
 
 def pcdet_tools_module(relative: str) -> types.ModuleType:

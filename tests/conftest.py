@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from pcdet_ext.openpcdet import pcdet_root
+
 REPO = Path(__file__).resolve().parent.parent
 
-# tools/setup_env.sh records the OpenPCDet checkout in .pcdet_env; use it when PCDET_ROOT is unset.
-_env_file = REPO / ".pcdet_env"
-if "PCDET_ROOT" not in os.environ and _env_file.is_file():
-    for _line in _env_file.read_text().splitlines():
-        if _line.startswith("export PCDET_ROOT="):
-            os.environ["PCDET_ROOT"] = _line.split("=", 1)[1].strip()
+# tools/setup_env.sh records the OpenPCDet checkout in .pcdet_env; the locator exports it when
+# PCDET_ROOT is unset (as every tool does), so the tests' child processes see it too.
+try:
+    pcdet_root()
+except ImportError:
+    pass  # a bad PCDET_ROOT: tier 2 skips with that reason
 SHARED_DATA = Path(os.environ.get("PCDET_EXT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

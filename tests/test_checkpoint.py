@@ -27,8 +27,23 @@ def test_numpy_scalars_load_with_weights_only(tmp_path):
 def test_arbitrary_objects_stay_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"array": np.arange(3)}, path)  # arrays are not on the allow-list
-    with pytest.raises(RuntimeError, match="evil.pth is not a loadable checkpoint"):
+    with pytest.raises(ck.CheckpointError, match=r"evil.pth: it holds pickled Python objects \(numpy") as err:
         ck.load_checkpoint(path)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ck.CheckpointError, match="junk.pth: not a torch.save file"):
+        ck.load_checkpoint(junk)
+
+
+def test_model_state_of_says_what_the_file_holds(tmp_path):
+    state = {"epoch": 3, "model_state": {"vfe.w": torch.zeros(1), "dense_head.b": torch.zeros(1)}}
+    assert ck.model_state_of(state, "a.pth") is state["model_state"]
+    with pytest.raises(ck.CheckpointError, match=r"--rq_ckpt a.pth: holds an OpenPCDet checkpoint, epoch 3 with "
+                                                 r"modules \['dense_head', 'vfe'\]; expected RQ"):
+        ck.model_state_of(state, "a.pth", "--rq_ckpt", needs_prefix="rq_bottleneck.", expected="RQ")
+    with pytest.raises(ck.CheckpointError, match="holds a list, not a checkpoint dict"):
+        ck.model_state_of([1], "a.pth")
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 from easydict import EasyDict
 
-from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, resolve_base
+from pcdet_ext.config import ConfigError, Opt, cfg_from_list, cfg_from_yaml_file, find_config, from_cfg
 
 
 def write(path, text):
@@ -23,9 +23,11 @@ def test_nested_bases_resolved_relative_to_including_file(tmp_path, monkeypatch)
 
 def test_base_falls_back_to_pcdet_root_tools(tmp_path, monkeypatch):
     write(tmp_path / "pcdet/tools/cfgs/dataset_configs/x.yaml", "K: 1\n")
+    for f in ("pcdet/__init__.py", "pcdet/models/detectors/__init__.py", "pcdet/datasets/__init__.py"):
+        write(tmp_path / "pcdet" / f, "")  # the files that make PCDET_ROOT a checkout
     monkeypatch.setenv("PCDET_ROOT", str(tmp_path / "pcdet"))
     monkeypatch.chdir(tmp_path)
-    assert resolve_base("cfgs/dataset_configs/x.yaml", tmp_path / "elsewhere").name == "x.yaml"
+    assert find_config("cfgs/dataset_configs/x.yaml", tmp_path / "elsewhere").name == "x.yaml"
 
 
 def test_missing_base_lists_what_was_tried(tmp_path):
@@ -40,11 +42,11 @@ def test_set_overrides_and_errors():
     assert cfg.OPT.LR == 0.5 and cfg.OPT.EPOCHS == 7 and cfg.OPT.R == [1, 2] and cfg.OPT.FLAG is False
     cfg_from_list(["OPT.LR", "1"], cfg)
     assert cfg.OPT.LR == 1.0 and isinstance(cfg.OPT.LR, float)
-    with pytest.raises(KeyError, match="OPT.NOPE"):
+    with pytest.raises(ConfigError, match="OPT.NOPE"):
         cfg_from_list(["OPT.NOPE", "1"], cfg)
-    with pytest.raises(TypeError, match="OPT.EPOCHS: expected int"):
+    with pytest.raises(ConfigError, match="OPT.EPOCHS: expected int"):
         cfg_from_list(["OPT.EPOCHS", "abc"], cfg)
-    with pytest.raises(ValueError, match="odd number"):
+    with pytest.raises(ConfigError, match="odd number"):
         cfg_from_list(["OPT.LR"], cfg)
 
 
@@ -52,5 +54,23 @@ def test_set_reaches_list_items_by_index():
     cfg = EasyDict({"DATA": {"PROC": [EasyDict({"NAME": "a"}), EasyDict({"NAME": "vox", "SIZE": [0.16, 0.16, 4.0]})]}})
     cfg_from_list(["DATA.PROC.1.SIZE", "[0.2, 0.2, 4]"], cfg)
     assert cfg.DATA.PROC[1].SIZE == [0.2, 0.2, 4]
-    with pytest.raises(KeyError, match="DATA.PROC.5"):
+    with pytest.raises(ConfigError, match="DATA.PROC.5"):
         cfg_from_list(["DATA.PROC.5.SIZE", "[1]"], cfg)
+
+
+def test_from_cfg_refuses_unknown_keys_and_checks_values():
+    spec = {"RATIO": Opt(0.5, (float,), lo=0.0, hi=1.0, hi_open=True), "MODE": Opt("a", (str,), choices=("a", "b")),
+            "N": Opt(required=True, types=(int,), lo=1)}
+    out = from_cfg({"RATIO": 0, "MODE": "B", "N": 3, "OWNED": [1]}, spec, "SEC", passthrough=("OWNED",))
+    assert out == {"RATIO": 0.0, "MODE": "b", "N": 3, "OWNED": [1]} and isinstance(out.RATIO, float)
+    assert from_cfg({"N": 1}, spec, "SEC").RATIO == 0.5
+    with pytest.raises(ConfigError, match=r"SEC: unknown key\(s\) 'RATO' \(did you mean 'RATIO'\?\); "
+                                          r"known keys: \['MODE', 'N', 'RATIO'\]"):
+        from_cfg({"RATO": 0.1, "N": 1}, spec, "SEC")
+    for bad, match in (({"N": 1, "RATIO": 1.0}, r"SEC.RATIO: expected a value in \[0.0, 1.0\), got 1.0"),
+                       ({"N": True}, r"SEC.N: expected int, got True"),
+                       ({"N": 0}, r"SEC.N: expected a value in \[1, inf\)"),
+                       ({"N": 1, "MODE": "c"}, r"SEC.MODE: expected one of \['a', 'b'\]"),
+                       ({}, r"SEC.N: required"), ([1], r"SEC: expected a mapping")):
+        with pytest.raises(ConfigError, match=match):
+            from_cfg(bad, spec, "SEC")

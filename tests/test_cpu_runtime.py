@@ -18,7 +18,7 @@ def test_runtime_active_on_cuda_less_torch():
 def test_runtime_env_switch_off(tmp_path):
     from _subproc import run_python
     out = run_python("import pcdet_ext, torch; from pcdet_ext import cpu; print(cpu.is_active(), type(torch.Tensor.cuda).__name__)",
-                     {"PCDET_EXT_CPU_RUNTIME": "0", "PCDET_ROOT": None})
+                     {"PCDET_EXT_CPU_RUNTIME": "0", "PCDET_ROOT": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "method_descriptor"]  # torch's own C method, unpatched
 

@@ -91,7 +91,7 @@ def test_zero_ratio_and_empty_sample():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"MASKED_RATIO": 1.0}, r"MASKED_RATIO: expected a value in \[0, 1\)"),
+    ({"MASKED_RATIO": 1.0}, r"MODEL.BACKBONE_3D.MASKED_RATIO: expected a value in \[0.0, 1.0\)"),
     ({"MASKED_RATIO": -0.1}, "MASKED_RATIO"),
     ({"DISTANCE_THRESHOLDS": [30, 10]}, "DISTANCE_THRESHOLDS: expected two increasing"),
     ({"RANGE_MASK_PROBS": {"NEAR": 0.5, "MID": 1.5, "FAR": 0.9}}, r"RANGE_MASK_PROBS.MID: expected a probability"),

@@ -7,7 +7,7 @@ def test_import_without_openpcdet_keeps_pure_torch_parts():
             "from pcdet_ext.ops import rotated_boxes\n"
             "assert 'pcdet' not in sys.modules\n"
             "try:\n    pcdet_ext.register()\nexcept ImportError as e:\n    print('ERR', e)\n")
-    out = run_python(code, {"PCDET_ROOT": None, "PYTHONPATH": None})
+    out = run_python(code, {"PCDET_ROOT": "", "PYTHONPATH": None})
     assert out.returncode == 0, out.stderr
     if "ERR" in out.stdout:  # no installed OpenPCDet on this machine
         assert "needs OpenPCDet" in out.stdout and "PCDET_ROOT" in out.stdout

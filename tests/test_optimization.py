@@ -94,6 +94,8 @@ def test_param_groups_longest_prefix_wd_mult_and_plain_optimizers():
     (dict(PARAM_GROUPS={"backbone_3d": {"LR_MULT": 0.5}}), "conflicts"),
     (dict(PARAM_GROUPS={"neck": {"LR_MULT": 0.5}}), "matches no trainable parameter"),
     (dict(PARAM_GROUPS={"vfe": {"LR": 0.5}}), "unknown key"),
+    (dict(BACKBONE_LR_RATO=0.1), r"OPTIMIZATION: unknown key\(s\) 'BACKBONE_LR_RATO' \(did you mean 'BACKBONE_LR_RATIO'"),
+    (dict(LR="fast"), r"OPTIMIZATION.LR: expected float, got str"),
 ])
 def test_bad_optimizer_config_is_a_clear_error(kw, match):
     with pytest.raises(OptimConfigError, match=match):
@@ -133,7 +135,7 @@ def test_pretrained_coverage_report_and_refusals(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="does not exist"):
         load_pretrained(model, tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(PretrainedWeightsError, match="not a loadable checkpoint"):
+    with pytest.raises(PretrainedWeightsError, match="junk.pth: not a torch.save file"):
         load_pretrained(model, tmp_path / "junk.pth")
     other = tmp_path / "other.pth"
     torch.save({"model_state": {"backbone_3d.conv.weight": torch.zeros(7, 7), "vfe.weight": torch.zeros(3, 3)}}, other)

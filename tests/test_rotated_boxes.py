@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from _subproc import run_python
 from pcdet_ext.ops import rotated_boxes as rb
 
 
@@ -109,3 +110,29 @@ def test_rotate_iou_eval_criteria():
 def test_bad_box_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(N, 7\)"):
         rb.bev_overlap(np.zeros((3, 5)), np.zeros((3, 7)))
+
+
+def test_kernels_work_in_forked_children_of_a_process_that_used_threads():
+    """DataLoader workers are forked after the parent ran the threaded kernels (gt_sampling, evaluation):
+    GNU OpenMP is not fork-safe there, so children must take the serial kernels and agree with the parent."""
+    code = """
+import multiprocessing as mp, numpy as np
+from pcdet_ext.ops import rotated_boxes as rb
+boxes = np.random.default_rng(0).uniform(0, 20, (300, 7)); boxes[:, 3:6] += 1
+pts = np.random.default_rng(1).uniform(0, 20, (2000, 3))
+ref = (rb.bev_overlap(boxes, boxes).sum(), rb.points_in_boxes_mask(pts, boxes).sum())
+def child(q):
+    q.put((rb.bev_overlap(boxes, boxes).sum(), rb.points_in_boxes_mask(pts, boxes).sum(), rb._FORKED))
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+procs = [ctx.Process(target=child, args=(q,)) for _ in range(2)]
+for p in procs: p.start()
+for p in procs: p.join(90)
+assert [p.exitcode for p in procs] == [0, 0], [p.exitcode for p in procs]
+for _ in procs:
+    ov, inside, forked = q.get(timeout=5)
+    assert forked and ov == ref[0] and inside == ref[1]
+print("ok", rb._FORKED)
+"""
+    res = run_python(code, timeout=240)
+    assert res.returncode == 0 and res.stdout.split() == ["ok", "False"], res.stderr[-2000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pcdet_ext
 import torch
 
-from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, resolve_base
+from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.datasets import create_infos, synthetic, synthetic_writer
 from pcdet_ext.engine import loop
 from pcdet_ext.utils.checkpoint import atomic_save
@@ -59,7 +59,7 @@ def run(args) -> tuple:
             synthetic_writer.write_custom(data, args.num_frames, args.seed, spec=spec["scene"])
             create_infos.create_custom(data, synthetic_writer.CONSTRUCTION_CLASSES,
                                        dataset_cfg=REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", workers=1)
-    cfg = cfg_from_yaml_file(resolve_base(spec["cfg"], Path.cwd()))
+    cfg = cfg_from_yaml_file(find_config(spec["cfg"]))
     cfg_from_list(overrides(args.layout), cfg)
     (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(
         cfg, data, args.batch_size, args.workers)

@@ -22,7 +22,8 @@ import pcdet_ext  # noqa: F401  (registers PointPillarRQ; CPU runtime on CUDA-le
 from pcdet_ext.bitstream import read_header
 from pcdet_ext.split import runtime
 from pcdet_ext.split.transport import FrameClient
-from pcdet_ext.utils.checkpoint import load_checkpoint
+from pcdet_ext.config import ConfigError
+from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
 
 
 def frame_paths(args, dataset, split):
@@ -56,7 +57,11 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write per-frame results and the summary here")
     p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args()
-    model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
+    try:
+        model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ckpt = Path(args.ckpt)
     num_features = dataset.point_feature_encoder.num_point_features
     if args.fit_models:

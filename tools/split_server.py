@@ -9,14 +9,17 @@ reply; a client that disconnects or stalls is dropped; the server keeps serving 
 import argparse
 import json
 import logging
+import sys
 
 import pcdet_ext  # noqa: F401  (registers PointPillarRQ)
 
+from pcdet_ext.config import ConfigError
 from pcdet_ext.split import runtime
 from pcdet_ext.split.transport import DEFAULT_MAX_FRAME, FrameServer
+from pcdet_ext.utils.checkpoint import CheckpointError
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", default=None, help="OpenPCDet model config (default: the one stored in --ckpt)")
     p.add_argument("--ckpt", required=True, help="checkpoint with bitstream models (split_infer.py --fit_models)")
@@ -27,8 +30,12 @@ def main() -> None:
     p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
-    server_side = runtime.ServerRuntime.from_checkpoint(model, dataset, args.ckpt)
+    try:
+        model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
+        server_side = runtime.ServerRuntime.from_checkpoint(model, dataset, args.ckpt)
+    except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def handle(data: bytes) -> bytes:
         pred, timing = server_side.decode(data)
@@ -42,7 +49,8 @@ def main() -> None:
         pass
     finally:
         server.server_close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers pcdet_ext's classes; CPU runtime on CUDA-less torch)
+from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
-from pcdet_ext.engine.run import prepare_training
+from pcdet_ext.engine.run import check_training_inputs, prepare_training
 from pcdet_ext.engine.train_loop import train_model
-from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError
-from pcdet_ext.optimization import OptimConfigError
+from pcdet_ext.utils.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_eval", action="store_true", help="no evaluation after training")
     args = parser.parse_args(argv)
     try:
+        if args.preflight_only:
+            check_training_inputs(args, REPO)
+            return 0
         run = prepare_training(args, REPO, min_backbone_coverage=args.pretrained_min_coverage)
-    except (ConfigError, OptimConfigError, ResumeError, PretrainedWeightsError, FileNotFoundError, KeyError,
-            ValueError) as exc:
+    except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.logger.info("training %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)

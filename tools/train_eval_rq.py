@@ -28,7 +28,9 @@ from pcdet_ext.split.evaluate import check_cell, run_eval
 from pcdet_ext.split.rate import dense_float32_kb
 from pcdet_ext.split.sweep import format_table, sweep
 from pcdet_ext.split.trainer import ProgressiveTrainer
-from pcdet_ext.utils.checkpoint import load_checkpoint, plain
+from pcdet_ext.config import ConfigError
+from pcdet_ext.split.runtime import rq_checkpoint
+from pcdet_ext.utils.checkpoint import CheckpointError, plain
 
 
 def parse_args(argv=None):
@@ -80,7 +82,12 @@ def main(argv=None) -> int:
     try:
         exp, pcdet_set = experiment_config(args)
         cfg = experiment.build_model_cfg(exp, pcdet_set)
-    except (schema.ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+        if exp.evaluation.rq_ckpt:  # before any data or model is built
+            rq_checkpoint(exp.evaluation.rq_ckpt, "--rq_ckpt")
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     info = init_dist(args.launcher, args.tcp_port)
@@ -112,8 +119,7 @@ def main(argv=None) -> int:
     if ckpt_path is None:
         print(f"error: no --rq_ckpt and no stage checkpoint under {run.checkpoints}", file=sys.stderr)
         return 2
-    state = load_checkpoint(ckpt_path)
-    model.load_state_dict(state["model_state"])
+    model.load_state_dict(rq_checkpoint(ckpt_path, "--rq_ckpt")["model_state"])
     log.info("evaluating %s", ckpt_path)
     if args.eval_sweep:
         summary = sweep(model, val[0], val[1], names, list(exp.progressive_learning.embedding_schedule)

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (registers the R-MAE + CMAE classes; CPU runtime on CUDA-less torch)
+from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.cli import add_train_args
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
-from pcdet_ext.engine.run import prepare_training
+from pcdet_ext.engine.run import check_training_inputs, prepare_training
 from pcdet_ext.engine.train_loop import train_model, train_one_epoch
-from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError
-from pcdet_ext.optimization import OptimConfigError
+from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.pretraining.unlabelled import allow_unlabelled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
     args = parser.parse_args(argv)
     try:
+        if args.preflight_only:
+            check_training_inputs(args, REPO, check_pretraining)
+            return 0
         run = prepare_training(args, REPO, check_cfg=check_pretraining, dataset_hook=allow_unlabelled)
-    except (ConfigError, OptimConfigError, ResumeError, PretrainedWeightsError, FileNotFoundError, KeyError,
-            ValueError) as exc:
+    except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.logger.info("pretraining %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 from easydict import EasyDict
 
-from ..config import cfg_from_yaml_file, resolve_base
+from ..config import cfg_from_yaml_file, find_config
 from ..openpcdet import require_pcdet
 from . import validation
 
@@ -29,7 +29,7 @@ CUSTOM_OUTPUTS = ("custom_infos_train.pkl", "custom_infos_val.pkl", "custom_dbin
 def _load_dataset_cfg(dataset_cfg, default_ref: str) -> EasyDict:
     if isinstance(dataset_cfg, dict):
         return EasyDict(dataset_cfg)
-    path = Path(dataset_cfg) if dataset_cfg else resolve_base(default_ref, Path.cwd())
+    path = Path(dataset_cfg) if dataset_cfg else find_config(default_ref)
     return cfg_from_yaml_file(path)
 
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import cfg_from_list, cfg_from_yaml_file
+from ..config import cfg_from_list, cfg_from_yaml_file, find_config
+from .preflight import check_config, resolve_data_path
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -27,34 +28,29 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--fix_random_seed", action="store_true", default=False)
     p.add_argument("--ckpt_save_interval", type=int, default=1)
     p.add_argument("--max_ckpt_save_num", type=int, default=30)
+    p.add_argument("--preflight_only", action="store_true",
+                   help="check the config, dataset files and checkpoints, then exit (dist_train.sh runs it first)")
     p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER, help="KEY VALUE pairs")
     return p
 
 
-def resolve_cfg_file(cfg_file: str, repo_root: Path) -> Path:
-    """``--cfg_file`` as given, else relative to this repo's root (so ``cd tools`` works as in
-    OpenPCDet), else relative to ``$PCDET_ROOT/tools``."""
-    candidates = [Path(cfg_file), repo_root / cfg_file]
-    if os.environ.get("PCDET_ROOT"):
-        candidates.append(Path(os.environ["PCDET_ROOT"]) / "tools" / cfg_file)
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise FileNotFoundError(f"--cfg_file: {cfg_file} not found (looked in {', '.join(str(c) for c in candidates)})")
-
-
 def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Path):
     """The EasyDict config with ``--set`` applied, ``TAG`` (file stem) and ``EXP_GROUP_PATH`` (its
-    folders below ``cfgs/``, as OpenPCDet computes them)."""
-    path = resolve_cfg_file(cfg_file, repo_root)
+    folders below ``cfgs/``, as OpenPCDet computes them), checked before any data is loaded
+    (:func:`~pcdet_ext.engine.preflight.check_config`). A relative ``DATA_CONFIG.DATA_PATH`` from a
+    YAML file is taken relative to ``<repo>/tools`` (OpenPCDet's convention), one given with
+    ``--set`` relative to the working directory."""
+    path = find_config(cfg_file, what="--cfg_file")
     cfg = cfg_from_yaml_file(path)
+    resolve_data_path(cfg.get("DATA_CONFIG"), repo_root / "tools")
     if set_cfgs:
-        if len(set_cfgs) % 2:
-            raise ValueError(f"--set takes KEY VALUE pairs, got {list(set_cfgs)}")
         cfg_from_list(list(set_cfgs), cfg)
+        if "DATA_CONFIG.DATA_PATH" in list(set_cfgs)[0::2]:
+            resolve_data_path(cfg.DATA_CONFIG, Path.cwd())
     cfg.TAG = path.stem
     parts = Path(cfg_file).parts
     cfg.EXP_GROUP_PATH = "/".join(parts[parts.index("cfgs") + 1:-1] if "cfgs" in parts else parts[1:-1])
+    check_config(cfg)
     return cfg
 
 

@@ -6,16 +6,21 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..openpcdet import pcdet_tools_module
-from ..utils.checkpoint import load_checkpoint
+from ..utils.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint, model_state_of
+from ..datasets.class_names import report_dataset_class_names
 from .checkpointing import epoch_checkpoints, epoch_of, unwrap
+from .preflight import check_dataset_files, check_not_empty
 
 
 def load_for_eval(model, path: Path, logger=None) -> int:
     """Load a training checkpoint's ``model_state`` strictly; returns its epoch (or -1)."""
     state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model_state" not in state:
-        raise ValueError(f"--ckpt {path}: not an OpenPCDet checkpoint (no model_state)")
-    unwrap(model).load_state_dict(state["model_state"])
+    model_state = model_state_of(state, path, "--ckpt", expected="an OpenPCDet training checkpoint (model_state)")
+    missing, unexpected = unwrap(model).load_state_dict(model_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"--ckpt {path}: holds {describe_checkpoint(state)}, which does not fit this model "
+                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                              f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
     if logger:
         logger.info("loaded %s (epoch %s)", path, state.get("epoch"))
     return int(state.get("epoch", epoch_of(Path(path))))
@@ -44,6 +49,12 @@ def mark_done(record: Path, path: Path) -> None:
 
 
 def build_test_loader(cfg, batch_size: int, workers: int, logger):
+    """OpenPCDet's test loader, after checking its files; evaluation reports the dataset's own class names."""
     from pcdet.datasets import build_dataloader
-    return build_dataloader(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size,
-                            dist=False, workers=workers, logger=logger, training=False)
+    check_dataset_files(cfg.DATA_CONFIG, ("test",))
+    test_set, loader, sampler = build_dataloader(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES,
+                                                 batch_size=batch_size, dist=False, workers=workers, logger=logger,
+                                                 training=False)
+    check_not_empty(test_set, cfg.DATA_CONFIG, "test")
+    report_dataset_class_names(test_set)
+    return test_set, loader, sampler

@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import tqdm
 
+from ..datasets.class_names import report_dataset_class_names
 from ..openpcdet import require_pcdet
 
 
@@ -29,7 +30,9 @@ def build_loaders(cfg, root: Path, batch_size: int = 2, workers: int = 0, logger
     logger = logger or create_logger()
     kwargs = dict(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=False,
                   root_path=Path(root), workers=workers, logger=logger)
-    return build_dataloader(training=True, **kwargs), build_dataloader(training=False, **kwargs)
+    train, test = build_dataloader(training=True, **kwargs), build_dataloader(training=False, **kwargs)
+    report_dataset_class_names(test[0])
+    return train, test
 
 
 def build_model(cfg, dataset) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..optimization.param_groups import BACKBONE_MODULES
-from ..utils.checkpoint import load_checkpoint
+from ..utils.checkpoint import CheckpointError, load_checkpoint
 
 
 class PretrainedWeightsError(ValueError):
@@ -23,7 +23,7 @@ def read_weights(path) -> Dict[str, torch.Tensor]:
         raise PretrainedWeightsError(f"--pretrained_model: {path} does not exist")
     try:
         state = load_checkpoint(path)
-    except RuntimeError as exc:
+    except CheckpointError as exc:
         raise PretrainedWeightsError(f"--pretrained_model: {exc}") from exc
     if isinstance(state, Mapping) and isinstance(state.get("model_state"), Mapping):
         state = state["model_state"]

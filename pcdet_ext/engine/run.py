@@ -13,10 +13,13 @@ import torch
 
 from ..optimization import build_optimizer, build_scheduler, describe
 from . import checkpointing as ck
-from .cli import load_config, output_dir, resolve_cfg_file
+from ..config import find_config
+from ..utils.checkpoint import load_checkpoint, model_state_of
+from .cli import load_config, output_dir
 from .launch import DistInfo, init_dist
 from .loop import create_logger
-from .pretrained import load_pretrained
+from .preflight import check_dataset_files, check_not_empty
+from .pretrained import load_pretrained, read_weights
 
 
 @dataclass
@@ -50,6 +53,26 @@ class TrainingRun:
             dist.destroy_process_group()
 
 
+def check_training_inputs(args: argparse.Namespace, repo_root: Path,
+                          check_cfg: Optional[Callable[[Any], None]] = None):
+    """The config (:func:`~pcdet_ext.engine.cli.load_config`, plus the tool's own ``check_cfg``),
+    the training dataset's files, ``--ckpt`` and ``--pretrained_model``: every error a one-line
+    ConfigError / CheckpointError / PretrainedWeightsError, before any process group, data or
+    output. Returns the config. ``--preflight_only`` (dist_train.sh) stops here."""
+    cfg = load_config(args.cfg_file, args.set_cfgs, repo_root)
+    if check_cfg is not None:
+        check_cfg(cfg)
+    check_dataset_files(cfg.DATA_CONFIG, ("train",))
+    if args.ckpt:
+        if not Path(args.ckpt).is_file():
+            raise FileNotFoundError(f"--ckpt: {args.ckpt} does not exist")
+        model_state_of(load_checkpoint(args.ckpt), args.ckpt, "--ckpt",
+                       expected="an OpenPCDet training checkpoint (model_state) to resume")
+    if args.pretrained_model:
+        read_weights(args.pretrained_model)
+    return cfg
+
+
 def prepare_training(args: argparse.Namespace, repo_root: Path,
                      check_cfg: Optional[Callable[[Any], None]] = None,
                      dataset_hook: Optional[Callable[[Any], None]] = None,
@@ -61,9 +84,7 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     from pcdet.config import log_config_to_file
     from pcdet.utils import common_utils
 
-    cfg = load_config(args.cfg_file, args.set_cfgs, repo_root)
-    if check_cfg is not None:
-        check_cfg(cfg)
+    cfg = check_training_inputs(args, repo_root, check_cfg)
     info = init_dist(args.launcher, args.tcp_port)
     batch_size = args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU
     total_epochs = args.epochs or cfg.OPTIMIZATION.NUM_EPOCHS
@@ -81,13 +102,14 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     log_config_to_file(cfg, logger=logger)
     tb_log = None
     if info.is_main:
-        shutil.copy(resolve_cfg_file(args.cfg_file, repo_root), out / Path(args.cfg_file).name)
+        shutil.copy(find_config(args.cfg_file, what="--cfg_file"), out / Path(args.cfg_file).name)
         from tensorboardX import SummaryWriter
         tb_log = SummaryWriter(log_dir=str(out / "tensorboard"))
     train_set, train_loader, sampler = build_dataloader(
         dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=info.distributed,
         workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
         seed=666 if args.fix_random_seed else None)
+    check_not_empty(train_set, cfg.DATA_CONFIG, "train")
     if dataset_hook is not None:
         dataset_hook(train_set)
     model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)

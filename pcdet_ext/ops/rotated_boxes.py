@@ -4,15 +4,47 @@ Boxes follow OpenPCDet's convention ``[x, y, z, dx, dy, dz, heading]`` (LiDAR fr
 ``heading`` counter-clockwise from +x). The BEV overlap of two rotated rectangles is
 computed exactly by Sutherland-Hodgman clipping of one rectangle against the other,
 in float64. Nothing here imports OpenPCDet.
+
+Fork safety: the row-parallel kernels run on numba threads (GNU OpenMP) in the process that
+imported this module, and serially in a process forked from it (DataLoader workers): GNU OpenMP
+is not fork-safe, and a forked child that enters a thread pool its parent had started waits
+forever in its barrier. Each such kernel is compiled twice (own cache files), picked per call.
 """
 from __future__ import annotations
 
 import math
+import os
+import types
 
 import numba
 import numpy as np
 
 EPS = 1e-8
+_FORKED = False
+
+
+def _mark_forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+class _ForkSafeKernel:
+    """A ``prange`` kernel as two numba dispatchers: threaded, and serial (``prange`` as ``range``)
+    for forked children. The serial copy gets its own qualified name, hence its own cache file."""
+
+    def __init__(self, py_func):
+        serial = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial",
+                                    py_func.__defaults__, py_func.__closure__)
+        serial.__qualname__ = py_func.__qualname__ + "_serial"
+        self.parallel = numba.njit(cache=True, parallel=True)(py_func)
+        self.serial = numba.njit(cache=True)(serial)
+        self.__doc__ = py_func.__doc__
+
+    def __call__(self, *args):
+        return (self.serial if _FORKED else self.parallel)(*args)
 
 
 @numba.njit(cache=True, inline="always")
@@ -72,7 +104,7 @@ def _overlap_pair(a, b, poly, tmp, clip):
     return abs(0.5 * area)
 
 
-@numba.njit(cache=True, parallel=True)
+@_ForkSafeKernel
 def _overlap_matrix(boxes_a, boxes_b, iou):
     n, m = boxes_a.shape[0], boxes_b.shape[0]
     out = np.zeros((n, m), dtype=np.float64)
@@ -89,7 +121,7 @@ def _overlap_matrix(boxes_a, boxes_b, iou):
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+@_ForkSafeKernel
 def _overlap_paired(boxes_a, boxes_b, iou):
     n = boxes_a.shape[0]
     out = np.zeros(n, dtype=np.float64)
@@ -146,7 +178,7 @@ def _nms_sorted(boxes, thresh, rotated):
     return keep[:cnt]
 
 
-@numba.njit(cache=True, parallel=True)
+@_ForkSafeKernel
 def _points_in_boxes_mask(points, boxes, margin):
     nb, npts = boxes.shape[0], points.shape[0]
     out = np.zeros((nb, npts), dtype=np.int32)
@@ -162,7 +194,7 @@ def _points_in_boxes_mask(points, boxes, margin):
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+@_ForkSafeKernel
 def _first_box_of_points(points, boxes, margin):
     bs, npts = points.shape[0], points.shape[1]
     out = np.full((bs, npts), -1, dtype=np.int32)

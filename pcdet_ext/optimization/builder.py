@@ -20,9 +20,49 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
+from easydict import EasyDict
+
+from ..config import ConfigError, NoneType, Opt, from_cfg
 from .param_groups import OptimConfigError, assign_groups, format_table, parse_rules
 
 OPTIMIZERS = ("adam", "sgd", "adam_onecycle", "adam_cosineanneal")
+_POS = dict(lo=0.0, lo_open=True)
+# Every OPTIMIZATION key stock OpenPCDet reads (tools/ and its configs), then this package's.
+OPTIMIZATION_SPEC = {
+    "OPTIMIZER": Opt(required=True, types=(str,), choices=OPTIMIZERS),
+    "LR": Opt(required=True, types=(float,), **_POS),
+    "BATCH_SIZE_PER_GPU": Opt(None, (int, NoneType), lo=1),
+    "NUM_EPOCHS": Opt(None, (int, NoneType), lo=1),
+    "WEIGHT_DECAY": Opt(0.0, (float,), lo=0.0),
+    "MOMENTUM": Opt(0.9, (float,), lo=0.0, hi=1.0),
+    "MOMS": Opt([0.95, 0.85], (list, tuple)),
+    "BETAS": Opt([0.9, 0.99], (list, tuple)),
+    "PCT_START": Opt(0.4, (float,), lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    "DIV_FACTOR": Opt(10.0, (float,), **_POS),
+    "DECAY_STEP_LIST": Opt([], (list, tuple)),
+    "LR_DECAY": Opt(0.1, (float,), **_POS),
+    "LR_CLIP": Opt(1e-7, (float,), lo=0.0),
+    "LR_WARMUP": Opt(False, (bool,)),
+    "WARMUP_EPOCH": Opt(1, (int,), lo=0),
+    "WARMUP_ITER": Opt(None, (int, NoneType), lo=0),
+    "GRAD_NORM_CLIP": Opt(10.0, (float,), **_POS),
+    "USE_AMP": Opt(False, (bool,), note="OpenPCDet master's AMP switch; pcdet_ext's training loop runs fp32"),
+    "LOSS_SCALE_FP16": Opt(None, (float, NoneType), note="OpenPCDet master's AMP loss scale; unused in fp32"),
+    "DIFFERENTIAL_LR": Opt(None, (bool, NoneType)),
+    "BACKBONE_LR_RATIO": Opt(None, (float, NoneType), **_POS),
+    "DENSE_HEAD_LR_RATIO": Opt(None, (float, NoneType), **_POS),
+    "BACKBONE_LOADED_ONLY": Opt(False, (bool,)),
+    "PARAM_GROUPS": Opt(None, (dict, NoneType)),
+}
+
+
+def parse_optimization(optim_cfg) -> EasyDict:
+    """``OPTIMIZATION`` validated (unknown keys, e.g. ``BACKBONE_LR_RATO``, are errors naming the known
+    ones), typed, with OpenPCDet's defaults filled in."""
+    try:
+        return from_cfg(optim_cfg, OPTIMIZATION_SPEC, "OPTIMIZATION")
+    except ConfigError as exc:
+        raise OptimConfigError(str(exc)) from None
 
 
 class GroupedOptimWrapper:
@@ -103,20 +143,19 @@ def build_optimizer(model: nn.Module, optim_cfg, loaded: Optional[Set[str]] = No
     """``OPTIMIZATION`` -> optimizer (``adam``, ``sgd``: torch; ``adam_onecycle``,
     ``adam_cosineanneal``: :class:`GroupedOptimWrapper`). ``loaded``: names of parameters loaded
     from ``--pretrained_model`` (for LOADED_ONLY rules)."""
-    name = optim_cfg.get("OPTIMIZER")
-    if name not in OPTIMIZERS:
-        raise OptimConfigError(f"OPTIMIZATION.OPTIMIZER: expected one of {list(OPTIMIZERS)}, got {name!r}")
+    optim_cfg = parse_optimization(optim_cfg)
+    name = optim_cfg.OPTIMIZER
     groups = assign_groups(model, parse_rules(optim_cfg, model), loaded)
     if not groups:
         raise OptimConfigError("the model has no trainable parameters")
-    lr, wd = float(optim_cfg.LR), float(optim_cfg.get("WEIGHT_DECAY", 0.0))
+    lr, wd = optim_cfg.LR, optim_cfg.WEIGHT_DECAY
     torch_groups = [{"params": g.params, "name": g.name, "lr_mult": g.lr_mult, "wd_mult": g.wd_mult,
                      "lr": lr * g.lr_mult, "weight_decay": wd * g.wd_mult} for g in groups]
     if name == "adam":
         return torch.optim.Adam(torch_groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(torch_groups, lr=lr, momentum=float(optim_cfg.MOMENTUM))
-    betas = tuple(optim_cfg.get("BETAS", (0.9, 0.99)))
+    betas = tuple(optim_cfg.BETAS)
     return GroupedOptimWrapper(torch.optim.Adam(torch_groups, lr=lr, betas=betas), lr=lr, wd=wd, true_wd=True)
 
 
@@ -129,6 +168,7 @@ def build_scheduler(optimizer, total_iters_each_epoch: int, total_epochs: int, l
     step decay with optional cosine warm-up) -> ``(lr_scheduler, lr_warmup_scheduler)``."""
     from ..openpcdet import pcdet_tools_module
     fastai = pcdet_tools_module("train_utils/optimization")
+    optim_cfg = parse_optimization(optim_cfg)
     total_steps = total_iters_each_epoch * total_epochs
     name = optim_cfg.OPTIMIZER
     if name in ("adam_onecycle", "adam_cosineanneal") and int(total_steps * optim_cfg.PCT_START) < 1:
@@ -145,7 +185,7 @@ def build_scheduler(optimizer, total_iters_each_epoch: int, total_epochs: int, l
         optimizer, partial(_step_decay, decay_steps, optim_cfg.LR_DECAY, optim_cfg.LR_CLIP / optim_cfg.LR),
         last_epoch=last_epoch)
     warmup = None
-    if optim_cfg.get("LR_WARMUP", False):
+    if optim_cfg.LR_WARMUP:
         # OpenPCDet's CosineWarmupLR (T_max: upstream calls len() on an int) with one absolute eta_min
         # would give every group the same LR; this is its curve relative to each group's own LR.
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(

@@ -20,12 +20,16 @@ from typing import Dict, Iterable, List, Optional, Set
 
 import torch.nn as nn
 
+from ..config import ConfigError, Opt, from_cfg
+
 BACKBONE_MODULES = ("vfe", "backbone_3d", "map_to_bev_module", "backbone_2d")
 HEAD_MODULES = ("dense_head",)
 DEFAULT_GROUP = "default"
+RULE_SPEC = {"LR_MULT": Opt(1.0, (float,), lo=0.0, lo_open=True), "WD_MULT": Opt(1.0, (float,), lo=0.0, lo_open=True),
+             "LOADED_ONLY": Opt(False, (bool,))}
 
 
-class OptimConfigError(ValueError):
+class OptimConfigError(ConfigError):
     """An OPTIMIZATION key has a value the optimizer builder cannot use."""
 
 
@@ -66,8 +70,8 @@ def parse_rules(optim_cfg, model: nn.Module) -> List[Rule]:
     groups = optim_cfg.get("PARAM_GROUPS") or {}
     if not isinstance(groups, dict):
         raise OptimConfigError(f"OPTIMIZATION.PARAM_GROUPS: expected a mapping prefix -> {{LR_MULT, WD_MULT}}, got {groups!r}")
-    differential = optim_cfg.get("DIFFERENTIAL_LR", bool(groups))
-    if not differential:
+    differential = optim_cfg.get("DIFFERENTIAL_LR")
+    if not (bool(groups) if differential is None else differential):
         return []
     rules: Dict[str, Rule] = {}
     loaded_only = bool(optim_cfg.get("BACKBONE_LOADED_ONLY", False))
@@ -82,14 +86,11 @@ def parse_rules(optim_cfg, model: nn.Module) -> List[Rule]:
         for m in present:
             rules[m] = Rule(m, ratio, 1.0, only, source=key)
     for prefix, spec in groups.items():
-        spec = dict(spec or {})
-        unknown = sorted(set(spec) - {"LR_MULT", "WD_MULT", "LOADED_ONLY"})
-        if unknown:
-            raise OptimConfigError(f"OPTIMIZATION.PARAM_GROUPS.{prefix}: unknown key(s) {unknown}; "
-                                   "expected LR_MULT, WD_MULT, LOADED_ONLY")
-        rule = Rule(str(prefix), _mult(spec.get("LR_MULT", 1.0), f"PARAM_GROUPS.{prefix}.LR_MULT"),
-                    _mult(spec.get("WD_MULT", 1.0), f"PARAM_GROUPS.{prefix}.WD_MULT"),
-                    bool(spec.get("LOADED_ONLY", False)))
+        try:
+            spec = from_cfg(spec, RULE_SPEC, f"OPTIMIZATION.PARAM_GROUPS.{prefix}")
+        except ConfigError as exc:
+            raise OptimConfigError(str(exc)) from None
+        rule = Rule(str(prefix), spec.LR_MULT, spec.WD_MULT, spec.LOADED_ONLY)
         if not _has_params(model, rule.prefix):
             raise OptimConfigError(f"OPTIMIZATION.PARAM_GROUPS.{prefix}: matches no trainable parameter of the model")
         seeded = rules.get(rule.prefix)

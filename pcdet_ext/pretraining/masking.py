@@ -25,7 +25,20 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..config import ConfigError, NoneType, Opt, from_cfg
+
 RANGE_BINS = ("NEAR", "MID", "FAR")
+MASKING_SPEC = {
+    "MASKED_RATIO": Opt(0.8, (float,), lo=0.0, hi=1.0, hi_open=True),
+    "MASK_TYPE": Opt("radial", (str,), choices=("radial", "random")),
+    "NUM_ANGULAR_GROUPS": Opt(None, (int, NoneType), lo=1),
+    "ANGULAR_GROUP_SIZE": Opt(None, (float, NoneType), lo=0.0, lo_open=True, hi=360.0),
+    "DISTANCE_THRESHOLDS": Opt([10.0, 30.0], (list, tuple)),
+    "RANGE_MASK_PROBS": Opt({"NEAR": 0.5, "MID": 0.75, "FAR": 0.9}, (dict,)),
+    "USE_BERNOULLI_MASKING": Opt(True, (bool,)),
+    "ENABLE_2STAGE_MASKING": Opt(True, (bool,)),
+    "SENSOR_ORIGIN": Opt([0.0, 0.0], (list, tuple)),
+}
 
 
 @dataclass
@@ -40,45 +53,41 @@ class MaskingConfig:
     sensor_origin: Sequence[float] = (0.0, 0.0)
 
     @classmethod
-    def from_cfg(cls, cfg) -> "MaskingConfig":
-        """From OpenPCDet-style keys (MASKED_RATIO, NUM_ANGULAR_GROUPS or ANGULAR_GROUP_SIZE, ...);
-        every bad value is an error naming the key."""
-        cfg = dict(cfg or {})
-        size = cfg.get("ANGULAR_GROUP_SIZE")
-        groups = cfg.get("NUM_ANGULAR_GROUPS")
+    def from_cfg(cls, cfg, where: str = "MODEL.BACKBONE_3D") -> "MaskingConfig":
+        """From the masking keys of a config section (:data:`MASKING_SPEC`; the section's owner refuses
+        keys nobody reads); every bad value is an error naming the key."""
+        cfg = from_cfg({k: v for k, v in dict(cfg or {}).items() if k in MASKING_SPEC}, MASKING_SPEC, where)
+        size, groups = cfg.ANGULAR_GROUP_SIZE, cfg.NUM_ANGULAR_GROUPS
         if groups is not None:
-            if not isinstance(groups, int) or groups < 1:
-                raise ValueError(f"NUM_ANGULAR_GROUPS: expected a positive int, got {groups!r}")
             if size is not None and abs(groups * size - 360.0) > 1e-6:
-                raise ValueError(f"NUM_ANGULAR_GROUPS x ANGULAR_GROUP_SIZE must be 360 degrees, got {groups} x {size}")
+                raise ConfigError(f"{where}.NUM_ANGULAR_GROUPS x ANGULAR_GROUP_SIZE must be 360 degrees, "
+                                  f"got {groups} x {size}")
             size = 360.0 / groups
-        out = cls(masked_ratio=cfg.get("MASKED_RATIO", 0.8), mask_type=str(cfg.get("MASK_TYPE", "radial")).lower(),
+        out = cls(masked_ratio=cfg.MASKED_RATIO, mask_type=cfg.MASK_TYPE,
                   angular_group_size=1.0 if size is None else size,
-                  distance_thresholds=tuple(cfg.get("DISTANCE_THRESHOLDS", (10.0, 30.0))),
-                  range_mask_probs=dict(cfg.get("RANGE_MASK_PROBS", {"NEAR": 0.5, "MID": 0.75, "FAR": 0.9})),
-                  use_bernoulli=bool(cfg.get("USE_BERNOULLI_MASKING", True)),
-                  two_stage=bool(cfg.get("ENABLE_2STAGE_MASKING", True)),
-                  sensor_origin=tuple(cfg.get("SENSOR_ORIGIN", (0.0, 0.0))))
+                  distance_thresholds=tuple(cfg.DISTANCE_THRESHOLDS), range_mask_probs=dict(cfg.RANGE_MASK_PROBS),
+                  use_bernoulli=cfg.USE_BERNOULLI_MASKING, two_stage=cfg.ENABLE_2STAGE_MASKING,
+                  sensor_origin=tuple(cfg.SENSOR_ORIGIN))
         out.validate()
         return out
 
     def validate(self) -> None:
         if not isinstance(self.masked_ratio, (int, float)) or not 0.0 <= self.masked_ratio < 1.0:
-            raise ValueError(f"MASKED_RATIO: expected a value in [0, 1), got {self.masked_ratio!r}")
+            raise ConfigError(f"MASKED_RATIO: expected a value in [0, 1), got {self.masked_ratio!r}")
         if self.mask_type not in ("radial", "random"):
-            raise ValueError(f"MASK_TYPE: expected 'radial' or 'random', got {self.mask_type!r}")
+            raise ConfigError(f"MASK_TYPE: expected 'radial' or 'random', got {self.mask_type!r}")
         if not 0.0 < self.angular_group_size <= 360.0:
-            raise ValueError(f"ANGULAR_GROUP_SIZE: expected degrees in (0, 360], got {self.angular_group_size}")
+            raise ConfigError(f"ANGULAR_GROUP_SIZE: expected degrees in (0, 360], got {self.angular_group_size}")
         th = list(self.distance_thresholds)
         if len(th) != 2 or not 0 < th[0] < th[1]:
-            raise ValueError(f"DISTANCE_THRESHOLDS: expected two increasing positive distances in metres, got {th}")
+            raise ConfigError(f"DISTANCE_THRESHOLDS: expected two increasing positive distances in metres, got {th}")
         if set(self.range_mask_probs) != set(RANGE_BINS):
-            raise ValueError(f"RANGE_MASK_PROBS: expected keys {list(RANGE_BINS)}, got {sorted(self.range_mask_probs)}")
+            raise ConfigError(f"RANGE_MASK_PROBS: expected keys {list(RANGE_BINS)}, got {sorted(self.range_mask_probs)}")
         for key, p in self.range_mask_probs.items():
             if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise ValueError(f"RANGE_MASK_PROBS.{key}: expected a probability in [0, 1], got {p!r}")
+                raise ConfigError(f"RANGE_MASK_PROBS.{key}: expected a probability in [0, 1], got {p!r}")
         if len(self.sensor_origin) != 2:
-            raise ValueError(f"SENSOR_ORIGIN: expected (x, y), got {self.sensor_origin}")
+            raise ConfigError(f"SENSOR_ORIGIN: expected (x, y), got {self.sensor_origin}")
 
 
 @dataclass

@@ -17,12 +17,14 @@ a visible voxel (positives vs all empty cells).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..config import Opt, from_cfg
 
 
 @dataclass
@@ -40,28 +42,22 @@ class OccupancyConfig:
     @classmethod
     def from_cfg(cls, cfg) -> "OccupancyConfig":
         """From ``BACKBONE_3D.OCCUPANCY_DECODER`` (UPPER-CASE keys of the fields); errors name the key."""
-        cfg = dict(cfg or {})
-        known = {f.upper(): f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(cfg) - set(known))
-        if unknown:
-            raise ValueError(f"OCCUPANCY_DECODER: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        out = cls(**{known[k]: v for k, v in cfg.items()})
-        out.validate()
-        return out
+        out = from_cfg(cfg, OCCUPANCY_SPEC, WHERE)
+        return cls(**{k.lower(): v for k, v in out.items()})
 
     def validate(self) -> None:
-        for key in ("target_stride_xy", "target_stride_z", "reduce_channels", "hidden_channels", "min_negatives"):
-            val = getattr(self, key)
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"OCCUPANCY_DECODER.{key.upper()}: expected a positive int, got {val!r}")
-        if self.loss not in ("focal", "bce"):
-            raise ValueError(f"OCCUPANCY_DECODER.LOSS: expected 'focal' or 'bce', got {self.loss!r}")
-        if not self.neg_per_pos > 0:
-            raise ValueError(f"OCCUPANCY_DECODER.NEG_PER_POS: expected > 0, got {self.neg_per_pos!r}")
-        if not 0.0 <= self.hard_neg_share <= 1.0:
-            raise ValueError(f"OCCUPANCY_DECODER.HARD_NEG_SHARE: expected a value in [0, 1], got {self.hard_neg_share!r}")
-        if self.focal_gamma < 0:
-            raise ValueError(f"OCCUPANCY_DECODER.FOCAL_GAMMA: expected >= 0, got {self.focal_gamma!r}")
+        """Every field against :data:`OCCUPANCY_SPEC` (for configs built in code)."""
+        for f in fields(self):
+            OCCUPANCY_SPEC[f.name.upper()].check(f"{WHERE}.{f.name.upper()}", getattr(self, f.name))
+
+
+WHERE = "MODEL.BACKBONE_3D.OCCUPANCY_DECODER"
+_POS_INT = dict(types=(int,), lo=1)
+_CHECKS = {"target_stride_xy": _POS_INT, "target_stride_z": _POS_INT, "reduce_channels": _POS_INT,
+           "hidden_channels": _POS_INT, "min_negatives": _POS_INT, "loss": dict(types=(str,), choices=("bce", "focal")),
+           "focal_gamma": dict(types=(float,), lo=0.0), "neg_per_pos": dict(types=(float,), lo=0.0, lo_open=True),
+           "hard_neg_share": dict(types=(float,), lo=0.0, hi=1.0)}
+OCCUPANCY_SPEC = {f.name.upper(): Opt(f.default, **_CHECKS[f.name]) for f in fields(OccupancyConfig)}
 
 
 def sparse_to_bev(features: torch.Tensor, indices: torch.Tensor, spatial_shape: Sequence[int],

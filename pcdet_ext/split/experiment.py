@@ -7,7 +7,8 @@ from typing import List, Sequence
 
 from easydict import EasyDict
 
-from ..config import cfg_from_list, cfg_from_yaml_file, resolve_base
+from ..config import cfg_from_list, cfg_from_yaml_file, find_config
+from ..datasets.class_names import report_dataset_class_names
 from . import schema
 from .schema import ConfigError
 
@@ -17,7 +18,7 @@ DATASET_CLASSES = {"kitti": "KittiDataset", "custom": "CustomDataset"}
 def build_model_cfg(exp: EasyDict, pcdet_set: Sequence[str] = ()) -> EasyDict:
     """The OpenPCDet config of ``model.cfg_file`` with ``--set`` overrides, and its RQ_BOTTLENECK
     filled from the experiment schema; mismatches are ConfigErrors naming the key."""
-    cfg = cfg_from_yaml_file(resolve_base(exp.model.cfg_file, Path.cwd()))
+    cfg = cfg_from_yaml_file(find_config(exp.model.cfg_file))
     cfg_from_list(list(pcdet_set), cfg)
     if cfg.MODEL.NAME != "PointPillarRQ":
         raise ConfigError(f"model.cfg_file: {exp.model.cfg_file} builds {cfg.MODEL.NAME}, expected PointPillarRQ")
@@ -56,6 +57,7 @@ def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
                                               logger=logger, training=False)
     if len(train[0]) == 0 or len(val_set) == 0:
         raise ConfigError(f"dataset.dir: {root} has no train or val infos (run tools/create_data.py first)")
+    report_dataset_class_names(val_set)
     model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train[0]).cuda()
     return model, train, (val_set, val_loader)
 

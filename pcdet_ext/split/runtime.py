@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..bitstream import GridGeometry, ProbabilityModels, decode_frame, encode_frame
-from ..utils.checkpoint import atomic_save, load_checkpoint
+from ..utils.checkpoint import atomic_save, load_checkpoint, model_state_of
 
 STATE_KEY = "bitstream_models"
 
@@ -187,11 +187,13 @@ def load_split_model(cfg_file=None, set_cfgs: Sequence[str] = (), root_path=None
     from pcdet.models import build_network
     from pcdet.utils import common_utils
 
-    from ..config import cfg_from_list, cfg_from_yaml_file, resolve_base
+    from ..config import cfg_from_list, cfg_from_yaml_file, find_config
     if cfg_file is not None:
-        cfg = cfg_from_yaml_file(resolve_base(str(cfg_file), Path.cwd()))
+        if ckpt:
+            rq_checkpoint(ckpt, "--ckpt")
+        cfg = cfg_from_yaml_file(find_config(str(cfg_file)))
     else:
-        stored = load_checkpoint(ckpt).get("pcdet_cfg") if ckpt else None
+        stored = rq_checkpoint(ckpt, "--ckpt").get("pcdet_cfg") if ckpt else None
         if stored is None:
             raise ValueError(f"{ckpt} carries no OpenPCDet config (pcdet_cfg): pass --cfg_file")
         cfg = EasyDict(stored)
@@ -202,6 +204,14 @@ def load_split_model(cfg_file=None, set_cfgs: Sequence[str] = (), root_path=None
     if type(model).__name__ != "PointPillarRQ":
         raise ValueError(f"{cfg_file} builds {type(model).__name__}, expected PointPillarRQ")
     return model, dataset, cfg
+
+
+def rq_checkpoint(path, flag: str) -> dict:
+    """A checkpoint holding a PointPillarRQ (``rq_bottleneck.*`` tensors), else a one-line CheckpointError."""
+    state = load_checkpoint(path)
+    model_state_of(state, path, flag, needs_prefix="rq_bottleneck.",
+                   expected="a PointPillarRQ checkpoint written by tools/train_eval_rq.py")
+    return state
 
 
 def read_points(path, num_features: int) -> np.ndarray:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 from easydict import EasyDict
 
+from ..config import ConfigError
+
 _REQUIRED = object()
 
 # section -> key -> (default, allowed types); _REQUIRED marks keys without a default
@@ -47,8 +49,6 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
 }
 
 
-class ConfigError(ValueError):
-    """The experiment config is invalid; the message names the key and what was expected."""
 
 
 def _type_name(types) -> str:

@@ -8,9 +8,10 @@ arrays, not arbitrary objects), so such checkpoints load without ``weights_only=
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -44,8 +45,25 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint cannot serve: not loadable, or holding something else. One line
+    naming the file and what it holds."""
+
+
+def _why_not_loadable(exc: Exception) -> str:
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds pickled Python objects ({found.group(1)}) besides tensors and plain containers; "
+                "pcdet_ext loads checkpoints as state dicts only")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = detail.group(1) if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"not a torch.save file ({first.strip()[:120]})"
+
+
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with the numpy scalar allow-list and a clear error."""
+    """``torch.load(path, weights_only=True)`` with the numpy scalar allow-list; a missing or unloadable
+    file is a one-line :class:`CheckpointError` (FileNotFoundError for a missing one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -53,7 +71,30 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"{path} is not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: {_why_not_loadable(exc)}") from exc
+
+
+def describe_checkpoint(state: Any) -> str:
+    """What a loaded checkpoint holds, in a few words (for errors)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a checkpoint dict"
+    model_state = state.get("model_state")
+    if not isinstance(model_state, dict):
+        return f"a dict with keys {sorted(map(str, state))[:6]} and no model_state"
+    modules = sorted({k.split(".", 1)[0] for k in model_state})
+    epoch = f", epoch {state['epoch']}" if "epoch" in state else ""
+    return f"an OpenPCDet checkpoint{epoch} with modules {modules}"
+
+
+def model_state_of(state: Any, path: Union[str, Path], flag: str = "--ckpt",
+                   needs_prefix: Optional[str] = None, expected: str = "") -> Dict[str, Any]:
+    """``state['model_state']``, or a :class:`CheckpointError` saying what ``path`` holds instead; with
+    ``needs_prefix``, the model state must hold tensors of that module (e.g. ``rq_bottleneck.``)."""
+    model_state = state.get("model_state") if isinstance(state, dict) else None
+    if not isinstance(model_state, dict) or (needs_prefix and not any(k.startswith(needs_prefix) for k in model_state)):
+        need = f"; expected {expected}" if expected else ""
+        raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}{need}")
+    return model_state
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:

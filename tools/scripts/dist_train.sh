@@ -2,7 +2,8 @@
 # Multi-process training with torchrun (OpenPCDet's script uses torch.distributed.launch, which on
 # torch 2.x passes --local-rank and ignores --tcp_port). Backend: nccl with CUDA, gloo on CPU.
 #   bash scripts/dist_train.sh NUM_PROCS --cfg_file cfgs/... [train.py flags]
-# Port: --tcp_port P (default 18888), or MASTER_PORT.
+# Port: --tcp_port P (default 18888), or MASTER_PORT. Runs from any folder (cfgs/ paths resolve
+# against this repository).
 set -euo pipefail
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]] || [ "$1" -lt 1 ]; then
     echo "usage: $0 NUM_PROCS --cfg_file CFG [train.py flags]" >&2
@@ -19,5 +20,8 @@ for ((i = 0; i < ${#ARGS[@]}; i++)); do
 done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TRAIN=${TRAIN_SCRIPT:-$HERE/../train.py}
+# One process checks the config, dataset files and checkpoints first: a mistake is one line here,
+# not one traceback per rank plus torchrun's ChildFailedError.
+python "$TRAIN" --preflight_only "$@" || exit $?
 exec torchrun --nproc_per_node="$NGPUS" --master_addr=127.0.0.1 --master_port="$PORT" \
     "$TRAIN" --launcher pytorch "$@"

@@ -9,23 +9,27 @@ pretrained weights load 100 % into a stock backbone. The added modules live unde
 ``occ_decoder``, ``ts_regression`` and ``teacher`` (parameters turned into buffers) and are
 ignored by the fine-tune detector.
 
-Config (``MODEL.BACKBONE_3D``): the encoder's own keys, plus ``PRETRAINING``, the masking keys of
-:class:`~pcdet_ext.pretraining.masking.MaskingConfig`, ``MASK_SEED``, ``RMAE_WEIGHT``,
-``OCCUPANCY_DECODER`` (see :class:`~pcdet_ext.pretraining.occupancy.OccupancyConfig`),
-``ENABLE_TEACHER_STUDENT``, ``TEACHER_BACKBONE_TYPE`` (``identical``), ``TEACHER_MOMENTUM``,
-``TEACHER_STUDENT_WEIGHT``, ``TEACHER_STUDENT_SCALES``.
+Config (``MODEL.BACKBONE_3D``): the keys of :data:`BACKBONE_SPEC` (``PRETRAINING``, the masking keys
+of :class:`~pcdet_ext.pretraining.masking.MaskingConfig`, ``MASK_SEED``, ``RMAE_WEIGHT``,
+``OCCUPANCY_DECODER``, the teacher keys, users' ``TEACHER_STUDENT_MODE`` / ``FEATURE_DIM``) and the
+encoder's own keys; any other key is an error. A top-level ``LOSS_CONFIG: {RMAE_WEIGHT,
+TEACHER_STUDENT_WEIGHT}`` is folded in (a value given in both places must agree).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Tuple
+import inspect
+import re
+from typing import Dict, Set, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from easydict import EasyDict
 
+from ...config import ConfigError, NoneType, Opt, agree, from_cfg
 from ...openpcdet import require_pcdet
-from ...pretraining.masking import RANGE_BINS, MaskingConfig, mask_voxels
+from ...pretraining.masking import MASKING_SPEC, RANGE_BINS, MaskingConfig, mask_voxels
 from ...pretraining.occupancy import (OccupancyConfig, OccupancyDecoder, occupancy_loss, occupancy_metrics,
                                       occupancy_targets)
 from ...pretraining.teacher_student import (FeatureRegression, cosine_similarity, ema_update_, match_features,
@@ -34,22 +38,86 @@ from ...pretraining.teacher_student import (FeatureRegression, cosine_similarity
 DEFAULT_ENCODER = "VoxelResBackBone8xVoxelNeXt"
 ADDED_MODULES = ("occ_decoder", "ts_regression", "teacher")
 DETECTION_ONLY_FORBIDDEN = {"MASKED_RATIO": 0, "ENABLE_TEACHER_STUDENT": False}
+LOSS_CONFIG_KEYS = ("RMAE_WEIGHT", "TEACHER_STUDENT_WEIGHT")
 
 
-class ConfigError(ValueError):
-    """A config key has a value this module cannot use."""
+BACKBONE_SPEC = {
+    "NAME": Opt(None, (str, NoneType)),
+    "ENCODER": Opt(DEFAULT_ENCODER, (str,)),
+    "PRETRAINING": Opt(False, (bool,)),
+    **MASKING_SPEC,
+    "MASK_SEED": Opt(0, (int,)),
+    "RMAE_WEIGHT": Opt(1.0, (float,), lo=0.0),
+    "OCCUPANCY_DECODER": Opt(None, (dict, NoneType)),
+    "ENABLE_TEACHER_STUDENT": Opt(True, (bool,)),
+    "TEACHER_BACKBONE_TYPE": Opt("identical", (str,), choices=("identical",)),
+    "TEACHER_MOMENTUM": Opt(0.999, (float,), lo=0.0, hi=1.0),
+    "TEACHER_STUDENT_WEIGHT": Opt(0.0, (float,), lo=0.0),
+    "TEACHER_STUDENT_SCALES": Opt(["x_conv2", "x_conv3", "x_conv4"], (list, tuple)),
+    # users' configs: accepted with this meaning
+    "TEACHER_STUDENT_MODE": Opt("phase1", (str,), choices=("phase1",),
+                                note="Phase 1 feature regression (the only mode of this class)"),
+    "FEATURE_DIM": Opt(None, (int, NoneType), lo=1,
+                       note="informational: the regression works at each teacher scale's own channel count"),
+}
+_CFG_KEY = re.compile(r"model_cfg(?:\.get\(\s*|\[\s*|\.)['\"]?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def encoder_keys(encoder: type) -> Set[str]:
+    """The config keys an encoder class (and its bases) reads from ``model_cfg``, from its source;
+    they are the encoder's to check."""
+    keys: Set[str] = set()
+    for cls in encoder.__mro__:
+        if cls in (nn.Module, object) or not cls.__module__ or cls.__module__.startswith("torch"):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        keys |= {k for k in _CFG_KEY.findall(source) if k not in ("get", "items", "keys")}
+    return keys
+
+
+def parse_backbone_cfg(model_cfg) -> EasyDict:
+    """``MODEL.BACKBONE_3D`` checked against :data:`BACKBONE_SPEC` plus the keys its encoder reads: an
+    unknown key (e.g. ``MASKED_RATO``) is an error naming it and the known ones."""
+    encoder_name = BACKBONE_SPEC["ENCODER"].check("MODEL.BACKBONE_3D.ENCODER", (model_cfg or {}).get("ENCODER", DEFAULT_ENCODER))
+    cfg = from_cfg(model_cfg, BACKBONE_SPEC, "MODEL.BACKBONE_3D", passthrough=encoder_keys(resolve_encoder(encoder_name)))
+    MaskingConfig.from_cfg(cfg)
+    OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
+    return cfg
+
+
+def apply_loss_config(loss_cfg, backbone_cfg, where: str = "LOSS_CONFIG") -> None:
+    """Users' top-level ``LOSS_CONFIG: {RMAE_WEIGHT, TEACHER_STUDENT_WEIGHT}`` into ``backbone_cfg``
+    (where the backbone reads them); the same key in both places with different values is an error."""
+    if loss_cfg is None:
+        return
+    cfg = from_cfg(loss_cfg, {k: BACKBONE_SPEC[k] for k in LOSS_CONFIG_KEYS}, where)
+    for key in loss_cfg:
+        backbone_cfg[key] = agree(f"MODEL.BACKBONE_3D.{key}", backbone_cfg.get(key), f"{where}.{key}", cfg[key])
+
+
+def _global_loss_config(model_cfg):
+    """The top-level ``LOSS_CONFIG`` of OpenPCDet's global ``cfg`` when ``model_cfg`` is that config's
+    ``MODEL.BACKBONE_3D`` (a fork's stock train.py loads into it); None otherwise."""
+    try:
+        from pcdet.config import cfg as global_cfg
+    except ImportError:
+        return None
+    return global_cfg.get("LOSS_CONFIG") if (global_cfg.get("MODEL") or {}).get("BACKBONE_3D") is model_cfg else None
 
 
 def resolve_encoder(name: str) -> type:
     """An OpenPCDet ``backbones_3d`` class by registry name, or ``package.module:Class``."""
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"BACKBONE_3D.ENCODER: expected a backbone class name, got {name!r}")
+        raise ConfigError(f"MODEL.BACKBONE_3D.ENCODER: expected a backbone class name, got {name!r}")
     if ":" in name:
         module_name, cls_name = name.split(":", 1)
         try:
             cls = getattr(importlib.import_module(module_name), cls_name)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"BACKBONE_3D.ENCODER: cannot import {name!r} ({exc})") from exc
+            raise ConfigError(f"MODEL.BACKBONE_3D.ENCODER: cannot import {name!r} ({exc})") from exc
     else:
         require_pcdet("RMAECMAEBackbonePhase1")
         from pcdet.models import backbones_3d
@@ -57,10 +125,10 @@ def resolve_encoder(name: str) -> type:
         if cls is None:
             available = sorted(k for k, v in backbones_3d.__all__.items()
                                if isinstance(v, type) and not issubclass(v, RMAECMAEBackbonePhase1))
-            raise ConfigError(f"BACKBONE_3D.ENCODER: OpenPCDet has no backbones_3d class {name!r}; "
+            raise ConfigError(f"MODEL.BACKBONE_3D.ENCODER: OpenPCDet has no backbones_3d class {name!r}; "
                               f"available: {available}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, RMAECMAEBackbonePhase1):
-        raise ConfigError(f"BACKBONE_3D.ENCODER: {name!r} is not a stock sparse encoder class")
+        raise ConfigError(f"MODEL.BACKBONE_3D.ENCODER: {name!r} is not a stock sparse encoder class")
     return cls
 
 
@@ -85,46 +153,43 @@ class RMAECMAEBackbonePhase1(nn.Module):
     def __init__(self, model_cfg, input_channels, grid_size, voxel_size, point_cloud_range, **kwargs):
         enc_args = dict(model_cfg=model_cfg, input_channels=input_channels, grid_size=grid_size,
                         voxel_size=voxel_size, point_cloud_range=point_cloud_range, **kwargs)
+        apply_loss_config(_global_loss_config(model_cfg), model_cfg)
+        cfg = parse_backbone_cfg(model_cfg)
         super().__init__(**enc_args)  # the encoder class (next in the MRO)
-        self.pretraining = bool(model_cfg.get("PRETRAINING", False))
+        self.pretraining = cfg.PRETRAINING
         self.voxel_size = [float(v) for v in voxel_size]
         self.point_cloud_range = [float(v) for v in point_cloud_range]
         self.grid_size = [int(g) for g in grid_size]
         if not self.pretraining:
             for key, off in DETECTION_ONLY_FORBIDDEN.items():
                 if model_cfg.get(key, off) != off:
-                    raise ConfigError(f"BACKBONE_3D.{key}: must be {off} with PRETRAINING: False "
+                    raise ConfigError(f"MODEL.BACKBONE_3D.{key}: must be {off} with PRETRAINING: False "
                                       f"(got {model_cfg.get(key)!r}); masking and the teacher are pretraining-only")
             return
         self._encoder_params = [n for n, _ in self.named_parameters()]
-        self.mask_cfg = MaskingConfig.from_cfg(model_cfg)
-        self.mask_seed = int(model_cfg.get("MASK_SEED", 0))
+        self.mask_cfg = MaskingConfig.from_cfg(cfg)
+        self.mask_seed = cfg.MASK_SEED
         self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
-        self.rmae_weight = _weight(model_cfg, "RMAE_WEIGHT", 1.0)
-        self.ts_weight = _weight(model_cfg, "TEACHER_STUDENT_WEIGHT", 0.0)
-        self.use_teacher = bool(model_cfg.get("ENABLE_TEACHER_STUDENT", True))
+        self.rmae_weight = cfg.RMAE_WEIGHT
+        self.ts_weight = cfg.TEACHER_STUDENT_WEIGHT
+        self.use_teacher = cfg.ENABLE_TEACHER_STUDENT
         if self.ts_weight > 0 and not self.use_teacher:
-            raise ConfigError("BACKBONE_3D.TEACHER_STUDENT_WEIGHT > 0 needs ENABLE_TEACHER_STUDENT: True")
+            raise ConfigError("MODEL.BACKBONE_3D.TEACHER_STUDENT_WEIGHT > 0 needs ENABLE_TEACHER_STUDENT: True")
         probe = self._probe(input_channels)
         enc = probe["encoded_spconv_tensor"]
         self._encoded_shape = [int(v) for v in enc.spatial_shape]
-        self.occ_cfg = OccupancyConfig.from_cfg(model_cfg.get("OCCUPANCY_DECODER"))
+        self.occ_cfg = OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
         self.full_shape = [int(s) for s in self.sparse_shape]
         self.occ_decoder = OccupancyDecoder(
             self.occ_cfg, enc.features.shape[1], enc.spatial_shape[0] if len(enc.spatial_shape) == 3 else 1,
             int(probe["encoded_spconv_tensor_stride"]), self.full_shape)
         if self.use_teacher:
-            kind = model_cfg.get("TEACHER_BACKBONE_TYPE", "identical")
-            if kind != "identical":
-                raise ConfigError(f"BACKBONE_3D.TEACHER_BACKBONE_TYPE: only 'identical' is supported, got {kind!r}")
-            self.momentum = float(model_cfg.get("TEACHER_MOMENTUM", 0.999))
-            if not 0.0 <= self.momentum <= 1.0:
-                raise ConfigError(f"BACKBONE_3D.TEACHER_MOMENTUM: expected a value in [0, 1], got {self.momentum}")
-            scales = list(model_cfg.get("TEACHER_STUDENT_SCALES", ["x_conv2", "x_conv3", "x_conv4"]))
+            self.momentum = cfg.TEACHER_MOMENTUM
+            scales = list(cfg.TEACHER_STUDENT_SCALES)
             multi = probe["multi_scale_3d_features"]
             missing = [s for s in scales if s not in multi]
             if missing:
-                raise ConfigError(f"BACKBONE_3D.TEACHER_STUDENT_SCALES: {missing} not among the encoder's "
+                raise ConfigError(f"MODEL.BACKBONE_3D.TEACHER_STUDENT_SCALES: {missing} not among the encoder's "
                                   f"multi_scale_3d_features {sorted(multi)}")
             self.ts_scales = scales
             self._scale_channels = {s: multi[s].features.shape[1] for s in scales}
@@ -237,9 +302,3 @@ class RMAECMAEBackbonePhase1(nn.Module):
             params = dict(self.named_parameters())
             ema_update_(self.teacher, ((n, params[n]) for n in self._encoder_params), self.momentum)
 
-
-def _weight(cfg, key: str, default: float) -> float:
-    val = cfg.get(key, default)
-    if not isinstance(val, (int, float)) or val < 0:
-        raise ConfigError(f"BACKBONE_3D.{key}: expected a non-negative number, got {val!r}")
-    return float(val)

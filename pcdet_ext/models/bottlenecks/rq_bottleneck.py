@@ -13,51 +13,37 @@ from typing import Dict
 import torch.nn as nn
 from easydict import EasyDict
 
+from ...config import ConfigError, NoneType, Opt, from_cfg
+
 from ...quantization import ResidualQuantizer
 
-DEFAULTS = {
-    "NUM_CODEBOOKS": 5,
-    "CODEBOOK_SIZE": 256,
-    "EMBEDDING_SCHEDULE": [16, 32, 64, 128, 256],
-    "DECAY": 0.99,
-    "MODE": "sparse",
-    "ADAPTER_DIM": None,
-    "OPERATING_POINT_TRAINING": True,
-    "FREEZE_EARLIER": True,
-    "DEAD_THRESHOLD": 1e-3,
-    "FREEZE_HEAD_TAIL": True,
-    "LOSS_WEIGHTS": {"DET": 0.8, "VQ": 0.25, "CODEBOOK": 0.1},
+WHERE = "MODEL.RQ_BOTTLENECK"
+RQ_SPEC = {
+    "NUM_CODEBOOKS": Opt(5, (int,), lo=1),
+    "CODEBOOK_SIZE": Opt(256, (int,), lo=1),
+    "EMBEDDING_SCHEDULE": Opt([16, 32, 64, 128, 256], (list,)),
+    "DECAY": Opt(0.99, (float,), lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    "MODE": Opt("sparse", (str,), choices=("sparse", "dense")),
+    "ADAPTER_DIM": Opt(None, (int, NoneType), lo=1),
+    "OPERATING_POINT_TRAINING": Opt(True, (bool,)),
+    "FREEZE_EARLIER": Opt(True, (bool,)),
+    "DEAD_THRESHOLD": Opt(1e-3, (float,), lo=0.0),
+    "FREEZE_HEAD_TAIL": Opt(True, (bool,)),
+    "LOSS_WEIGHTS": Opt(None, (dict, NoneType)),
 }
-_TYPES = {"NUM_CODEBOOKS": int, "CODEBOOK_SIZE": int, "EMBEDDING_SCHEDULE": list, "DECAY": float,
-          "MODE": str, "ADAPTER_DIM": (int, type(None)), "OPERATING_POINT_TRAINING": bool,
-          "FREEZE_EARLIER": bool, "DEAD_THRESHOLD": float, "FREEZE_HEAD_TAIL": bool, "LOSS_WEIGHTS": dict}
+LOSS_WEIGHTS_SPEC = {k: Opt(v, (float,), lo=0.0) for k, v in (("DET", 0.8), ("VQ", 0.25), ("CODEBOOK", 0.1))}
 
 
 def parse_rq_config(cfg) -> EasyDict:
-    """``MODEL.RQ_BOTTLENECK`` with defaults filled in; unknown keys and wrong types are errors."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"MODEL.RQ_BOTTLENECK: unknown keys {unknown}; expected some of {sorted(DEFAULTS)}")
-    out = EasyDict({**DEFAULTS, **cfg})
-    for key, kind in _TYPES.items():
-        val = out[key]
-        if kind is float and isinstance(val, int) and not isinstance(val, bool):
-            out[key] = float(val)
-        elif not isinstance(val, kind) or (kind is int and isinstance(val, bool)):
-            raise TypeError(f"MODEL.RQ_BOTTLENECK.{key}: expected {kind}, got {val!r}")
-    weights = {**DEFAULTS["LOSS_WEIGHTS"], **out.LOSS_WEIGHTS}
-    if set(weights) != set(DEFAULTS["LOSS_WEIGHTS"]) or any(float(v) < 0 for v in weights.values()):
-        raise ValueError(f"MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS: expected non-negative DET, VQ, CODEBOOK, got {weights}")
-    out.LOSS_WEIGHTS = EasyDict({k: float(v) for k, v in weights.items()})
-    if out.MODE not in ("sparse", "dense"):
-        raise ValueError(f"MODEL.RQ_BOTTLENECK.MODE: expected 'sparse' or 'dense', got {out.MODE!r}")
+    """``MODEL.RQ_BOTTLENECK`` with defaults filled in; unknown keys, wrong types and values are
+    ConfigErrors naming the key."""
+    out = from_cfg(cfg, RQ_SPEC, WHERE)
+    out.LOSS_WEIGHTS = from_cfg(out.LOSS_WEIGHTS, LOSS_WEIGHTS_SPEC, f"{WHERE}.LOSS_WEIGHTS")
     sched = out.EMBEDDING_SCHEDULE
-    if not sched or any(b <= a for a, b in zip(sched, sched[1:])) or sched[0] < 1 or sched[-1] > out.CODEBOOK_SIZE:
-        raise ValueError(f"MODEL.RQ_BOTTLENECK.EMBEDDING_SCHEDULE: expected strictly increasing sizes in "
-                         f"1..CODEBOOK_SIZE={out.CODEBOOK_SIZE}, got {sched}")
-    if out.NUM_CODEBOOKS < 1:
-        raise ValueError(f"MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS: expected >= 1, got {out.NUM_CODEBOOKS}")
+    if not sched or not all(isinstance(k, int) and not isinstance(k, bool) for k in sched) or \
+            any(b <= a for a, b in zip(sched, sched[1:])) or sched[0] < 1 or sched[-1] > out.CODEBOOK_SIZE:
+        raise ConfigError(f"{WHERE}.EMBEDDING_SCHEDULE: expected strictly increasing sizes in "
+                          f"1..CODEBOOK_SIZE={out.CODEBOOK_SIZE}, got {sched}")
     return out
 
 

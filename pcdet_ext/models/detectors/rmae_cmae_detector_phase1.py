@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from ...config import ConfigError
 from ...openpcdet import require_pcdet
 
 require_pcdet("RMAECMAEDetectorPhase1")
@@ -26,7 +27,7 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
         if self.pretraining:
             self.module_topology = PRETRAINING_TOPOLOGY
         elif model_cfg.get("DENSE_HEAD") is None:
-            raise KeyError("MODEL.DENSE_HEAD: detection mode (BACKBONE_3D.PRETRAINING: False) needs a dense head")
+            raise ConfigError("MODEL.DENSE_HEAD: detection mode (BACKBONE_3D.PRETRAINING: False) needs a dense head")
         self.module_list = self.build_networks()
 
     def forward(self, batch_dict: Dict):

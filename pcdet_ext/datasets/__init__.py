@@ -1,0 +1,1 @@
+"""Dataset tooling: synthetic LiDAR sets, KITTI-format writers, validation, info creation, class-name reports."""

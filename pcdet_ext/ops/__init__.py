@@ -1,0 +1,1 @@
+"""Pure-numpy/numba geometry ops (rotated boxes), free of OpenPCDet imports."""
