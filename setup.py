@@ -4,7 +4,11 @@ torch is required without a version pin so pip never replaces an installed (CPU 
 torch; install torch first. spconv comes through extras: ``pip install pcdet_ext[cpu]``
 (CPU package ``spconv``) or ``[cu120]`` (``spconv-cu120``), ``[cu118]``, ``[cu121]``...
 """
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 SPCONV_FLAVOURS = {"cpu": "spconv", "cu113": "spconv-cu113", "cu114": "spconv-cu114",
                    "cu116": "spconv-cu116", "cu117": "spconv-cu117", "cu118": "spconv-cu118",
@@ -20,6 +24,23 @@ extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
 extras["test"] = ["pytest>=7", "hypothesis>=6"]  # spconv comes from the flavour extra (cpu, cu120, ...)
 
+
+
+class BuildPyWithConfigs(build_py):
+    """Ship ``cfgs/`` inside the package (``pcdet_ext/_data/cfgs``) so a (non-editable) wheel resolves
+    ``cfgs/...`` config paths too; an editable install reads them from the checkout."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src = Path(__file__).resolve().parent / "cfgs"
+        for path in src.rglob("*.yaml"):
+            out = Path(self.build_lib) / "pcdet_ext" / "_data" / "cfgs" / path.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+
+
 setup(
     name="pcdet_ext",
     version="0.1.0",
@@ -30,4 +51,5 @@ setup(
                       "constriction"],
     extras_require=extras,
     include_package_data=True,
+    cmdclass={"build_py": BuildPyWithConfigs},
 )

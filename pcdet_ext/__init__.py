@@ -20,6 +20,7 @@ from . import cpu
 from .openpcdet import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
 from .registry import RegistryClashError, register, register_class
 from .utils.checkpoint import allow_numpy_scalars
+from .utils.console import quiet_known_warnings
 
 __version__ = "0.1.0"
 __all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoundError",
@@ -31,18 +32,19 @@ if cpu.should_activate():
 
 def _auto_register() -> None:
     """Register into OpenPCDet when it is importable; say why not when PCDET_ROOT names a bad checkout
-    or OpenPCDet itself fails to import (the pure-torch parts keep working either way)."""
+    or OpenPCDet itself fails to import (the pure-torch parts keep working either way). OpenPCDet's
+    import-time deprecation warnings (``torch.cuda.amp`` decorators) are filtered here only."""
     try:
-        import_pcdet()
+        with warnings.catch_warnings():
+            quiet_known_warnings()
+            import_pcdet()
+            register()
     except OpenPCDetNotFoundError as exc:
         if os.environ.get("PCDET_ROOT"):
             warnings.warn(f"pcdet_ext: OpenPCDet not registered: {exc}", RuntimeWarning, stacklevel=3)
-        return
     except ImportError as exc:
         warnings.warn(f"pcdet_ext: OpenPCDet found but failed to import ({exc}); nothing registered",
                       RuntimeWarning, stacklevel=3)
-        return
-    register()
 
 
 if os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0":

@@ -3,7 +3,8 @@ config-section validator of this package (:func:`from_cfg`), pure python.
 
 A config file or ``_BASE_CONFIG_`` entry is found by :func:`find_config`, in order: as given
 (absolute, or relative to the including file's folder), the working directory, this
-repository's root (so ``cfgs/...`` works from anywhere) and OpenPCDet's ``tools/`` (so OpenPCDet's
+repository's root (so ``cfgs/...`` works from anywhere; a wheel carries the same ``cfgs/`` inside
+the package) and OpenPCDet's ``tools/`` (so OpenPCDet's
 own ``cfgs/dataset_configs/...`` paths work unchanged). Bases may themselves have bases.
 
 Every module that reads a config section validates it with :func:`from_cfg` against a spec of
@@ -25,6 +26,7 @@ from easydict import EasyDict
 from .openpcdet import REPO_ROOT, pcdet_tools_dir
 
 NoneType = type(None)
+PACKAGED = Path(__file__).resolve().parent / "_data"  # cfgs/ as shipped in a wheel (setup.py)
 
 
 class ConfigError(ValueError):
@@ -38,7 +40,8 @@ def find_config(ref: str, including_dir: Optional[Path] = None, what: str = "_BA
     if ref_path.is_absolute():
         candidates = [ref_path]
     else:
-        candidates = [d / ref_path for d in (including_dir, Path.cwd(), REPO_ROOT) if d is not None]
+        roots = (including_dir, Path.cwd(), REPO_ROOT, PACKAGED)
+        candidates = [d / ref_path for d in roots if d is not None]
         tools = pcdet_tools_dir()
         if tools is not None:
             candidates.append(tools / ref_path)

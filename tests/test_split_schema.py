@@ -35,8 +35,8 @@ def test_defaults_filled(tmp_path):
 
 
 @pytest.mark.parametrize("sections,match", [
-    ({"training": {"batchsize": 4}}, r"training: unknown key\(s\) \['batchsize'\]"),
-    ({"optimizer": {"lr": 1}}, r"unknown section\(s\) \['optimizer'\]"),
+    ({"training": {"batchsize": 4}}, r"training: unknown key\(s\) 'batchsize' \(did you mean 'batch_size'\?\)"),
+    ({"optimizer": {"lr": 1}}, r"experiment config \(sections\): unknown key\(s\) 'optimizer'; known keys: \['dataset'"),
     ({"training": {"batch_size": "6"}}, "training.batch_size: expected int"),
     ({"training": {"init_lr": True}}, "training.init_lr: expected float"),
     ({"progressive_learning": {"embedding_schedule": [16, 64, 32]}}, "embedding_schedule: expected strictly increasing"),

@@ -10,13 +10,17 @@ Calls OpenPCDet's own create_kitti_infos / create_custom_infos after validating 
 is then symlinked into it.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (CPU runtime, OpenPCDet import path)
+from pcdet_ext.config import ConfigError
 from pcdet_ext.datasets import create_infos
+from pcdet_ext.datasets.validation import DatasetFormatError
+from pcdet_ext.openpcdet import OpenPCDetNotFoundError
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("layout", choices=["kitti", "custom", "unlabelled"],
                         help="unlabelled: --data_path is a folder of .bin/.npy scans, written to --out_dir")
@@ -26,13 +30,22 @@ def main() -> None:
     parser.add_argument("--class_names", nargs="+", default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    try:
+        print(create(parser, args))
+    except (OpenPCDetNotFoundError, ConfigError, DatasetFormatError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def create(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Write the infos (and gt database) of ``args.layout``; returns what was written."""
     if args.layout == "unlabelled":
         if args.out_dir is None:
             parser.error("unlabelled: --out_dir is required")
         scans = sorted(list(args.data_path.glob("*.bin")) + list(args.data_path.glob("*.npy")))
         root = create_infos.create_unlabelled(scans, args.out_dir, args.cfg_file)
-        print(f"{len(scans)} unlabelled scans and infos written under {root}")
-        return
+        return f"{len(scans)} unlabelled scans and infos written under {root}"
     if args.layout == "kitti":
         root = create_infos.create_kitti(args.data_path, args.out_dir, args.cfg_file,
                                          args.class_names or create_infos.KITTI_CLASSES, args.workers)
@@ -41,8 +54,8 @@ def main() -> None:
             parser.error("custom: --class_names is required (the classes of the labels)")
         root = create_infos.create_custom(args.data_path, args.class_names, args.out_dir, args.cfg_file,
                                           args.workers)
-    print(f"infos and gt database written under {root}")
+    return f"infos and gt database written under {root}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

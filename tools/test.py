@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pcdet_ext  # noqa: F401
+from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.cli import load_config, output_dir
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate, load_for_eval, mark_done, pending_checkpoints
 from pcdet_ext.engine.loop import create_logger
+from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint, model_state_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,22 +39,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.cfg_file, args.set_cfgs, REPO)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = output_dir(cfg, args.extra_tag, REPO)
     if not args.ckpt and not args.eval_all:
         print("error: give --ckpt PATH or --eval_all", file=sys.stderr)
         return 2
-    if args.ckpt and not Path(args.ckpt).is_file():
-        print(f"error: --ckpt {args.ckpt} does not exist", file=sys.stderr)
+    try:
+        if args.ckpt:  # before any data or model is built
+            model_state_of(load_checkpoint(args.ckpt), args.ckpt, "--ckpt", expected="an OpenPCDet checkpoint")
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: --ckpt: {exc}" if isinstance(exc, FileNotFoundError) else f"error: {exc}", file=sys.stderr)
         return 2
     eval_root = out / "eval" / ("eval_all_" + args.eval_tag if args.eval_all else "epoch_eval") / args.eval_tag
     eval_root.mkdir(parents=True, exist_ok=True)
     logger = create_logger(eval_root / "log_eval.txt")
     from pcdet.models import build_network
-    test_set, loader, _ = build_test_loader(cfg, args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU,
-                                            args.workers, logger)
+    try:
+        test_set, loader, _ = build_test_loader(cfg, args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU,
+                                                args.workers, logger)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=test_set)
     if args.ckpt:
         todo, record = [Path(args.ckpt)], None
@@ -64,7 +73,7 @@ def main(argv=None) -> int:
     for path in todo:
         try:
             epoch = load_for_eval(model, path, logger)
-        except (RuntimeError, ValueError) as exc:
+        except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         evaluate(cfg, model, loader, epoch, logger, eval_root / f"epoch_{epoch}", args.save_to_file, args.infer_time)

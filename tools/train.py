@@ -33,11 +33,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
     parser.add_argument("--skip_eval", action="store_true", help="no evaluation after training")
     args = parser.parse_args(argv)
+    splits = ("train",) if args.skip_eval else ("train", "test")  # the final evaluation reads the test split
     try:
         if args.preflight_only:
-            check_training_inputs(args, REPO)
+            check_training_inputs(args, REPO, splits=splits)
             return 0
-        run = prepare_training(args, REPO, min_backbone_coverage=args.pretrained_min_coverage)
+        run = prepare_training(args, REPO, min_backbone_coverage=args.pretrained_min_coverage, splits=splits)
     except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

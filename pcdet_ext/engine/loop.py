@@ -5,15 +5,17 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import tqdm
 
 from ..datasets.class_names import report_dataset_class_names
 from ..openpcdet import require_pcdet
+from ..utils.console import progress as progress_bar, quiet_known_warnings
 
 
 def create_logger(log_file=None, rank: int = 0):
-    """OpenPCDet's logger, without stacking a second set of handlers when called twice in a process."""
+    """OpenPCDet's logger, without stacking a second set of handlers when called twice in a process;
+    the known third-party warnings are filtered from here on."""
     require_pcdet("pcdet_ext.engine")
+    quiet_known_warnings()
     import logging
 
     from pcdet.utils import common_utils
@@ -54,7 +56,7 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
     losses: List[float] = []
     tb_dict: Dict = {}
     it = iter(loader)
-    bar = tqdm.tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(total=steps, desc="train", main=progress)
     for step in range(steps):
         if scheduler is not None:
             scheduler_step(scheduler, step, 0)

@@ -140,14 +140,14 @@ def resolve_data_path(data_cfg, base: Path) -> None:
         data_cfg.DATA_PATH = str(path if path.is_absolute() else (base / path).resolve())
 
 
-def check_dataset_files(data_cfg, splits: Iterable[str] = ("train", "test")) -> None:
-    """``DATA_PATH`` exists and holds the info files of ``splits`` and the gt_sampling database infos;
-    otherwise an error naming the path searched (OpenPCDet would build 0 samples, or fail on
-    ``BACKUP_DB_INFO``)."""
-    root = Path(str(data_cfg.get("DATA_PATH", "")))
+def check_dataset_files(data_cfg, splits: Iterable[str] = ("train", "test"), root: Optional[Path] = None,
+                        root_key: str = "DATA_CONFIG.DATA_PATH") -> None:
+    """``root`` (default ``DATA_PATH``) exists and holds the info files of ``splits`` and the gt_sampling
+    database infos; otherwise an error naming the path searched (OpenPCDet would build 0 samples, or
+    fail on ``BACKUP_DB_INFO``)."""
+    root = Path(str(data_cfg.get("DATA_PATH", ""))) if root is None else Path(root)
     if not root.is_dir():
-        raise ConfigError(f"DATA_CONFIG.DATA_PATH: {root} is not a directory (create the dataset first: "
-                          "tools/create_data.py)")
+        raise ConfigError(f"{root_key}: {root} is not a directory (create the dataset first: tools/create_data.py)")
     missing: List[str] = []
     infos = data_cfg.get("INFO_PATH") or {}
     for split in splits:

@@ -7,7 +7,7 @@ import datetime
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Optional, Sequence, Set
 
 import torch
 
@@ -54,15 +54,16 @@ class TrainingRun:
 
 
 def check_training_inputs(args: argparse.Namespace, repo_root: Path,
-                          check_cfg: Optional[Callable[[Any], None]] = None):
+                          check_cfg: Optional[Callable[[Any], None]] = None, splits: Sequence[str] = ("train",)):
     """The config (:func:`~pcdet_ext.engine.cli.load_config`, plus the tool's own ``check_cfg``),
     the training dataset's files, ``--ckpt`` and ``--pretrained_model``: every error a one-line
     ConfigError / CheckpointError / PretrainedWeightsError, before any process group, data or
-    output. Returns the config. ``--preflight_only`` (dist_train.sh) stops here."""
+    output. ``splits``: the dataset splits the tool reads. Returns the config. ``--preflight_only``
+    (dist_train.sh) stops here."""
     cfg = load_config(args.cfg_file, args.set_cfgs, repo_root)
     if check_cfg is not None:
         check_cfg(cfg)
-    check_dataset_files(cfg.DATA_CONFIG, ("train",))
+    check_dataset_files(cfg.DATA_CONFIG, tuple(splits))
     if args.ckpt:
         if not Path(args.ckpt).is_file():
             raise FileNotFoundError(f"--ckpt: {args.ckpt} does not exist")
@@ -76,7 +77,7 @@ def check_training_inputs(args: argparse.Namespace, repo_root: Path,
 def prepare_training(args: argparse.Namespace, repo_root: Path,
                      check_cfg: Optional[Callable[[Any], None]] = None,
                      dataset_hook: Optional[Callable[[Any], None]] = None,
-                     min_backbone_coverage: float = 0.9) -> TrainingRun:
+                     min_backbone_coverage: float = 0.9, splits: Sequence[str] = ("train",)) -> TrainingRun:
     """Everything up to the first iteration; every config / checkpoint error is raised before
     anything is trained or written into an existing run."""
     from pcdet.datasets import build_dataloader
@@ -84,7 +85,7 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     from pcdet.config import log_config_to_file
     from pcdet.utils import common_utils
 
-    cfg = check_training_inputs(args, repo_root, check_cfg)
+    cfg = check_training_inputs(args, repo_root, check_cfg, splits)
     info = init_dist(args.launcher, args.tcp_port)
     batch_size = args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU
     total_epochs = args.epochs or cfg.OPTIMIZATION.NUM_EPOCHS

@@ -7,9 +7,9 @@ import time
 from typing import Callable, Optional
 
 import torch
-import tqdm
 
 from ..optimization import group_lrs, scheduler_step
+from ..utils.console import progress
 from .checkpointing import checkpoint_state, save_epoch
 from .launch import DistInfo
 
@@ -22,7 +22,7 @@ def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, 
     from pcdet.models import model_fn_decorator
     model_fn = model_fn_decorator()
     total = len(loader) if max_iters is None else min(max_iters, len(loader))
-    bar = tqdm.tqdm(total=total, leave=leave_pbar, desc=f"epoch {epoch}", dynamic_ncols=True, disable=not info.is_main)
+    bar = progress(total=total, leave=leave_pbar, desc=f"epoch {epoch}", main=info.is_main)
     clip = optim_cfg.get("GRAD_NORM_CLIP", 10)
     model.train()
     end = time.time()
@@ -69,8 +69,7 @@ def train_model(run, one_epoch: Callable[..., int] = train_one_epoch) -> int:
     Returns the final iteration count."""
     args, optim_cfg, info = run.args, run.cfg.OPTIMIZATION, run.info
     it = run.start_iter
-    for epoch in tqdm.trange(run.start_epoch, run.total_epochs, desc="epochs", dynamic_ncols=True,
-                             disable=not info.is_main):
+    for epoch in progress(range(run.start_epoch, run.total_epochs), desc="epochs", main=info.is_main):
         if run.sampler is not None:
             run.sampler.set_epoch(epoch)
         current = run.warmup if run.warmup is not None and epoch < optim_cfg.WARMUP_EPOCH else run.scheduler

@@ -9,6 +9,7 @@ from easydict import EasyDict
 
 from ..config import cfg_from_list, cfg_from_yaml_file, find_config
 from ..datasets.class_names import report_dataset_class_names
+from ..engine.preflight import check_dataset_files
 from . import schema
 from .schema import ConfigError
 
@@ -50,6 +51,7 @@ def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
     from pcdet.datasets import build_dataloader
     from pcdet.models import build_network
     root = schema.resolve(exp.dataset.dir, Path.cwd())
+    check_dataset_files(cfg.DATA_CONFIG, ("train", "test"), root=root, root_key="dataset.dir")
     train = build_dataloader(cfg.DATA_CONFIG, cfg.CLASS_NAMES, batch_size=exp.training.batch_size, dist=dist,
                              root_path=root, workers=exp.training.num_workers, logger=logger, training=True)
     val_set, val_loader, _ = build_dataloader(cfg.DATA_CONFIG, cfg.CLASS_NAMES, batch_size=exp.training.batch_size,

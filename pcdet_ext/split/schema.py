@@ -22,74 +22,39 @@ from typing import Any, Dict, List, Optional
 import yaml
 from easydict import EasyDict
 
-from ..config import ConfigError
+from ..config import ConfigError, NoneType, Opt, from_cfg, unknown_keys_error
 
-_REQUIRED = object()
-
-# section -> key -> (default, allowed types); _REQUIRED marks keys without a default
-SCHEMA: Dict[str, Dict[str, tuple]] = {
-    "dataset": {"name": ("KITTI", (str,)), "dir": (_REQUIRED, (str,)), "num_classes": (3, (int,))},
-    "model": {"pre_trained_model": ("pointpillar", (str,)), "n_codebook": (5, (int,)),
-              "pretrained_weight": (None, (str, type(None))),
-              "cfg_file": ("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},
-    "progressive_learning": {"enabled": (True, (bool,)), "embedding_schedule": ([16, 32, 64, 128, 256], (list,)),
-                             "embedding_stage_epochs": (20, (int,)), "warmup_epochs": (2, (int,))},
-    "training": {"mode": ("train", (str,)), "batch_size": (6, (int,)), "num_workers": (4, (int,)),
-                 "max_epoch": (100, (int,)), "init_lr": (0.001, (float,)), "ckpt_freq_epoch": (20, (int,)),
-                 "patience": (5, (int,)), "early_stopping_patience": (5, (int,))},
-    "rq_model": {"latent_shape": ([496, 432, 64], (list,)), "code_shape": ([496, 432, 1], (list,)),
-                 "codebook_size": (64, (int,)), "decay": (0.99, (float,))},
-    "loss_weights": {"vq_weight": (0.25, (float,)), "codebook_weight": (0.1, (float,)), "det_weight": (0.8, (float,))},
-    "evaluation": {"enabled": (False, (bool,)), "use_num_codebook": (None, (int, type(None))),
-                   "use_num_embedding": (None, (int, type(None))), "rq_ckpt": (None, (str, type(None)))},
-    "logging": {"use_wandb": (True, (bool,)), "wandb_project": ("pcdet_ext_rq", (str,)),
-                "wandb_name": (None, (str, type(None))), "log_freq": (8, (int,)),
-                "saved_path": ("progressive_rq_logs", (str,)), "save_stage_weights": (True, (bool,))},
-    "hardware": {"gpu": (0, (int, type(None)))},
+# section -> key -> Opt (default, allowed types); range checks in _check_values
+SCHEMA: Dict[str, Dict[str, Opt]] = {
+    "dataset": {"name": Opt("KITTI", (str,)), "dir": Opt(types=(str,), required=True), "num_classes": Opt(3, (int,))},
+    "model": {"pre_trained_model": Opt("pointpillar", (str,)), "n_codebook": Opt(5, (int,)),
+              "pretrained_weight": Opt(None, (str, NoneType)),
+              "cfg_file": Opt("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},
+    "progressive_learning": {"enabled": Opt(True, (bool,)), "embedding_schedule": Opt([16, 32, 64, 128, 256], (list,)),
+                             "embedding_stage_epochs": Opt(20, (int,)), "warmup_epochs": Opt(2, (int,))},
+    "training": {"mode": Opt("train", (str,)), "batch_size": Opt(6, (int,)), "num_workers": Opt(4, (int,)),
+                 "max_epoch": Opt(100, (int,)), "init_lr": Opt(0.001, (float,)), "ckpt_freq_epoch": Opt(20, (int,)),
+                 "patience": Opt(5, (int,)), "early_stopping_patience": Opt(5, (int,))},
+    "rq_model": {"latent_shape": Opt([496, 432, 64], (list,)), "code_shape": Opt([496, 432, 1], (list,)),
+                 "codebook_size": Opt(64, (int,)), "decay": Opt(0.99, (float,))},
+    "loss_weights": {"vq_weight": Opt(0.25, (float,)), "codebook_weight": Opt(0.1, (float,)), "det_weight": Opt(0.8, (float,))},
+    "evaluation": {"enabled": Opt(False, (bool,)), "use_num_codebook": Opt(None, (int, NoneType)),
+                   "use_num_embedding": Opt(None, (int, NoneType)), "rq_ckpt": Opt(None, (str, NoneType))},
+    "logging": {"use_wandb": Opt(True, (bool,)), "wandb_project": Opt("pcdet_ext_rq", (str,)),
+                "wandb_name": Opt(None, (str, NoneType)), "log_freq": Opt(8, (int,)),
+                "saved_path": Opt("progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,))},
+    "hardware": {"gpu": Opt(0, (int, NoneType))},
 }
-
-
-
-
-def _type_name(types) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
-
-
-def _check_type(key: str, value: Any, types) -> Any:
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{key}: expected {_type_name(types)}, got {value!r}")
-    if not isinstance(value, types):
-        raise ConfigError(f"{key}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
-    return value
 
 
 def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[Path] = None) -> EasyDict:
     """Fill defaults and check every key; raises :class:`ConfigError` before any work starts."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SCHEMA))
+    unknown = [k for k in raw if k not in SCHEMA]
     if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; expected some of {sorted(SCHEMA)}")
-    cfg = EasyDict()
-    for section, keys in SCHEMA.items():
-        given = raw.get(section) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {given!r}")
-        bad = sorted(set(given) - set(keys))
-        if bad:
-            raise ConfigError(f"{section}: unknown key(s) {bad}; expected some of {sorted(keys)}")
-        out = {}
-        for key, (default, types) in keys.items():
-            name = f"{section}.{key}"
-            if key not in given:
-                if default is _REQUIRED:
-                    raise ConfigError(f"{name}: required ({_type_name(types)})")
-                out[key] = copy.deepcopy(default)
-                continue
-            out[key] = _check_type(name, given[key], types)
-        cfg[section] = EasyDict(out)
+        raise unknown_keys_error("experiment config (sections)", unknown, SCHEMA)
+    cfg = EasyDict({section: from_cfg(raw.get(section), keys, section) for section, keys in SCHEMA.items()})
     _check_values(cfg)
     if check_paths:
         _check_paths(cfg, base_dir or Path.cwd())

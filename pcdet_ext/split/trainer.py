@@ -16,11 +16,11 @@ from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-import tqdm
 
 from .. import __version__
 from ..engine.launch import DistInfo
 from ..utils.checkpoint import load_checkpoint, plain
+from ..utils.console import progress
 from . import checkpoints as ck
 from . import schema
 from .evaluate import run_eval
@@ -159,8 +159,8 @@ class ProgressiveTrainer:
         best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
         if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
             best_state = load_checkpoint(best_file)["model_state"]
-        bar = tqdm.trange(first_epoch, st.epochs, desc=f"codebook {st.codebook} stage {st.stage} k={st.num_embeddings}",
-                          disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(range(first_epoch, st.epochs), main=self.dist.is_main,
+                       desc=f"codebook {st.codebook} stage {st.stage} k={st.num_embeddings}")
         for epoch in bar:
             phase = "ema" if epoch < st.warmup_epochs else "gradient"
             self.q.set_mode(phase)
@@ -217,8 +217,8 @@ class ProgressiveTrainer:
             self.train_sampler.set_epoch(self.epochs_done)
         self.model.train()
         total, count = 0.0, 0
-        bar = tqdm.tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{st.epochs} ({phase})", leave=False,
-                        disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(self.train_loader, main=self.dist.is_main, desc=f"epoch {epoch + 1}/{st.epochs} ({phase})",
+                       leave=False)
         for batch in bar:
             t0 = time.time()
             load_data_to_gpu(batch)

@@ -111,8 +111,9 @@ def test_4class_config_builds(synthetic_isarc):
 
 
 def test_bad_rq_config():
+    from pcdet_ext.config import ConfigError
     from pcdet_ext.models.bottlenecks import parse_rq_config
-    with pytest.raises(KeyError, match="unknown keys \\['CODEBOOKS'\\]"):
+    with pytest.raises(ConfigError, match=r"MODEL.RQ_BOTTLENECK: unknown key\(s\) 'CODEBOOKS' \(did you mean 'NUM_CODEBOOKS'"):
         parse_rq_config({"CODEBOOKS": 3})
     with pytest.raises(ValueError, match="EMBEDDING_SCHEDULE: expected strictly increasing"):
         parse_rq_config({"EMBEDDING_SCHEDULE": [16, 16]})
@@ -120,5 +121,5 @@ def test_bad_rq_config():
         parse_rq_config({"EMBEDDING_SCHEDULE": [16, 512]})
     with pytest.raises(ValueError, match="MODE"):
         parse_rq_config({"MODE": "hybrid"})
-    with pytest.raises(TypeError, match="NUM_CODEBOOKS"):
+    with pytest.raises(ConfigError, match="MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS: expected int"):
         parse_rq_config({"NUM_CODEBOOKS": "5"})

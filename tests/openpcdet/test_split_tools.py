@@ -78,3 +78,24 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
 def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti):
     proc = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti))
     assert proc.returncode != 0 and "has no 'bitstream_models'" in proc.stderr
+
+
+def test_wrong_checkpoints_are_one_line_errors(checkpoint, synthetic_kitti, tmp_path):
+    plain_pp = checkpoint.parents[2] / "pp.pth"  # a PointPillars state, no RQ bottleneck
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    cases = [("split_infer.py", "--ckpt", plain_pp, "--data_path", str(synthetic_kitti)),
+             ("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+              "--rq_ckpt", plain_pp),
+             ("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+              "--rq_ckpt", junk)]
+    for script, *args in cases:
+        proc = tool(script, *map(str, args))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert str(args[-1] if script == "train_eval_rq.py" else plain_pp) in lines[0]
+        assert "weights_only" not in lines[0] and "Traceback" not in proc.stderr
+        if args[-1] == plain_pp or script == "split_infer.py":
+            assert "holds an OpenPCDet checkpoint with modules" in lines[0] and "expected a PointPillarRQ" in lines[0]
+        else:
+            assert "not a torch.save file" in lines[0]

@@ -1,0 +1,34 @@
+"""What the tools print: known third-party warnings filtered once, progress bars only on a terminal."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import tqdm
+
+# (category, start of the message): warnings every OpenPCDet run on this stack prints, none actionable
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`torch\.cuda\.amp\.\w+\(args\.\.\.\)` is deprecated"),            # OpenPCDet's AMP calls
+    (UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing"),
+    (UserWarning, r"This DataLoader will create \d+ worker processes in total"),       # workers > cores (CPU)
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    (UserWarning, r"Using a non-tuple sequence for multidimensional indexing is deprecated"),  # spconv
+)
+
+
+def quiet_known_warnings() -> None:
+    """Filter :data:`KNOWN_WARNINGS` and numba's performance warnings (idempotent; others still show)."""
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    try:
+        from numba.core.errors import NumbaPerformanceWarning
+    except ImportError:
+        return
+    warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+
+
+def progress(iterable=None, *, main: bool = True, **kwargs) -> tqdm.tqdm:
+    """A tqdm bar on rank 0 when stderr is a terminal; off otherwise, so a redirected log
+    (``> train.log 2>&1``) holds the logger's lines, not carriage-return bar updates."""
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm.tqdm(iterable, disable=not (main and sys.stderr.isatty()), **kwargs)

@@ -1,0 +1,101 @@
+"""Config mistakes caught before any data is loaded (pure config checks, no OpenPCDet needed)."""
+import copy
+from pathlib import Path
+
+import pytest
+from easydict import EasyDict
+
+from _subproc import run_python
+from pcdet_ext.config import ConfigError, cfg_from_yaml_file
+from pcdet_ext.engine import preflight
+
+REPO = Path(__file__).resolve().parent.parent
+VOXELNEXT_FT = REPO / "cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml"
+SECOND_FT = REPO / "cfgs/custom_models/rmae_cmae_second_isarc_4class_finetune_phase1.yaml"
+
+
+@pytest.fixture(scope="module")
+def voxelnext():
+    return cfg_from_yaml_file(VOXELNEXT_FT)
+
+
+def test_shipped_configs_pass(voxelnext):
+    preflight.check_top_level(copy.deepcopy(voxelnext))
+    for cfg in (voxelnext, cfg_from_yaml_file(SECOND_FT)):
+        preflight.check_model(cfg)
+
+
+def mutate(cfg, change):
+    cfg = copy.deepcopy(cfg)
+    change(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.MODEL.DENSE_HEAD.LOSS_CONFIG.LOSS_WEIGHTS.__setitem__("code_weights", [1.0] * 7),
+     r"LOSS_WEIGHTS.code_weights: 7 weights, but MODEL.DENSE_HEAD.SEPARATE_HEAD_CFG.HEAD_ORDER regresses 8 channels "
+     r"\(center 2 \+ center_z 1 \+ dim 3 \+ rot 2\)"),
+    (lambda c: c.MODEL.DENSE_HEAD.__setitem__("CLASS_NAMES_EACH_HEAD", [["dumptruck", "crane"]]),
+     r"CLASS_NAMES_EACH_HEAD\[0\]: \['crane'\] not in CLASS_NAMES"),
+    (lambda c: c.MODEL.DENSE_HEAD.POST_PROCESSING.update(USE_IOU_TO_RECTIFY_SCORE=True, IOU_RECTIFIER=[0.5] * 3),
+     r"POST_PROCESSING.IOU_RECTIFIER: expected 4 values \(one per class"),
+    (lambda c: c.MODEL.DENSE_HEAD.POST_PROCESSING.NMS_CONFIG.update(NMS_TYPE="class_specific_nms", NMS_THRESH=[0.1] * 2,
+                                                                   NMS_PRE_MAXSIZE=[100] * 4, NMS_POST_MAXSIZE=[50] * 4),
+     r"NMS_CONFIG.NMS_THRESH: expected 4 values"),
+    (lambda c: c.MODEL.DENSE_HEAD.POST_PROCESSING.NMS_CONFIG.update(NMS_THRESH=[0.1] * 4),
+     r"NMS_CONFIG.NMS_THRESH: a list .* needs NMS_TYPE: class_specific_nms"),
+    (lambda c: c.DATA_CONFIG.DATA_AUGMENTOR.AUG_CONFIG_LIST[0].__setitem__("NUM_POINT_FEATURES", 4),
+     r"gt_sampling NUM_POINT_FEATURES: 4, but DATA_CONFIG.POINT_FEATURE_ENCODING.src_feature_list has 3"),
+])
+def test_head_and_data_mistakes_name_both_keys(voxelnext, change, match):
+    with pytest.raises(ConfigError, match=match):
+        preflight.check_model(mutate(voxelnext, change))
+
+
+def test_anchor_head_code_weights_vs_box_coder():
+    cfg = cfg_from_yaml_file(SECOND_FT)
+    cfg.MODEL.DENSE_HEAD.LOSS_CONFIG.LOSS_WEIGHTS.code_weights = [1.0] * 8
+    with pytest.raises(ConfigError, match=r"code_weights: 8 weights, but .*ResidualCoder.* encodes 7 box channels"):
+        preflight.check_model(cfg)
+
+
+def test_top_level_sections_loss_config_and_experiment_notes(voxelnext):
+    with pytest.raises(ConfigError, match=r"config top level: unknown key\(s\) 'OPTIMISATION'"):
+        preflight.check_top_level(mutate(voxelnext, lambda c: c.__setitem__("OPTIMISATION", {})))
+    ok = mutate(voxelnext, lambda c: c.__setitem__("EXPERIMENT", {"NOTE": "baseline", "BACKBONE_LR_RATIO": 0.1,
+                                                                  "DIFFERENTIAL_LR": True}))
+    preflight.check_top_level(ok)  # free-form notes, repeating OPTIMIZATION
+    with pytest.raises(ConfigError, match=r"OPTIMIZATION.BACKBONE_LR_RATIO=0.1 conflicts with EXPERIMENT.BACKBONE_LR_RATIO=0.2"):
+        preflight.check_top_level(mutate(ok, lambda c: c.EXPERIMENT.__setitem__("BACKBONE_LR_RATIO", 0.2)))
+    loss = mutate(voxelnext, lambda c: c.__setitem__("LOSS_CONFIG", EasyDict(RMAE_WEIGHT=0.7, TEACHER_STUDENT_WEIGHT=0.5)))
+    preflight.check_top_level(loss)
+    assert loss.MODEL.BACKBONE_3D.RMAE_WEIGHT == 0.7 and loss.MODEL.BACKBONE_3D.TEACHER_STUDENT_WEIGHT == 0.5
+    clash = mutate(voxelnext, lambda c: (c.__setitem__("LOSS_CONFIG", EasyDict(RMAE_WEIGHT=0.7)),
+                                         c.MODEL.BACKBONE_3D.__setitem__("RMAE_WEIGHT", 1.0)))
+    with pytest.raises(ConfigError, match=r"MODEL.BACKBONE_3D.RMAE_WEIGHT=1.0 conflicts with LOSS_CONFIG.RMAE_WEIGHT=0.7"):
+        preflight.check_top_level(clash)
+    with pytest.raises(ConfigError, match=r"LOSS_CONFIG: unknown key\(s\) 'RMAE_WEIGTH'"):
+        preflight.check_top_level(mutate(voxelnext, lambda c: c.__setitem__("LOSS_CONFIG", {"RMAE_WEIGTH": 1.0})))
+
+
+def test_dataset_files_and_relative_data_path(tmp_path, voxelnext):
+    data = mutate(voxelnext, lambda c: None).DATA_CONFIG
+    data.DATA_PATH = "../data/isarc"
+    preflight.resolve_data_path(data, REPO / "tools")
+    assert data.DATA_PATH == str(REPO / "data" / "isarc")
+    data.DATA_PATH = str(tmp_path)
+    with pytest.raises(ConfigError, match=rf"DATA_CONFIG.INFO_PATH.train: {tmp_path}/custom_infos_train.pkl; "
+                                          rf"gt_sampling DB_INFO_PATH: {tmp_path}/custom_dbinfos_train.pkl"):
+        preflight.check_dataset_files(data, ("train",))
+    data.DATA_PATH = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="DATA_CONFIG.DATA_PATH: .*absent is not a directory"):
+        preflight.check_dataset_files(data)
+
+
+def test_create_data_without_openpcdet_is_one_line(tmp_path):
+    res = run_python("import runpy, sys; sys.argv = ['create_data.py', 'custom', '--data_path', '.', '--class_names', 'a'];"
+                     f"runpy.run_path({str(REPO / 'tools/create_data.py')!r}, run_name='__main__')",
+                     {"PCDET_ROOT": "", "PYTHONPATH": None})
+    if "error:" not in res.stderr:
+        pytest.skip("an installed OpenPCDet is importable here")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "needs OpenPCDet" in res.stderr
