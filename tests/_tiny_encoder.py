@@ -12,8 +12,9 @@ class TinyEncoder(nn.Module):
             nn.BatchNorm1d(8), nn.ReLU())
         self.conv2 = spconv.SparseSequential(
             spconv.SparseConv3d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(16), nn.ReLU())
+        use_bias = model_cfg.get("USE_BIAS", False) if model_cfg else False  # as VoxelNeXt's biased convs
         self.conv_out = spconv.SparseSequential(
-            spconv.SparseConv3d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(16), nn.ReLU())
+            spconv.SparseConv3d(16, 16, 3, stride=2, padding=1, bias=use_bias), nn.BatchNorm1d(16), nn.ReLU())
         self.num_point_features = 16
 
     def forward(self, batch_dict):

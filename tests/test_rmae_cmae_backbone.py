@@ -128,3 +128,61 @@ def test_no_teacher_when_disabled():
     bb.train()
     bb(batch())
     assert "loss_teacher_student" not in bb.get_loss()[1]
+
+
+def test_builds_with_stock_spconv_forward_as_on_a_cuda_machine():
+    """Models are built on the CPU before .cuda(); on a CUDA machine the CPU runtime's spconv fix is
+    off, and stock spconv's CPU kernel refuses eval-mode convolutions with bias."""
+    from pcdet_ext.cpu.spconv_patch import stock_conv_forward
+    with stock_conv_forward():
+        bb = make(USE_BIAS=True)
+        probe = batch()
+        bb.eval()
+        with pytest.raises(AssertionError, match="cpu don't support act and bias"):  # the fixture is stock spconv
+            TinyEncoder.forward(bb, dict(probe))
+    assert bb.occ_decoder is not None and bb._encoded_shape == [4, 16, 16]
+    bn = next(m for m in bb.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert int(bn.num_batches_tracked) == 0  # construction changed no statistics
+
+
+def _ddp_teacher_worker(rank, world, port, results):
+    import os
+    import torch.distributed as dist
+    from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.Module()
+        model.backbone_3d = make(TEACHER_STUDENT_WEIGHT=0.5)
+        with torch.no_grad():  # different initial weights (student and teacher) on each rank, as without a fixed seed
+            for t in list(model.parameters()) + list(model.backbone_3d.teacher.buffers()):
+                if t.is_floating_point():
+                    t.add_(0.01 * rank)
+        model.forward = lambda batch_dict: model.backbone_3d(batch_dict)
+        ignored = ignore_teachers_in_ddp(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert ignored and not any(n.startswith("backbone_3d.teacher.") for n in ddp.named_module_buffers)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(3):
+            ddp(batch(seed=10 * step + rank))  # different data on each rank
+            loss, _ = model.backbone_3d.get_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.backbone_3d.update_teacher()
+        results[rank] = {k: v.clone() for k, v in model.backbone_3d.teacher.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_teachers_without_broadcasting_them():
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_teacher_worker, args=(2, port, results), nprocs=2, join=True)
+    t0, t1 = results[0], results[1]
+    assert t0.keys() == t1.keys() and [k for k in t0 if not torch.equal(t0[k], t1[k])] == []
+    assert any(k.endswith("running_mean") and float(t0[k].abs().sum()) > 0 for k in t0)  # statistics tracked too

@@ -131,3 +131,84 @@ def test_rate_meter():
     assert abs(s["code_bits_entropy"] - 100 * 4.0) < 1.0  # ~uniform over 16 (4 bits) + a constant codebook (0 bits)
     assert s["occupancy_bits_fixed"] == 1000
     assert abs(s["occupancy_bits_entropy"] - 1000 * binary_entropy(0.1)) < 1e-6
+
+
+def test_plateau_cuts_after_patience_bad_epochs_as_documented():
+    cuts = [bad for bad in range(0, 10) if schema.plateau_cut(bad, 3)]
+    assert cuts == [3, 6, 9]  # torch's ReduceLROnPlateau(patience=3) would first cut after the 4th
+    assert schema.plateau_cut(1, 0) and not schema.plateau_cut(0, 0)
+
+
+USERS_TRAIN = """
+seed: 42
+save_stage_weights: True
+dataset: {name: KITTI, dir: DATA, num_classes: 3}
+model: {pre_trained_model: pointpillar, n_codebook: 5, pretrained_weight: PP}
+progressive_learning: {enabled: True, embedding_schedule: [16, 32, 64, 128, 256], embedding_stage_epochs: 20,
+                       warmup_epochs: 2, pretrain_ema_limit: None}
+training: {mode: train, batch_size: 4, num_workers: 4, max_epoch: 100, init_lr: 0.001, patience: 3}
+rq_model: {latent_shape: [496, 432, 64], code_shape: [496, 432, 1], codebook_size: 256, decay: 0.99,
+           codebook_update_mode: LOSS}
+evaluation: {enabled: True, test_combinations: [[1, 16], [3, 64], [5, 256]], use_full_kitti_eval: True}
+logging: {use_wandb: False, saved_path: runs/split1, save_detailed_results: True}
+"""
+USERS_EVAL = """
+hyperparameters: {lr: 0.001, note: copied from training}
+pre-trained_model: {name: pointpillar, path: PP}
+wandb: {project: split, entity: lab}
+dataset: {dir: DATA}
+training: {mode: eval}
+evaluation: {weights_path: runs/split1/checkpoints/global_best.pth, checkpoint_dir: runs/split1/checkpoints,
+             eval_all_codebook_stages: True, eval_stage_models: False, eval_final_model: True,
+             use_final_checkpoints_only: False, use_last_stage_for_all: True, eval_compression_analysis: True,
+             specific_evaluations: [[2, 32]], visualize_codebook_hierarchy: False}
+logging: {save_detailed_results: True}
+"""
+
+
+def users_file(tmp_path, text):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "pp.pth").write_bytes(b"x")
+    return yaml.safe_load(text.replace("DATA", str(tmp_path / "data")).replace("PP", str(tmp_path / "pp.pth")))
+
+
+def test_users_experiment_files_run_with_every_key_honoured_or_noted(tmp_path):
+    train = users_file(tmp_path, USERS_TRAIN)
+    cfg = schema.validate(train)
+    assert cfg.seed == 42 and cfg.logging.save_stage_weights is True
+    assert cfg.progressive_learning.pretrain_ema_limit is None  # the string 'None' is YAML's null
+    assert cfg.rq_model.codebook_update_mode == "loss" and cfg.evaluation.test_combinations == [[1, 16], [3, 64], [5, 256]]
+    notes = schema.notes(train, cfg)
+    assert any("use_full_kitti_eval accepted" in n for n in notes) and any("save_detailed_results" in n for n in notes)
+    assert any("max_epoch 100 over 25 stages leaves 4 epochs per stage, not embedding_stage_epochs 20" in n
+               for n in notes)  # max_epoch shortening the plan is said, not silent
+    evaluation = users_file(tmp_path, USERS_EVAL)
+    cfg = schema.validate(evaluation)
+    assert cfg.evaluation.rq_ckpt.endswith("global_best.pth") and cfg.evaluation.test_combinations == [[2, 32]]
+    notes = schema.notes(evaluation, cfg)
+    for section in ("hyperparameters", "pre-trained_model", "wandb"):
+        assert f"section {section!r} accepted" in "\n".join(notes)
+    assert sum("accepted:" in n for n in notes) >= 8
+
+
+def test_ema_only_mode_and_ema_limit(tmp_path):
+    cfg = schema.validate(raw(tmp_path, rq_model={"codebook_update_mode": "EMA"},
+                              progressive_learning={"pretrain_ema_limit": 3, "embedding_schedule": [16],
+                                                    "embedding_stage_epochs": 4},
+                              model={"n_codebook": 2}, training={"max_epoch": 8}))
+    plan = schema.stage_plan(cfg)
+    assert [(s.warmup_epochs, s.gradient_epochs) for s in plan] == [(4, 0), (4, 0)]
+    assert cfg.progressive_learning.pretrain_ema_limit == 3
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"evaluation": {"test_combinatons": [[1, 16]]}}, r"did you mean 'test_combinations'"),
+    ({"evaluation": {"test_combinations": [[1, 0]]}}, r"test_combinations: expected a list of \[codebooks, entries\]"),
+    ({"rq_model": {"codebook_update_mode": "KMEANS"}}, r"codebook_update_mode: expected one of \['loss', 'ema'\]"),
+    ({"evaluation": {"rq_ckpt": "a.pth", "weights_path": "b.pth"}}, r"evaluation.rq_ckpt='a.pth' conflicts with"),
+])
+def test_users_keys_still_checked(tmp_path, sections, match):
+    with pytest.raises(schema.ConfigError, match=match):
+        schema.validate(raw(tmp_path, **sections))
+    with pytest.raises(schema.ConfigError, match=r"unknown key\(s\) 'sed' \(did you mean 'seed'\?\)"):
+        schema.validate({**raw(tmp_path), "sed": 1})

@@ -74,13 +74,14 @@ def experiment_config(args):
             raw.setdefault(section, {})[key] = val
     if args.no_wandb:
         raw.setdefault("logging", {})["use_wandb"] = False
-    return schema.validate(raw), pcdet_set
+    exp = schema.validate(raw)
+    return exp, pcdet_set, schema.notes(raw, exp)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        exp, pcdet_set = experiment_config(args)
+        exp, pcdet_set, notes = experiment_config(args)
         cfg = experiment.build_model_cfg(exp, pcdet_set)
         if exp.evaluation.rq_ckpt:  # before any data or model is built
             rq_checkpoint(exp.evaluation.rq_ckpt, "--rq_ckpt")
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    for line in notes:
+        print(line, file=sys.stderr)
     info = init_dist(args.launcher, args.tcp_port)
     if info.world_size == 1 and torch.cuda.is_available() and exp.hardware.gpu is not None:
         torch.cuda.set_device(exp.hardware.gpu)
@@ -122,8 +125,13 @@ def main(argv=None) -> int:
     model.load_state_dict(rq_checkpoint(ckpt_path, "--rq_ckpt")["model_state"])
     log.info("evaluating %s", ckpt_path)
     if args.eval_sweep:
-        summary = sweep(model, val[0], val[1], names, list(exp.progressive_learning.embedding_schedule)
-                        if exp.progressive_learning.enabled else [exp.rq_model.codebook_size], run.eval, log)
+        schedule = list(exp.progressive_learning.embedding_schedule) if exp.progressive_learning.enabled \
+            else [exp.rq_model.codebook_size]
+        try:
+            summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations)
+        except ValueError as exc:
+            print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
+            return 2
         print(format_table(summary))
         print(f"wrote {run.eval / 'sweep.csv'}, {run.eval / 'sweep.json'}, {run.eval / 'sweep.png'}")
         return 0
@@ -132,10 +140,12 @@ def main(argv=None) -> int:
     n = exp.evaluation.use_num_codebook or trained
     k = exp.evaluation.use_num_embedding or (int(q.trained_size[n - 1]) if 1 <= n <= trained else 1)
     try:
-        check_cell(q, n, k)
+        warning = check_cell(q, n, k)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if warning:
+        print(warning, file=sys.stderr)
     res = run_eval(model, val[0], val[1], names, n, k)
     grid = val[0].grid_size
     print(res["result_str"])

@@ -11,12 +11,15 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from typing import Iterator
 
 import torch
 
 _PATCHED = False
+_STOCK = {}
 
 
 def _cpu_stream() -> int:
@@ -60,6 +63,7 @@ def patch_spconv() -> bool:
             setattr(sp_ops, name, _single_threaded(fn))
 
     original = sp_conv.SparseConvolution._conv_forward
+    _STOCK["_conv_forward"] = original
 
     @functools.wraps(original)
     def _conv_forward(self, training, input, weight, bias, add_input=None, *args, **kwargs):
@@ -72,3 +76,19 @@ def patch_spconv() -> bool:
     sp_conv.SparseConvolution._conv_forward = _conv_forward
     _PATCHED = True
     return True
+
+
+@contextlib.contextmanager
+def stock_conv_forward() -> Iterator[None]:
+    """spconv's own convolution forward for the duration, as on a CUDA machine (where this patch is
+    never applied): for tests of whatever runs on the CPU there (model construction, masking)."""
+    if "_conv_forward" not in _STOCK:
+        yield
+        return
+    import spconv.pytorch.conv as sp_conv
+    patched = sp_conv.SparseConvolution._conv_forward
+    sp_conv.SparseConvolution._conv_forward = _STOCK["_conv_forward"]
+    try:
+        yield
+    finally:
+        sp_conv.SparseConvolution._conv_forward = patched

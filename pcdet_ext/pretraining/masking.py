@@ -110,25 +110,27 @@ def voxel_centres_xy(coords: torch.Tensor, voxel_size: Sequence[float], pc_range
     return torch.stack([x, y], 1)
 
 
-def _generator(seed: int, sample: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + sample)
+def _generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + sample)
 
 
-def _per_sample_uniform(batch_size: int, count: int, seed: int) -> torch.Tensor:
+def _per_sample_uniform(batch_size: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
     """[B, count] uniforms, row b from a generator seeded by (seed, b): reproducible per sample."""
     if batch_size == 0:
-        return torch.zeros(0, count, dtype=torch.float64)
-    return torch.stack([torch.rand(count, generator=_generator(seed, b), dtype=torch.float64)
+        return torch.zeros(0, count, dtype=torch.float64, device=device)
+    return torch.stack([torch.rand(count, generator=_generator(seed, b, device), dtype=torch.float64, device=device)
                         for b in range(batch_size)])  # one generator per sample (B is small)
 
 
 def _per_voxel_uniform(b_idx: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
     """One uniform per voxel; a sample's draws come from its own generator in its voxel order, so its
     mask does not depend on the other samples of the batch."""
+    dev = b_idx.device
     order = torch.argsort(b_idx, stable=True)
     counts = torch.bincount(b_idx, minlength=batch_size).tolist()
-    draws = [torch.rand(c, generator=_generator(seed, b), dtype=torch.float64) for b, c in enumerate(counts)]
-    noise = torch.empty(len(b_idx), dtype=torch.float64)
+    draws = [torch.rand(c, generator=_generator(seed, b, dev), dtype=torch.float64, device=dev)
+             for b, c in enumerate(counts)]
+    noise = torch.empty(len(b_idx), dtype=torch.float64, device=dev)
     noise[order] = torch.cat(draws) if draws else noise[:0]
     return noise
 
@@ -136,12 +138,12 @@ def _per_voxel_uniform(b_idx: torch.Tensor, batch_size: int, seed: int) -> torch
 def _reachable(p: torch.Tensor, b_idx: torch.Tensor, batch_size: int, target: torch.Tensor) -> torch.Tensor:
     """Per-voxel masking probabilities ``min(1, lambda_b * p)``: lambda_b = 1 when the range
     probabilities can reach the sample's target, else the smallest scale that does (bisection)."""
-    total = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, b_idx, p)
-    lo = torch.ones(batch_size, dtype=torch.float64)
+    total = p.new_zeros(batch_size).index_add_(0, b_idx, p)
+    lo = p.new_ones(batch_size)
     hi = torch.where(total < target, 1.0 / p.clamp_min(1e-6).min().clamp_max(1.0), lo) if len(p) else lo
     for _ in range(50):  # 50 halvings: far below one voxel's worth
         mid = (lo + hi) / 2
-        reach = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, b_idx, (mid[b_idx] * p).clamp_max(1.0))
+        reach = p.new_zeros(batch_size).index_add_(0, b_idx, (mid[b_idx] * p).clamp_max(1.0))
         short = reach < target
         lo, hi = torch.where(short, mid, lo), torch.where(short, hi, mid)
     return (hi[b_idx] * p).clamp_max(1.0)
@@ -151,45 +153,47 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
                 cfg: MaskingConfig, seed: int = 0, grid_size: Optional[Sequence[int]] = None) -> MaskResult:
     """Mask voxels of a batch; ``coords`` [N, 4] (batch, z, y, x) as OpenPCDet gives them."""
     cfg.validate()
+    dev = coords.device
     if coords.dim() != 2 or coords.shape[1] != 4:
         raise ValueError(f"voxel_coords must be [N, 4] (batch, z, y, x), got {tuple(coords.shape)}")
     if grid_size is not None and coords.numel():
         c = coords.long()
-        limits = torch.tensor([batch_size, grid_size[2], grid_size[1], grid_size[0]])
+        limits = torch.tensor([batch_size, grid_size[2], grid_size[1], grid_size[0]], device=dev)
         if (c < 0).any() or (c >= limits).any():
             raise ValueError("voxel_coords outside the grid / batch")
     n = coords.shape[0]
+    f64 = dict(dtype=torch.float64, device=dev)
     b_idx = coords[:, 0].long()
     xy = voxel_centres_xy(coords, voxel_size, pc_range)
     dist = torch.hypot(xy[:, 0] - cfg.sensor_origin[0], xy[:, 1] - cfg.sensor_origin[1])
-    rbin = torch.bucketize(dist, torch.tensor(list(cfg.distance_thresholds), dtype=torch.float64), right=True)
+    rbin = torch.bucketize(dist, torch.tensor(list(cfg.distance_thresholds), **f64), right=True)
     noise = _per_voxel_uniform(b_idx, batch_size, seed + 17)
     counts = torch.bincount(b_idx, minlength=batch_size).double()
     target = cfg.masked_ratio * counts                                  # expected masked voxels per sample
     if cfg.mask_type == "random":
         order = torch.argsort(b_idx.double() * 2 + noise)              # random order inside each sample
         start = torch.cumsum(counts, 0) - counts
-        rank = torch.empty(n, dtype=torch.float64)
-        rank[order] = torch.arange(n, dtype=torch.float64) - start[b_idx[order]]
+        rank = torch.empty(n, **f64)
+        rank[order] = torch.arange(n, **f64) - start[b_idx[order]]
         masked = rank < torch.round(target)[b_idx]
     else:
         sectors = int(math.ceil(360.0 / cfg.angular_group_size))
         az = torch.rad2deg(torch.atan2(xy[:, 1] - cfg.sensor_origin[1], xy[:, 0] - cfg.sensor_origin[0])) + 180.0
         sector = torch.clamp((az / cfg.angular_group_size).long(), max=sectors - 1)
         key = b_idx * sectors + sector
-        probs = torch.tensor([cfg.range_mask_probs[k] for k in RANGE_BINS], dtype=torch.float64)
-        weight = _reachable(probs[rbin], b_idx, batch_size, target) if cfg.two_stage else torch.ones(n, dtype=torch.float64)
-        w_key = torch.zeros(batch_size * sectors, dtype=torch.float64).index_add_(0, key, weight)
-        u_key = _per_sample_uniform(batch_size, sectors, seed).reshape(-1)
-        order = torch.argsort(torch.arange(batch_size).repeat_interleave(sectors).double() * 2 + u_key)
+        probs = torch.tensor([cfg.range_mask_probs[k] for k in RANGE_BINS], **f64)
+        weight = _reachable(probs[rbin], b_idx, batch_size, target) if cfg.two_stage else torch.ones(n, **f64)
+        w_key = torch.zeros(batch_size * sectors, **f64).index_add_(0, key, weight)
+        u_key = _per_sample_uniform(batch_size, sectors, seed, dev).reshape(-1)
+        order = torch.argsort(torch.arange(batch_size, device=dev).repeat_interleave(sectors).double() * 2 + u_key)
         cum = torch.cumsum(w_key[order], 0)
         sample_of = order // sectors
         before = cum - w_key[order]
-        offset = torch.zeros(batch_size, dtype=torch.float64)
-        totals = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, sample_of, w_key[order])
+        offset = torch.zeros(batch_size, **f64)
+        totals = torch.zeros(batch_size, **f64).index_add_(0, sample_of, w_key[order])
         offset[1:] = torch.cumsum(totals, 0)[:-1]
         selected_sorted = (before - offset[sample_of]) < target[sample_of]
-        selected = torch.zeros(batch_size * sectors, dtype=torch.bool)
+        selected = torch.zeros(batch_size * sectors, dtype=torch.bool, device=dev)
         selected[order] = selected_sorted & (w_key[order] > 0)
         in_sel = selected[key]
         if not cfg.two_stage:
@@ -197,14 +201,14 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
         elif cfg.use_bernoulli:
             masked = in_sel & (noise < weight)
         else:  # exactly round(expected) per sample among selected voxels, weighted by range probability
-            score = torch.where(in_sel, noise.clamp_min(1e-12).log() / weight.clamp_min(1e-12), torch.tensor(-math.inf,
-                                                                                                    dtype=torch.float64))
+            score = torch.where(in_sel, noise.clamp_min(1e-12).log() / weight.clamp_min(1e-12),
+                                torch.tensor(-math.inf, **f64))
             order_v = torch.argsort(b_idx.double() * 1e9 - score.clamp_min(-1e8))
             start = torch.cumsum(counts, 0) - counts
-            rank = torch.empty(n, dtype=torch.float64)
-            rank[order_v] = torch.arange(n, dtype=torch.float64) - start[b_idx[order_v]]
+            rank = torch.empty(n, **f64)
+            rank[order_v] = torch.arange(n, **f64) - start[b_idx[order_v]]
             masked = in_sel & (rank < torch.round(target)[b_idx])
-    per_sample = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, b_idx, masked.double()) / counts.clamp_min(1)
+    per_sample = torch.zeros(batch_size, **f64).index_add_(0, b_idx, masked.double()) / counts.clamp_min(1)
     per_range = {}
     for i, name in enumerate(RANGE_BINS):
         sel = rbin == i

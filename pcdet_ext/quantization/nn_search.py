@@ -61,3 +61,20 @@ def kmeans_pp(x: torch.Tensor, existing: torch.Tensor, num_new: int, generator: 
         picks.append(centre)
         d2 = torch.minimum(d2, (x - centre).pow(2).sum(1))
     return torch.cat(picks, 0)
+
+
+def lloyd(x: torch.Tensor, fixed: torch.Tensor, centres: torch.Tensor, iterations: int = 4,
+          chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """A few Lloyd (k-means) iterations refining ``centres`` on ``x`` while ``fixed`` centres (entries
+    of earlier stages) keep their place and their points: each new centre moves to the mean of the
+    points nearest to it; a centre that wins no point stays where it is."""
+    centres = centres.clone()
+    n_fixed = fixed.shape[0]
+    for _ in range(iterations):
+        idx = nearest(x, torch.cat([fixed, centres], 0), chunk) - n_fixed
+        own = idx >= 0
+        sums = torch.zeros_like(centres).index_add_(0, idx[own], x[own])
+        counts = torch.bincount(idx[own], minlength=centres.shape[0]).to(x.dtype)
+        won = counts > 0
+        centres[won] = sums[won] / counts[won].unsqueeze(1)
+    return centres

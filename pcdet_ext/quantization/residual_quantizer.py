@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .nn_search import DEFAULT_CHUNK, kmeans_pp, nearest
+from .nn_search import DEFAULT_CHUNK, kmeans_pp, lloyd, nearest
 
 MODES = ("ema", "gradient")
 
@@ -49,18 +49,22 @@ class ResidualQuantizer(nn.Module):
         decay: EMA decay of the warm-up mode.
         schedule: entry counts the model is trained/evaluated at (strictly increasing, <= K).
         adapter_dim: if set, a trainable linear projection ``dim -> adapter_dim`` before and
-            ``adapter_dim -> dim`` after quantization (codes live in ``adapter_dim``).
+            ``adapter_dim -> dim`` after quantization (codes live in ``adapter_dim``); with
+            ``freeze_earlier`` it trains only during the first codebook's stages.
         operating_point_training: sample (n, k) per training batch from the active depth and the
             schedule sizes up to the active size.
         freeze_earlier: when a deeper codebook becomes active, earlier ones stop training.
-        dead_threshold: EMA usage count below which an entry of the current stage is restarted.
+        lloyd_iterations: Lloyd (k-means) iterations refining the k-means++ seeds of new entries.
+        dead_threshold: an entry of the current stage whose EMA usage count falls below this share of
+            the expected count under uniform use (vectors per batch / k) is restarted.
         eps: Laplace smoothing of EMA counts.
     """
 
     def __init__(self, dim: int = 64, num_codebooks: int = 5, codebook_size: int = 256, decay: float = 0.99,
                  schedule: Sequence[int] = (16, 32, 64, 128, 256), adapter_dim: Optional[int] = None,
                  operating_point_training: bool = True, freeze_earlier: bool = True,
-                 dead_threshold: float = 1e-3, eps: float = 1e-5, chunk_size: int = DEFAULT_CHUNK):
+                 dead_threshold: float = 0.01, eps: float = 1e-5, chunk_size: int = DEFAULT_CHUNK,
+                 lloyd_iterations: int = 4):
         super().__init__()
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
@@ -73,6 +77,9 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"schedule sizes must lie in 1..codebook_size={codebook_size}, got {schedule}")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if not 0.0 <= dead_threshold < 1.0:
+            raise ValueError(f"dead_threshold is a share of the expected count per entry: expected [0, 1), "
+                             f"got {dead_threshold}")
         self.dim, self.max_codebooks, self.max_entries = dim, num_codebooks, codebook_size
         self.code_dim = adapter_dim or dim
         self.decay, self.eps, self.dead_threshold = decay, eps, dead_threshold
@@ -80,6 +87,7 @@ class ResidualQuantizer(nn.Module):
         self.operating_point_training = operating_point_training
         self.freeze_earlier = freeze_earlier
         self.chunk_size = chunk_size
+        self.lloyd_iterations = lloyd_iterations
         self.codebooks = nn.ParameterList(
             [nn.Parameter(torch.randn(codebook_size, self.code_dim) * 0.01) for _ in range(num_codebooks)])
         self.adapter_in = nn.Linear(dim, adapter_dim) if adapter_dim else None
@@ -102,10 +110,20 @@ class ResidualQuantizer(nn.Module):
         return MODES[int(self.mode_id)]
 
     def set_mode(self, mode: str) -> None:
-        """``'ema'``: entries follow EMA means of their residuals; ``'gradient'``: losses train them."""
+        """``'ema'``: the current stage's new entries follow EMA means of their residuals;
+        ``'gradient'``: losses train the trainable codebooks. Entering EMA mode re-synchronises the EMA
+        sums with the entries (``sum = entry x count``): gradient steps moved the entries and the
+        counts, not the sums."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "ema" and self.mode != "ema":
+            self._resync_ema()
         self.mode_id.fill_(MODES.index(mode))
+
+    @torch.no_grad()
+    def _resync_ema(self) -> None:
+        for c, book in enumerate(self.codebooks):
+            self.ema_sum[c].copy_(book.detach() * self.ema_count[c].unsqueeze(1))
 
     def _check_n_k(self, num_codebooks: int, num_embeddings: Union[int, Sequence[int]]) -> List[int]:
         if not 1 <= num_codebooks <= self.max_codebooks:
@@ -140,6 +158,7 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"num_embeddings {num_embeddings} is not in the schedule {self.schedule}")
         prev = int(self.trained_size[codebook])
         self.stage_start[codebook] = min(prev, num_embeddings)
+        self._resync_ema()
         sizes = [max(int(self.trained_size[c]), 1) for c in range(codebook)] + [num_embeddings]
         self.set_active(codebook + 1, sizes)
         self.trained_size[codebook] = max(prev, num_embeddings)
@@ -147,10 +166,16 @@ class ResidualQuantizer(nn.Module):
             self.initialise_entries(codebook, data)
 
     def _apply_freezing(self) -> None:
+        """Trainable: the deepest active codebook (every active one without ``freeze_earlier``), and the
+        adapter while it serves no frozen codebook (i.e. during the first codebook's stages): moving it
+        later would move every frozen cell."""
         depth = int(self.active_depth)
         for c, cb in enumerate(self.codebooks):
             trainable = c < depth and (not self.freeze_earlier or c == depth - 1)
             cb.requires_grad_(trainable)
+        for adapter in (self.adapter_in, self.adapter_out):
+            if adapter is not None:
+                adapter.requires_grad_(depth == 1 or not self.freeze_earlier)
 
     @property
     def trained_depth(self) -> int:
@@ -244,7 +269,7 @@ class ResidualQuantizer(nn.Module):
             out = self.adapter_out(q) if self.adapter_out is not None else q
             stats = self._stats(counts, sizes)
             if self.training:
-                self._restart_dead(residuals, sizes)
+                stats.update(self._restart_dead(residuals, counts, sizes))
         return RQOutput(quantized=out.to(x.dtype), codes=codes, losses=losses, stats=stats,
                         num_codebooks=len(sizes), num_embeddings=sizes)
 
@@ -310,18 +335,23 @@ class ResidualQuantizer(nn.Module):
         else:
             done = self.initialised[c, :k].nonzero().flatten()
             sample = residual[torch.randperm(residual.shape[0], device=residual.device)[:20000]]
-            new = kmeans_pp(sample, self.codebooks[c][done], len(todo))
+            fixed = self.codebooks[c][done].detach()
+            new = lloyd(sample, fixed, kmeans_pp(sample, fixed, len(todo)), self.lloyd_iterations, self.chunk_size)
         if _dist_world() > 1:
             dist.broadcast(new, 0)
+        start = self.dead_count(residual.shape[0] * _dist_world(), k)  # alive, but a weak prior for the EMA
         self.codebooks[c].data[todo] = new
-        self.ema_sum[c, todo] = new
-        self.ema_count[c, todo] = 1.0
+        self.ema_count[c, todo] = start
+        self.ema_sum[c, todo] = new * start
         self.initialised[c, todo] = True
 
     @torch.no_grad()
     def _ema_update(self, counts, sums, sizes) -> None:
-        """EMA usage counts of trainable codebooks (both modes: dead-entry detection, stats); in EMA
-        mode also the EMA sums and the entries themselves. All-reduced under DDP."""
+        """EMA usage counts of trainable codebooks (both modes: dead-entry detection, stats). In EMA
+        mode also the EMA sums and entries of the current stage's new entries ``[stage_start, k)`` of
+        the deepest active codebook only: entries trained in earlier stages change only by gradient.
+        All-reduced under DDP."""
+        deepest = int(self.active_depth) - 1
         for c in sums:
             k = sizes[c]
             cnt, s_k = counts[c], sums[c]
@@ -330,23 +360,37 @@ class ResidualQuantizer(nn.Module):
                 dist.all_reduce(cnt)
                 dist.all_reduce(s_k)
             self.ema_count[c, :k].mul_(self.decay).add_(cnt, alpha=1 - self.decay)
-            if self.mode != "ema":
+            start = int(self.stage_start[c])
+            if self.mode != "ema" or c != deepest or start >= k:
                 continue
-            self.ema_sum[c, :k].mul_(self.decay).add_(s_k, alpha=1 - self.decay)
-            n = self.ema_count[c, :k].sum()
-            smoothed = (self.ema_count[c, :k] + self.eps) / (n + k * self.eps) * n
-            self.codebooks[c].data[:k] = self.ema_sum[c, :k] / smoothed.unsqueeze(1)
+            self.ema_sum[c, start:k].mul_(self.decay).add_(s_k[start:k], alpha=1 - self.decay)
+            own = self.ema_count[c, start:k]
+            n = own.sum()
+            smoothed = (own + self.eps) / (n + (k - start) * self.eps) * n
+            self.codebooks[c].data[start:k] = self.ema_sum[c, start:k] / smoothed.unsqueeze(1)
+
+    def dead_count(self, num_vectors: float, k: int) -> float:
+        """EMA usage below which an entry counts as dead: ``dead_threshold x num_vectors / k``."""
+        return self.dead_threshold * float(num_vectors) / max(k, 1)
 
     @torch.no_grad()
-    def _restart_dead(self, residuals, sizes) -> None:
-        """Entries of the current stage ([stage_start, k)) whose EMA usage fell below the threshold
-        restart from random current residuals (chosen on rank 0); their EMA state is reset. Entries
-        of earlier stages are never touched, so smaller prefixes keep working."""
+    def _restart_dead(self, residuals, counts, sizes) -> Dict[str, float]:
+        """Entries of the current stage ([stage_start, k)) whose EMA usage fell below
+        :meth:`dead_count` restart from random current residuals (chosen on rank 0), with their EMA
+        count reset to exactly that threshold (they must be used to stay). Entries of earlier stages
+        are never touched, so smaller prefixes keep working. Returns ``restarts_<c>`` per codebook."""
+        out: Dict[str, float] = {}
         for c in self.trainable_codebooks():
             if c >= len(sizes):
                 continue
             k, start = sizes[c], int(self.stage_start[c])
-            dead = (self.ema_count[c, start:k] < self.dead_threshold).nonzero().flatten() + start
+            total = counts[c].sum()
+            if _dist_world() > 1:
+                total = total.clone()
+                dist.all_reduce(total)
+            limit = self.dead_count(float(total), k)
+            dead = (self.ema_count[c, start:k] < limit).nonzero().flatten() + start
+            out[f"restarts_{c}"] = float(len(dead))
             if len(dead) == 0 or residuals[c].shape[0] == 0:
                 continue
             pick = torch.randint(residuals[c].shape[0], (len(dead),), device=residuals[c].device)
@@ -354,8 +398,9 @@ class ResidualQuantizer(nn.Module):
             if _dist_world() > 1:
                 dist.broadcast(new, 0)
             self.codebooks[c].data[dead] = new
-            self.ema_sum[c, dead] = new
-            self.ema_count[c, dead] = 1.0
+            self.ema_count[c, dead] = limit
+            self.ema_sum[c, dead] = new * limit
+        return out
 
     # ---- statistics --------------------------------------------------------------------------
     @torch.no_grad()
@@ -366,5 +411,6 @@ class ResidualQuantizer(nn.Module):
             nz = p[p > 0]
             stats[f"perplexity_{c}"] = float((-(nz * nz.log()).sum()).exp())
             stats[f"usage_{c}"] = float((counts[c] > 0).float().mean())
-            stats[f"dead_{c}"] = float((self.ema_count[c, :k] < self.dead_threshold).float().mean())
+            limit = self.dead_count(float(counts[c].sum()), k)
+            stats[f"dead_{c}"] = float((self.ema_count[c, :k] < limit).float().mean())
         return stats

@@ -50,14 +50,22 @@ def trained_cells(quantizer, schedule: List[int]) -> List[Tuple[int, int]]:
     return cells
 
 
-def check_cell(quantizer, n: int, k: int) -> None:
-    """--mode eval range check: n <= trained codebooks, k in 1..256 (and allocated)."""
+def check_cell(quantizer, n: int, k: int) -> Optional[str]:
+    """--mode eval check of a cell: n <= trained codebooks and k <= the entries trained in each of
+    them (errors); a k that is not a schedule size was never trained as an operating point: returns
+    a warning to print (None otherwise)."""
     trained = quantizer.trained_depth
     if not 1 <= n <= trained:
         raise ValueError(f"--eval_num_codebooks {n}: this checkpoint has {trained} trained codebook(s); "
                          f"expected 1..{trained}")
-    if not 1 <= k <= min(256, quantizer.max_entries):
-        raise ValueError(f"--eval_num_embeddings {k}: expected 1..{min(256, quantizer.max_entries)}")
+    sizes = [int(s) for s in quantizer.trained_size[:n]]
+    if not 1 <= k <= min(sizes):
+        raise ValueError(f"--eval_num_embeddings {k}: codebooks 1..{n} of this checkpoint were trained with "
+                         f"{sizes} entries; expected 1..{min(sizes)}")
+    if k not in quantizer.schedule:
+        return (f"warning: --eval_num_embeddings {k} is not a trained operating point (schedule "
+                f"{list(quantizer.schedule)}); entries 1..{k} are evaluated as they are")
+    return None
 
 
 def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Optional[int] = None,

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from easydict import EasyDict
 
-from ..config import ConfigError, NoneType, Opt, from_cfg, unknown_keys_error
+from ..config import ConfigError, NoneType, Opt, agree, from_cfg, unknown_keys_error
 
 # section -> key -> Opt (default, allowed types); range checks in _check_values
 SCHEMA: Dict[str, Dict[str, Opt]] = {
@@ -31,19 +31,43 @@ SCHEMA: Dict[str, Dict[str, Opt]] = {
               "pretrained_weight": Opt(None, (str, NoneType)),
               "cfg_file": Opt("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},
     "progressive_learning": {"enabled": Opt(True, (bool,)), "embedding_schedule": Opt([16, 32, 64, 128, 256], (list,)),
-                             "embedding_stage_epochs": Opt(20, (int,)), "warmup_epochs": Opt(2, (int,))},
+                             "embedding_stage_epochs": Opt(20, (int,)), "warmup_epochs": Opt(2, (int,)),
+                             "pretrain_ema_limit": Opt(None, (int, NoneType), lo=1)},
     "training": {"mode": Opt("train", (str,)), "batch_size": Opt(6, (int,)), "num_workers": Opt(4, (int,)),
                  "max_epoch": Opt(100, (int,)), "init_lr": Opt(0.001, (float,)), "ckpt_freq_epoch": Opt(20, (int,)),
                  "patience": Opt(5, (int,)), "early_stopping_patience": Opt(5, (int,))},
     "rq_model": {"latent_shape": Opt([496, 432, 64], (list,)), "code_shape": Opt([496, 432, 1], (list,)),
-                 "codebook_size": Opt(64, (int,)), "decay": Opt(0.99, (float,))},
+                 "codebook_size": Opt(64, (int,)), "decay": Opt(0.99, (float,)),
+                 "codebook_update_mode": Opt("loss", (str,), choices=("loss", "ema"))},
     "loss_weights": {"vq_weight": Opt(0.25, (float,)), "codebook_weight": Opt(0.1, (float,)), "det_weight": Opt(0.8, (float,))},
     "evaluation": {"enabled": Opt(False, (bool,)), "use_num_codebook": Opt(None, (int, NoneType)),
-                   "use_num_embedding": Opt(None, (int, NoneType)), "rq_ckpt": Opt(None, (str, NoneType))},
+                   "use_num_embedding": Opt(None, (int, NoneType)), "rq_ckpt": Opt(None, (str, NoneType)),
+                   "test_combinations": Opt(None, (list, NoneType)), "specific_evaluations": Opt(None, (list, NoneType)),
+                   "weights_path": Opt(None, (str, NoneType)), **{k: Opt(None, (str, bool, NoneType)) for k in (
+                       "use_full_kitti_eval", "checkpoint_dir", "eval_all_codebook_stages", "eval_stage_models",
+                       "eval_final_model", "use_final_checkpoints_only", "use_last_stage_for_all",
+                       "eval_compression_analysis", "visualize_codebook_hierarchy")}},
     "logging": {"use_wandb": Opt(True, (bool,)), "wandb_project": Opt("pcdet_ext_rq", (str,)),
                 "wandb_name": Opt(None, (str, NoneType)), "log_freq": Opt(8, (int,)),
-                "saved_path": Opt("progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,))},
+                "saved_path": Opt("progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,)),
+                "save_detailed_results": Opt(None, (bool, NoneType))},
     "hardware": {"gpu": Opt(0, (int, NoneType))},
+}
+# users' experiment and evaluation files: top-level keys, and free-form sections accepted and reported
+TOP_LEVEL = {"seed": Opt(None, (int, NoneType)), "save_stage_weights": Opt(None, (bool, NoneType))}
+FREE_SECTIONS = ("hyperparameters", "pre-trained_model", "wandb")
+# accepted keys that change nothing here, with what the tool does instead
+NOT_APPLIED = {
+    "evaluation.use_full_kitti_eval": "the tool always runs OpenPCDet's full KITTI evaluation",
+    "evaluation.checkpoint_dir": "checkpoints are read from <logging.saved_path>/checkpoints",
+    "evaluation.eval_all_codebook_stages": "--eval_sweep evaluates every trained cell of the final model",
+    "evaluation.eval_stage_models": "--eval_sweep evaluates every trained cell of the final model",
+    "evaluation.eval_final_model": "the final model (the last stage's best checkpoint) is what is evaluated",
+    "evaluation.use_final_checkpoints_only": "the final model (the last stage's best checkpoint) is what is evaluated",
+    "evaluation.use_last_stage_for_all": "every cell is evaluated from the last stage's best checkpoint",
+    "evaluation.eval_compression_analysis": "the rate table (fixed-length / entropy KB per frame) is always printed",
+    "evaluation.visualize_codebook_hierarchy": "not produced; the sweep writes sweep.png (rate vs accuracy)",
+    "logging.save_detailed_results": "the sweep always writes sweep.csv and sweep.json",
 }
 
 
@@ -51,14 +75,61 @@ def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[P
     """Fill defaults and check every key; raises :class:`ConfigError` before any work starts."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
-    unknown = [k for k in raw if k not in SCHEMA]
+    known = list(SCHEMA) + list(TOP_LEVEL) + list(FREE_SECTIONS)
+    unknown = [k for k in raw if k not in known]
     if unknown:
-        raise unknown_keys_error("experiment config (sections)", unknown, SCHEMA)
+        raise unknown_keys_error("experiment config (sections)", unknown, known)
+    raw = _none_strings(raw)
     cfg = EasyDict({section: from_cfg(raw.get(section), keys, section) for section, keys in SCHEMA.items()})
+    top = from_cfg({k: raw[k] for k in TOP_LEVEL if k in raw}, TOP_LEVEL, "experiment config")
+    cfg.seed = top.seed
+    if top.save_stage_weights is not None:  # a top-level save_stage_weights is logging.save_stage_weights
+        given = (raw.get("logging") or {}).get("save_stage_weights")
+        cfg.logging.save_stage_weights = agree("logging.save_stage_weights", given, "save_stage_weights",
+                                               top.save_stage_weights)
+    ev = cfg.evaluation
+    ev.rq_ckpt = agree("evaluation.rq_ckpt", ev.rq_ckpt, "evaluation.weights_path", ev.weights_path)
+    ev.test_combinations = cells(agree("evaluation.test_combinations", ev.test_combinations,
+                                       "evaluation.specific_evaluations", ev.specific_evaluations))
     _check_values(cfg)
     if check_paths:
         _check_paths(cfg, base_dir or Path.cwd())
     return cfg
+
+
+def _none_strings(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """YAML ``None`` written as a string (``pretrain_ema_limit: None``) read as null."""
+    def fix(v):
+        return None if isinstance(v, str) and v.strip().lower() in ("none", "null", "~") else v
+    return {k: ({kk: fix(vv) for kk, vv in v.items()} if isinstance(v, dict) else fix(v)) for k, v in raw.items()}
+
+
+def cells(value) -> Optional[List[List[int]]]:
+    """``[[codebooks, entries], ...]`` from ``evaluation.test_combinations`` (None: every trained cell)."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(isinstance(c, (list, tuple)) and len(c) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in c) for c in value)
+    if not ok or not value:
+        raise ConfigError(f"evaluation.test_combinations: expected a list of [codebooks, entries] pairs of "
+                          f"positive ints, got {value!r}")
+    return [list(c) for c in value]
+
+
+def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:
+    """One line per accepted key that changes nothing here (what the tool does instead), per free-form
+    section, and for a max_epoch that shortens the stages."""
+    out = [f"note: section {s!r} accepted; not used by this tool" for s in FREE_SECTIONS if s in raw]
+    for name, what in NOT_APPLIED.items():
+        section, key = name.split(".")
+        if (raw.get(section) or {}).get(key) is not None:
+            out.append(f"note: {name} accepted: {what}")
+    pl = cfg.progressive_learning
+    if pl.enabled and stage_epochs(cfg) < pl.embedding_stage_epochs:
+        out.append(f"note: training.max_epoch {cfg.training.max_epoch} over {num_stages(cfg)} stages leaves "
+                   f"{stage_epochs(cfg)} epochs per stage, not embedding_stage_epochs {pl.embedding_stage_epochs} "
+                   f"(raise max_epoch to {num_stages(cfg) * pl.embedding_stage_epochs} for the full plan)")
+    return out
 
 
 def _positive(cfg, *names):
@@ -85,7 +156,8 @@ def _check_values(cfg: EasyDict) -> None:
     if sched[-1] > 256:
         raise ConfigError(f"progressive_learning.embedding_schedule: sizes above 256 are not supported, got {sched}")
     pl = cfg.progressive_learning
-    if pl.warmup_epochs < 0 or pl.warmup_epochs >= pl.embedding_stage_epochs:
+    ema_only = cfg.rq_model.codebook_update_mode == "ema"
+    if pl.warmup_epochs < 0 or (pl.warmup_epochs >= pl.embedding_stage_epochs and not ema_only):
         raise ConfigError(f"progressive_learning.warmup_epochs: expected 0 <= warmup_epochs < embedding_stage_epochs "
                           f"({pl.embedding_stage_epochs}), got {pl.warmup_epochs}")
     if not 0 < cfg.rq_model.decay < 1:
@@ -97,7 +169,7 @@ def _check_values(cfg: EasyDict) -> None:
     for key, val in cfg.loss_weights.items():
         if val < 0:
             raise ConfigError(f"loss_weights.{key}: expected >= 0, got {val}")
-    if stage_epochs(cfg) < pl.warmup_epochs + 1 and pl.enabled:
+    if stage_epochs(cfg) < pl.warmup_epochs + 1 and pl.enabled and not ema_only:
         raise ConfigError(f"training.max_epoch: {cfg.training.max_epoch} epochs over {num_stages(cfg)} stages leaves "
                           f"{stage_epochs(cfg)} per stage, fewer than warmup_epochs + 1 = {pl.warmup_epochs + 1}")
     ev = cfg.evaluation
@@ -147,6 +219,12 @@ def set_overrides(cfg_dict: Dict[str, Any], pairs: List[str]) -> Dict[str, Any]:
     return out
 
 
+def plateau_cut(bad_epochs: int, patience: int) -> bool:
+    """Divide the stage's LR by 10 now? After every ``patience`` gradient epochs in a row without a new
+    best validation mAP (the best counts EMA epochs too); ``patience`` 0 acts as 1."""
+    return bad_epochs >= 1 and bad_epochs % max(patience, 1) == 0
+
+
 # ---- the stage plan -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
@@ -183,10 +261,12 @@ def stage_plan(cfg: EasyDict) -> List[Stage]:
     """Every stage in order. Legacy mode: one stage, all codebooks at ``codebook_size``."""
     pl = cfg.progressive_learning
     if not pl.enabled:
-        warm = min(pl.warmup_epochs, cfg.training.max_epoch - 1)
+        warm = cfg.training.max_epoch if cfg.rq_model.codebook_update_mode == "ema" else \
+            min(pl.warmup_epochs, cfg.training.max_epoch - 1)
         return [Stage(cfg.model.n_codebook, 1, cfg.rq_model.codebook_size, warm, cfg.training.max_epoch - warm)]
     per = stage_epochs(cfg)
-    return [Stage(c, s, k, pl.warmup_epochs, per - pl.warmup_epochs)
+    warm = per if cfg.rq_model.codebook_update_mode == "ema" else pl.warmup_epochs  # EMA only: no gradient epochs
+    return [Stage(c, s, k, warm, per - warm)
             for c in range(1, cfg.model.n_codebook + 1)
             for s, k in enumerate(pl.embedding_schedule, 1)]
 

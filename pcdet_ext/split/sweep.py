@@ -4,9 +4,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
-from .evaluate import run_eval, trained_cells
+from .evaluate import check_cell, run_eval, trained_cells
 from .rate import dense_float32_kb
 
 COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_fixed", "kb_per_frame_entropy",
@@ -14,11 +14,19 @@ COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_fixed", "kb_p
            "pillars_per_frame", "frames"]
 
 
-def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log) -> Dict:
+def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log,
+          cells: Optional[Sequence[Sequence[int]]] = None) -> Dict:
+    """The uncompressed reference and every trained cell (or the given ``[n, k]`` cells, each checked
+    against what the checkpoint trained) -> CSV, JSON, plot; returns the summary."""
+    todo = trained_cells(model.quantizer, schedule) if cells is None else [tuple(c) for c in cells]
+    for n, k in todo if cells is not None else []:
+        warning = check_cell(model.quantizer, n, k)
+        if warning:
+            log.warning(warning)
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = run_eval(model, dataset, loader, class_names)  # bottleneck bypassed
     rows = []
-    for n, k in trained_cells(model.quantizer, schedule):
+    for n, k in todo:
         res = run_eval(model, dataset, loader, class_names, n, k)
         rows.append({c: res[c] for c in COLUMNS})
         log.info("(%d, %3d): mAP %6.2f  %7.2f KB/frame fixed-length, %7.2f KB/frame entropy",

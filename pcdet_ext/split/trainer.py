@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -90,11 +92,11 @@ class ProgressiveTrainer:
     def _trainable(self) -> List[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _state(self, optimizer, scheduler, stage_idx: int, next_epoch: int, best: float, bad: int,
+    def _state(self, optimizer, stage_idx: int, next_epoch: int, best: float, bad: int,
                done: bool = False) -> Dict[str, Any]:
         st = self.plan[stage_idx] if stage_idx < len(self.plan) else self.plan[-1]
         return {"model_state": self.model.state_dict(), "optimizer_state": optimizer.state_dict() if optimizer else None,
-                "scheduler_state": scheduler.state_dict() if scheduler else None,
+                "scheduler_state": None,  # kept for the layout: plateau cuts live in the optimizer's LR
                 "epoch": self.epochs_done, "it": self.global_step, "version": f"pcdet_ext+{__version__}",
                 "stage_state": {"stage_index": stage_idx, "codebook": st.codebook, "stage": st.stage,
                                 "num_embeddings": st.num_embeddings, "next_epoch": next_epoch,
@@ -104,12 +106,14 @@ class ProgressiveTrainer:
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> None:
+        if self.exp.seed is not None:  # the experiment's global seed (identical on every rank)
+            seed_everything(int(self.exp.seed))
         resume = self.run.check_reusable(self.fingerprint) if self.dist.is_main else None
         if self.dist.world_size > 1:
             obj = [resume]
             dist.broadcast_object_list(obj, 0)
             resume = obj[0]
-        start_stage, start_epoch, best, bad, opt_state, sched_state = 0, 0, -math.inf, 0, None, None
+        start_stage, start_epoch, best, bad, opt_state = 0, 0, -math.inf, 0, None
         if resume is not None:
             ss = resume["stage_state"]
             if ss["done"]:
@@ -120,7 +124,7 @@ class ProgressiveTrainer:
             start_stage, start_epoch = ss["stage_index"], ss["next_epoch"]
             best, bad, self.global_best = ss["stage_best_map"], ss["bad_epochs"], ss["global_best_map"]
             self.global_step, self.epochs_done = resume["it"], resume["epoch"]
-            opt_state, sched_state = resume["optimizer_state"], resume["scheduler_state"]
+            opt_state = resume["optimizer_state"]
             self.log.info("resuming from %s: codebook %d stage %d (%d entries) epoch %d, step %d",
                           self.run.root / ck.RESUME, ss["codebook"], ss["stage"], ss["num_embeddings"],
                           start_epoch + 1, self.global_step)
@@ -129,10 +133,9 @@ class ProgressiveTrainer:
             # a stage resumed at epoch 0 was never started (the state was saved at the previous stage's end)
             fresh = resume is None or idx != start_stage or start_epoch == 0
             self._fit_stage(idx, start_epoch if not fresh else 0, best if not fresh else -math.inf,
-                            bad if not fresh else 0, None if fresh else opt_state, None if fresh else sched_state,
-                            fresh)
+                            bad if not fresh else 0, None if fresh else opt_state, fresh)
         if self.dist.is_main:
-            self.run.save_resume(self._state(None, None, len(self.plan) - 1, 0, -math.inf, 0, done=True))
+            self.run.save_resume(self._state(None, len(self.plan) - 1, 0, -math.inf, 0, done=True))
         self.writer.close()
         self.log.info("done: global best mAP %.2f (%s)", self.global_best, self.run.ckpt(ck.GLOBAL_BEST))
 
@@ -144,17 +147,14 @@ class ProgressiveTrainer:
         for c in (range(st.codebook) if legacy else [st.codebook - 1]):
             self.q.start_stage(c, st.num_embeddings)
 
-    def _fit_stage(self, idx, first_epoch, best, bad, opt_state, sched_state, fresh) -> None:
+    def _fit_stage(self, idx, first_epoch, best, bad, opt_state, fresh) -> None:
         st = self.plan[idx]
         if fresh:
             self._start(idx)
         params = self._trainable()
         optimizer = torch.optim.Adam(params, lr=self.exp.training.init_lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
-                                                               patience=self.exp.training.patience)
-        if opt_state is not None:
+        if opt_state is not None:  # the learning rate (after any plateau cuts) is in the optimizer state
             optimizer.load_state_dict(opt_state)
-            scheduler.load_state_dict(sched_state)
         best_state = None
         best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
         if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
@@ -174,8 +174,11 @@ class ProgressiveTrainer:
                 best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
             elif phase == "gradient":
                 bad += 1
-            if phase == "gradient":
-                scheduler.step(m)
+            if phase == "gradient" and not improved and schema.plateau_cut(bad, self.exp.training.patience):
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+                self.log.info("codebook %d stage %d: %d epochs without a new best mAP: LR -> %.2e", st.codebook,
+                              st.stage, bad, optimizer.param_groups[0]["lr"])
             self.global_best = max(self.global_best, m)
             self.writer.scalars({"val/mAP": m, "val/loss": val.get("loss", float("nan")), "val/best_mAP": best,
                                  "val/global_best_mAP": self.global_best, "train/epoch_loss": train_loss,
@@ -184,7 +187,7 @@ class ProgressiveTrainer:
             bar.set_postfix(phase=phase, mAP=f"{m:.2f}", best=f"{best:.2f}")
             stop = phase == "gradient" and bad >= self.exp.training.early_stopping_patience
             if self.dist.is_main:
-                state = self._state(optimizer, scheduler, idx, epoch + 1, best, bad)
+                state = self._state(optimizer, idx, epoch + 1, best, bad)
                 if (epoch + 1) % self.exp.training.ckpt_freq_epoch == 0:
                     self.run.save(ck.epoch_name(st.codebook, st.stage, epoch + 1), state)
                 if improved:
@@ -194,7 +197,7 @@ class ProgressiveTrainer:
                 if stop or epoch + 1 == st.epochs:
                     if self.exp.logging.save_stage_weights:
                         self.run.save(ck.final_name(st.codebook, st.stage), state)
-                    nxt = self._state(None, None, idx + 1, 0, -math.inf, 0) if idx + 1 < len(self.plan) else None
+                    nxt = self._state(None, idx + 1, 0, -math.inf, 0) if idx + 1 < len(self.plan) else None
                     if best_state is not None:  # the next stage starts from this stage's best weights
                         self.model.load_state_dict(best_state)
                         if nxt is not None:
@@ -219,7 +222,10 @@ class ProgressiveTrainer:
         total, count = 0.0, 0
         bar = progress(self.train_loader, main=self.dist.is_main, desc=f"epoch {epoch + 1}/{st.epochs} ({phase})",
                        leave=False)
-        for batch in bar:
+        limit = self.exp.progressive_learning.pretrain_ema_limit if phase == "ema" else None
+        for i, batch in enumerate(bar):
+            if limit is not None and i >= limit:  # pretrain_ema_limit: batches per EMA warm-up epoch
+                break
             t0 = time.time()
             load_data_to_gpu(batch)
             if phase == "ema":  # EMA updates happen in the forward; nothing to backpropagate
@@ -257,3 +263,9 @@ class ProgressiveTrainer:
                           val["kb_per_frame_fixed"])
         val["mAP"] = self._broadcast(val["mAP"])
         return val
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

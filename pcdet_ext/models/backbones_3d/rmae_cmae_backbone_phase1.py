@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -167,6 +167,8 @@ class RMAECMAEBackbonePhase1(nn.Module):
                                       f"(got {model_cfg.get(key)!r}); masking and the teacher are pretraining-only")
             return
         self._encoder_params = [n for n, _ in self.named_parameters()]
+        # the encoder's float buffers (BatchNorm statistics): the teacher tracks them too
+        self._encoder_stats = [n for n, b in self.named_buffers() if b is not None and b.is_floating_point()]
         self.mask_cfg = MaskingConfig.from_cfg(cfg)
         self.mask_seed = cfg.MASK_SEED
         self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
@@ -196,6 +198,9 @@ class RMAECMAEBackbonePhase1(nn.Module):
             teacher = self.encoder_cls(**enc_args)
             wanted = teacher.state_dict()
             teacher.load_state_dict({k: v for k, v in self.state_dict().items() if k in wanted})
+            for m in teacher.modules():  # its statistics follow the student's by EMA, not its own batches,
+                if isinstance(m, nn.modules.batchnorm._NormBase):  # so every DDP rank keeps the same teacher
+                    m.momentum = 0.0
             self.teacher = params_to_buffers_(teacher)
             if self.ts_weight > 0:
                 self.ts_regression = FeatureRegression(self._scale_channels)
@@ -203,15 +208,24 @@ class RMAECMAEBackbonePhase1(nn.Module):
 
     @torch.no_grad()
     def _probe(self, input_channels: int) -> Dict:
-        """The encoder's outputs (shapes, channels, stride) on two voxels, in eval mode."""
-        was_training = self.training
-        self.eval()
-        centre = [s // 2 for s in self.sparse_shape]
-        coords = torch.tensor([[0, *centre], [0, centre[0], centre[1] + 1, centre[2]]], dtype=torch.int32)
-        out = self.encoder_cls.forward(self, {"voxel_features": torch.zeros(2, input_channels),
-                                              "voxel_coords": coords, "batch_size": 1})
-        self.train(was_training)
-        return out
+        """The encoder's outputs (shapes, channels, stride) on two voxels, on the CPU where models are
+        built. Convolutions run in training mode (stock spconv's CPU kernels refuse the fused bias of
+        eval mode, and on a CUDA machine no CPU-runtime patch is there to help), normalisation
+        layers in eval mode (running statistics untouched, any number of sites): nothing changes."""
+        modes = {m: m.training for m in self.modules()}
+        self.train()
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.eval()
+        try:
+            centre = [s // 2 for s in self.sparse_shape]
+            coords = torch.tensor([[0, *centre], [0, centre[0], centre[1] + 1, centre[2]]], dtype=torch.int32)
+            device = next(self.parameters()).device
+            return self.encoder_cls.forward(self, {"voxel_features": torch.zeros(2, input_channels, device=device),
+                                                   "voxel_coords": coords.to(device), "batch_size": 1})
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
 
     def _seed(self) -> int:
         if not self.training:
@@ -227,10 +241,15 @@ class RMAECMAEBackbonePhase1(nn.Module):
         batch_size = int(batch_dict["batch_size"])
         seed = self._seed()
         if self.training:
+            if self.use_teacher:  # here the student's state is what DDP broadcast from rank 0 (identical on
+                # every rank); the teacher itself is never broadcast. First step: the teacher starts as the student
+                # (also after --pretrained_model); then its BatchNorm statistics follow the student's by EMA.
+                first = int(self.mask_step) == 0
+                self._ema_teacher(0.0 if first else self.momentum, params=first)
             self.mask_step += 1
-        mask = mask_voxels(coords.cpu(), batch_size, self.voxel_size, self.point_cloud_range, self.mask_cfg,
+        mask = mask_voxels(coords, batch_size, self.voxel_size, self.point_cloud_range, self.mask_cfg,
                            seed=seed, grid_size=self.grid_size)
-        masked = mask.masked.to(coords.device)
+        masked = mask.masked
         visible = ~masked
         n_vis = int(visible.sum())
         if n_vis:
@@ -299,6 +318,32 @@ class RMAECMAEBackbonePhase1(nn.Module):
     def update_teacher(self) -> None:
         """EMA step of the teacher from the student encoder; call after every optimizer step."""
         if self.pretraining and self.use_teacher:
-            params = dict(self.named_parameters())
-            ema_update_(self.teacher, ((n, params[n]) for n in self._encoder_params), self.momentum)
+            self._ema_teacher(self.momentum, stats=False)
+
+    def _ema_teacher(self, momentum: float, params: bool = True, stats: bool = True) -> None:
+        """Teacher <- EMA of the student's parameters and/or BatchNorm statistics (``momentum`` 0: a copy)."""
+        pairs = []
+        if params:
+            named = dict(self.named_parameters())
+            pairs += [(n, named[n]) for n in self._encoder_params]
+        if stats:
+            named = dict(self.named_buffers())
+            pairs += [(n, named[n]) for n in self._encoder_stats]
+        ema_update_(self.teacher, pairs, momentum)
+
+    def teacher_state_names(self) -> List[str]:
+        """Names (relative to this module) of the teacher's tensors: identical on every DDP rank by
+        construction (same start, same EMA of DDP-synchronised student state), so not to be broadcast."""
+        return [f"teacher.{n}" for n, _ in self.teacher.named_buffers()] if self.pretraining and self.use_teacher else []
+
+
+def ignore_teachers_in_ddp(model: nn.Module) -> List[str]:
+    """Keep every R-MAE backbone teacher of ``model`` out of DDP's buffer broadcast (set before wrapping
+    ``model`` in DistributedDataParallel); returns the names."""
+    names = [f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+             if isinstance(m, RMAECMAEBackbonePhase1) for n in m.teacher_state_names()]
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, existing + [n for n in names if n not in existing])
+    return names
 

@@ -27,7 +27,7 @@ RQ_SPEC = {
     "ADAPTER_DIM": Opt(None, (int, NoneType), lo=1),
     "OPERATING_POINT_TRAINING": Opt(True, (bool,)),
     "FREEZE_EARLIER": Opt(True, (bool,)),
-    "DEAD_THRESHOLD": Opt(1e-3, (float,), lo=0.0),
+    "DEAD_THRESHOLD": Opt(0.01, (float,), lo=0.0, hi=1.0, hi_open=True),  # share of the expected count N/k
     "FREEZE_HEAD_TAIL": Opt(True, (bool,)),
     "LOSS_WEIGHTS": Opt(None, (dict, NoneType)),
 }

@@ -5,6 +5,7 @@ from typing import Dict
 
 from ...config import ConfigError
 from ...openpcdet import require_pcdet
+from ..backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
 
 require_pcdet("RMAECMAEDetectorPhase1")
 from pcdet.models.detectors.detector3d_template import Detector3DTemplate  # noqa: E402
@@ -29,6 +30,8 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
         elif model_cfg.get("DENSE_HEAD") is None:
             raise ConfigError("MODEL.DENSE_HEAD: detection mode (BACKBONE_3D.PRETRAINING: False) needs a dense head")
         self.module_list = self.build_networks()
+        if self.pretraining:
+            ignore_teachers_in_ddp(self)
 
     def forward(self, batch_dict: Dict):
         for module in self.module_list:

@@ -1,0 +1,27 @@
+"""Which (codebooks, entries) cells a checkpoint can be evaluated at."""
+import pytest
+import torch
+
+from pcdet_ext.quantization import ResidualQuantizer
+from pcdet_ext.split.evaluate import check_cell
+
+
+def trained(stages):
+    q = ResidualQuantizer(dim=4, num_codebooks=3, codebook_size=256, schedule=(16, 32, 64, 128, 256))
+    x = torch.randn(500, 4)
+    for c, k in stages:
+        q.start_stage(c, k, x)
+    return q
+
+
+def test_cells_above_the_trained_size_are_refused_off_schedule_ones_warned():
+    q = trained([(0, 16), (0, 64), (1, 16), (1, 32)])
+    assert check_cell(q, 1, 64) is None and check_cell(q, 2, 32) is None
+    with pytest.raises(ValueError, match=r"--eval_num_embeddings 256: codebooks 1..1 of this checkpoint were trained "
+                                         r"with \[64\] entries; expected 1..64"):
+        check_cell(q, 1, 256)
+    with pytest.raises(ValueError, match=r"trained with \[64, 32\] entries; expected 1..32"):
+        check_cell(q, 2, 64)
+    with pytest.raises(ValueError, match="--eval_num_codebooks 3: this checkpoint has 2 trained"):
+        check_cell(q, 3, 16)
+    assert "17 is not a trained operating point" in check_cell(q, 1, 17)
