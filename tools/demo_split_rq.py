@@ -37,11 +37,11 @@ def main() -> int:
         print(f"reusing {ckpt}")
     schedule = [int(s) for s in args.schedule.split(",")]
     stages = args.n_codebook * len(schedule)
+    model_cfg = write_model_cfg(args)
     exp = {"dataset": {"name": "KITTI" if args.layout == "kitti" else "custom", "dir": str(data.resolve()),
                        "num_classes": 3 if args.layout == "kitti" else 4},
            "model": {"n_codebook": args.n_codebook, "pretrained_weight": str(ckpt.resolve()),
-                     "cfg_file": "cfgs/kitti_models/pointpillar_rq.yaml" if args.layout == "kitti"
-                     else "cfgs/custom_models/pointpillar_rq_isarc_4class.yaml"},
+                     "cfg_file": str(model_cfg.resolve())},
            "progressive_learning": {"embedding_schedule": schedule, "embedding_stage_epochs": args.stage_epochs,
                                     "warmup_epochs": args.warmup_epochs},
            "training": {"batch_size": args.batch_size, "num_workers": args.workers,
@@ -51,9 +51,23 @@ def main() -> int:
            "logging": {"use_wandb": False, "saved_path": str((args.out / "rq").resolve())}}
     config = args.out / "split_demo.yaml"
     config.write_text(yaml.safe_dump(exp, sort_keys=False))
-    print(f"experiment config: {config}")
-    return train_eval_rq.main(["--config", str(config), "--eval_sweep", "--set",
-                               *demo_pointpillars.overrides(args.layout)])
+    print(f"experiment config: {config} (model config {model_cfg}); the evaluation again: "
+          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep")
+    return train_eval_rq.main(["--config", str(config), "--eval_sweep"])
+
+
+def write_model_cfg(args) -> Path:
+    """The RQ model config with the demo's small grid applied, written next to the experiment config,
+    so that ``--config split_demo.yaml`` alone reproduces this run's model (and its evaluation)."""
+    from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
+    from pcdet_ext.utils.checkpoint import plain
+    base = "cfgs/kitti_models/pointpillar_rq.yaml" if args.layout == "kitti" else \
+        "cfgs/custom_models/pointpillar_rq_isarc_4class.yaml"
+    cfg = cfg_from_list(demo_pointpillars.overrides(args.layout), cfg_from_yaml_file(find_config(base)))
+    path = args.out / f"{Path(base).stem}_demo.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+    return path
 
 
 if __name__ == "__main__":

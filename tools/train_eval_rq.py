@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         schedule = list(exp.progressive_learning.embedding_schedule) if exp.progressive_learning.enabled \
             else [exp.rq_model.codebook_size]
         try:
-            summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations)
+            summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations,
+                            checkpoint=ckpt_path)
         except ValueError as exc:
             print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
             return 2

@@ -15,9 +15,10 @@ COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_fixed", "kb_p
 
 
 def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log,
-          cells: Optional[Sequence[Sequence[int]]] = None) -> Dict:
+          cells: Optional[Sequence[Sequence[int]]] = None, checkpoint: Optional[Path] = None) -> Dict:
     """The uncompressed reference and every trained cell (or the given ``[n, k]`` cells, each checked
-    against what the checkpoint trained) -> CSV, JSON, plot; returns the summary."""
+    against what the checkpoint trained) of one model, ``checkpoint`` (named in the summary and the
+    table) -> CSV, JSON, plot; returns the summary."""
     todo = trained_cells(model.quantizer, schedule) if cells is None else [tuple(c) for c in cells]
     for n, k in todo if cells is not None else []:
         warning = check_cell(model.quantizer, n, k)
@@ -32,7 +33,7 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
         log.info("(%d, %3d): mAP %6.2f  %7.2f KB/frame fixed-length, %7.2f KB/frame entropy",
                  n, k, res["mAP"], res["kb_per_frame_fixed"], res["kb_per_frame_entropy"])
     grid = dataset.grid_size
-    summary = {"uncompressed_mAP": reference["mAP"],
+    summary = {"checkpoint": str(checkpoint) if checkpoint else None, "uncompressed_mAP": reference["mAP"],
                "uncompressed_kb_per_frame": dense_float32_kb(int(grid[1]), int(grid[0]), model.quantizer.dim),
                "cells": rows}
     with open(out_dir / "sweep.csv", "w", newline="") as f:
@@ -52,6 +53,8 @@ def format_table(summary: Dict) -> str:
                      f"{r['kb_per_frame_fixed']:9.2f} {r['kb_per_frame_entropy']:9.2f}")
     lines.append(f"{'uncompressed':>17} {summary['uncompressed_mAP']:7.2f} "
                  f"{summary['uncompressed_kb_per_frame']:9.1f} (float32 BEV pseudo-image)")
+    if summary.get("checkpoint"):
+        lines.append(f"every cell from one model: {summary['checkpoint']}")
     return "\n".join(lines)
 
 

@@ -68,6 +68,7 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     assert cells == [(1, 16), (1, 64), (2, 16), (2, 64)]
     assert all(c["kb_per_frame_fixed"] > c["kb_per_frame_entropy"] > 0 for c in sweep["cells"])
     assert (run / "eval" / "sweep.png").stat().st_size > 10000 and (run / "eval" / "sweep.csv").is_file()
+    assert sweep["checkpoint"].endswith(ck.best_name(2, 2)) and "every cell from one model" in proc.stdout
     ev = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "2", "--eval_num_embeddings", "16",
                   "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -75,6 +76,9 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "3",
                    "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
     assert bad.returncode == 2 and "has 2 trained codebook(s); expected 1..2" in bad.stderr
+    bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "1", "--eval_num_embeddings", "256",
+                   "--rq_ckpt", str(run / "checkpoints" / ck.best_name(2, 2)), "--set", *SMALL)
+    assert bad.returncode == 2 and "trained with [64] entries; expected 1..64" in bad.stderr
     again = run_tool("--config", str(config), "--extra_tag", "t1", "--set", *SMALL)
     assert again.returncode == 0 and "this run is complete" in again.stderr + again.stdout
     other = run_tool("--config", str(config), "--extra_tag", "t1", "--set", "training.init_lr", "0.01", *SMALL)
