@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _subproc import run_gloo_ranks
 from pcdet_ext.quantization import ResidualQuantizer
 from pcdet_ext.quantization.nn_search import kmeans_pp, nearest
 
@@ -254,13 +254,7 @@ def _ddp_worker(rank, world, port, results):
 
 
 def test_ddp_ema_sync_two_gloo_processes():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    results = run_gloo_ranks(_ddp_worker)
     (cb0, cnt0), (cb1, cnt1) = results[0], results[1]
     assert torch.equal(cb0, cb1) and torch.equal(cnt0, cnt1)
 
@@ -303,9 +297,10 @@ def test_quantization_stays_fp32_under_autocast():
 
 
 def _gradient_steps(q, x, steps, lr=0.1):
-    opt = torch.optim.SGD([p for p in q.codebooks if p.requires_grad], lr=lr)
+    """SGD on every trainable tensor (codebooks, adapter) with the quantizer's own losses."""
+    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        loss = q(x).losses["codebook"]
+        loss = sum(q(x).losses.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -365,13 +360,7 @@ def test_adapter_freezes_with_the_codebooks_it_serves():
     x, _, _ = mixture(k=16)
     q = staged(x, 16, "gradient", num_codebooks=2, schedule=(16,), adapter_dim=4)
     assert q.adapter_in.weight.requires_grad
-    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(5):
-        out = q(x)
-        loss = out.losses["codebook"] + out.losses["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _gradient_steps(q, x, 5, lr=0.05)
     q.start_stage(1, 16, x)
     assert not q.adapter_in.weight.requires_grad and not q.adapter_out.weight.requires_grad
     q.eval()
@@ -379,13 +368,7 @@ def test_adapter_freezes_with_the_codebooks_it_serves():
     frozen_cell = q.decode(q.encode(x)).detach().clone()
     q.train()
     q.start_stage(1, 16)
-    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(5):
-        out = q(x)
-        loss = out.losses["codebook"] + out.losses["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _gradient_steps(q, x, 5, lr=0.05)
     q.eval()
     q.set_active(1, 16)
     assert torch.equal(q.decode(q.encode(x)), frozen_cell)  # the (1, 16) cell did not drift

@@ -176,13 +176,8 @@ def _ddp_teacher_worker(rank, world, port, results):
 
 
 def test_ddp_ranks_keep_identical_teachers_without_broadcasting_them():
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_teacher_worker, args=(2, port, results), nprocs=2, join=True)
+    from _subproc import run_gloo_ranks
+    results = run_gloo_ranks(_ddp_teacher_worker)
     t0, t1 = results[0], results[1]
     assert t0.keys() == t1.keys() and [k for k in t0 if not torch.equal(t0[k], t1[k])] == []
     assert any(k.endswith("running_mean") and float(t0[k].abs().sum()) > 0 for k in t0)  # statistics tracked too

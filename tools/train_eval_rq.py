@@ -29,7 +29,7 @@ from pcdet_ext.split.rate import dense_float32_kb
 from pcdet_ext.split.sweep import format_table, sweep
 from pcdet_ext.split.trainer import ProgressiveTrainer
 from pcdet_ext.config import ConfigError
-from pcdet_ext.split.runtime import rq_checkpoint
+from pcdet_ext.split.runtime import rq_checkpoint, stored_models
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
 
 
@@ -122,14 +122,16 @@ def main(argv=None) -> int:
     if ckpt_path is None:
         print(f"error: no --rq_ckpt and no stage checkpoint under {run.checkpoints}", file=sys.stderr)
         return 2
-    model.load_state_dict(rq_checkpoint(ckpt_path, "--rq_ckpt")["model_state"])
+    state = rq_checkpoint(ckpt_path, "--rq_ckpt")
+    model.load_state_dict(state["model_state"])
+    bitstream = stored_models(state)  # fitted by split_infer.py --fit_models: rates are then measured
     log.info("evaluating %s", ckpt_path)
     if args.eval_sweep:
         schedule = list(exp.progressive_learning.embedding_schedule) if exp.progressive_learning.enabled \
             else [exp.rq_model.codebook_size]
         try:
             summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations,
-                            checkpoint=ckpt_path)
+                            checkpoint=ckpt_path, bitstream=bitstream)
         except ValueError as exc:
             print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
             return 2
@@ -147,11 +149,17 @@ def main(argv=None) -> int:
         return 2
     if warning:
         print(warning, file=sys.stderr)
-    res = run_eval(model, val[0], val[1], names, n, k)
+    res = run_eval(model, val[0], val[1], names, n, k, bitstream=bitstream)
     grid = val[0].grid_size
     print(res["result_str"])
     print(f"operating point: {n} codebook(s) x {k} entries; mAP (3D moderate R40) {res['mAP']:.2f}")
-    print(f"rate per frame: {res['pillars_per_frame']:.0f} pillars; codes {res['code_bits_fixed'] / 8192:.2f} KB "
+    if "kb_per_frame_measured" in res:
+        print(f"measured rate: {res['bytes_per_frame_measured']:.0f} bytes = {res['kb_per_frame_measured']:.2f} KB per "
+              f"frame (serialised frames under the checkpoint's bitstream models)")
+    else:
+        print("measured rate: none (no bitstream models in the checkpoint: tools/split_infer.py --fit_models); "
+              "the rates below are estimates")
+    print(f"rate estimates per frame: {res['pillars_per_frame']:.0f} pillars; codes {res['code_bits_fixed'] / 8192:.2f} KB "
           f"fixed-length, {res['code_bits_entropy'] / 8192:.2f} KB at their empirical entropy; occupancy "
           f"{res['occupancy_bits_fixed'] / 8192:.2f} KB raw, {res['occupancy_bits_entropy'] / 8192:.2f} KB i.i.d. "
           f"entropy bound; total {res['kb_per_frame_fixed']:.2f} KB (fixed) / {res['kb_per_frame_entropy']:.2f} KB "

@@ -69,20 +69,28 @@ def check_cell(quantizer, n: int, k: int) -> Optional[str]:
 
 
 def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Optional[int] = None,
-             detection_loss: bool = False) -> Dict:
+             detection_loss: bool = False, bitstream=None) -> Dict:
     """Predict every frame (at (n, k), or uncompressed when n is None) and evaluate.
 
-    Returns mAP, the KITTI result string/dict, the rate summary, and with ``detection_loss`` the
+    Returns mAP, the KITTI result string/dict, the rate summary (estimates: fixed-length and
+    empirical entropy; with ``bitstream``, the checkpoint's fitted ProbabilityModels, also the
+    measured serialised frame length ``bytes_per_frame_measured``), and with ``detection_loss`` the
     mean detection loss on these frames (quantizer in eval mode: no EMA update).
     """
     from ..engine.loop import evaluate
     grid = dataset.grid_size
     meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
+    measured = None
+    if n and bitstream is not None:
+        from .runtime import FrameBytes
+        measured = FrameBytes(model, bitstream, k, grid)
     losses = []
 
     def on_batch(batch: Dict) -> None:
         if meter is not None:
             meter.add(batch["rq_codes"], batch["voxel_coords"][:, 0].long(), int(batch["batch_size"]))
+        if measured is not None:
+            measured.add(batch)
         if detection_loss:  # the head's targets need training mode; the quantizer stays in eval
             model.train()
             model.rq_bottleneck.eval()
@@ -96,6 +104,9 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict}
     if meter is not None:
         out.update(meter.summary())
+    if measured is not None and measured.sizes:
+        out["bytes_per_frame_measured"] = sum(measured.sizes) / len(measured.sizes)
+        out["kb_per_frame_measured"] = out["bytes_per_frame_measured"] / 1024
     if losses:
         out["loss"] = sum(losses) / len(losses)
     return out

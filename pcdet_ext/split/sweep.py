@@ -9,16 +9,18 @@ from typing import Dict, List, Optional, Sequence
 from .evaluate import check_cell, run_eval, trained_cells
 from .rate import dense_float32_kb
 
-COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_fixed", "kb_per_frame_entropy",
+COLUMNS = ["num_codebooks", "num_embeddings", "mAP", "kb_per_frame_measured", "kb_per_frame_fixed", "kb_per_frame_entropy",
            "code_bits_fixed", "code_bits_entropy", "occupancy_bits_fixed", "occupancy_bits_entropy",
            "pillars_per_frame", "frames"]
 
 
 def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log,
-          cells: Optional[Sequence[Sequence[int]]] = None, checkpoint: Optional[Path] = None) -> Dict:
+          cells: Optional[Sequence[Sequence[int]]] = None, checkpoint: Optional[Path] = None,
+          bitstream=None) -> Dict:
     """The uncompressed reference and every trained cell (or the given ``[n, k]`` cells, each checked
     against what the checkpoint trained) of one model, ``checkpoint`` (named in the summary and the
-    table) -> CSV, JSON, plot; returns the summary."""
+    table) -> CSV, JSON, plot; returns the summary. With ``bitstream`` (the checkpoint's fitted models)
+    each cell also has its measured serialised frame length; otherwise only the estimates."""
     todo = trained_cells(model.quantizer, schedule) if cells is None else [tuple(c) for c in cells]
     for n, k in todo if cells is not None else []:
         warning = check_cell(model.quantizer, n, k)
@@ -28,10 +30,11 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
     reference = run_eval(model, dataset, loader, class_names)  # bottleneck bypassed
     rows = []
     for n, k in todo:
-        res = run_eval(model, dataset, loader, class_names, n, k)
-        rows.append({c: res[c] for c in COLUMNS})
-        log.info("(%d, %3d): mAP %6.2f  %7.2f KB/frame fixed-length, %7.2f KB/frame entropy",
-                 n, k, res["mAP"], res["kb_per_frame_fixed"], res["kb_per_frame_entropy"])
+        res = run_eval(model, dataset, loader, class_names, n, k, bitstream=bitstream)
+        rows.append({c: res.get(c) for c in COLUMNS})
+        log.info("(%d, %3d): mAP %6.2f  %s%7.2f KB/frame fixed-length, %7.2f KB/frame entropy (estimates)", n, k,
+                 res["mAP"], f"{res['kb_per_frame_measured']:7.2f} KB/frame measured, " if bitstream else "",
+                 res["kb_per_frame_fixed"], res["kb_per_frame_entropy"])
     grid = dataset.grid_size
     summary = {"checkpoint": str(checkpoint) if checkpoint else None, "uncompressed_mAP": reference["mAP"],
                "uncompressed_kb_per_frame": dense_float32_kb(int(grid[1]), int(grid[0]), model.quantizer.dim),
@@ -46,11 +49,16 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
 
 
 def format_table(summary: Dict) -> str:
-    lines = [f"{'codebooks':>9} {'entries':>7} {'mAP':>7} {'KB/frame':>9} {'KB/frame':>9}",
-             f"{'':>9} {'':>7} {'':>7} {'fixed':>9} {'entropy':>9}"]
+    """Cells with their measured KB/frame (when the checkpoint has bitstream models) and the two
+    estimates (fixed-length codes, empirical entropy)."""
+    lines = [f"{'codebooks':>9} {'entries':>7} {'mAP':>7} {'KB/frame':>9} {'KB/frame':>9} {'KB/frame':>9}",
+             f"{'':>9} {'':>7} {'':>7} {'measured':>9} {'fixed*':>9} {'entropy*':>9}"]
     for r in summary["cells"]:
-        lines.append(f"{r['num_codebooks']:>9} {r['num_embeddings']:>7} {r['mAP']:7.2f} "
+        measured = f"{r['kb_per_frame_measured']:9.2f}" if r.get("kb_per_frame_measured") is not None else f"{'-':>9}"
+        lines.append(f"{r['num_codebooks']:>9} {r['num_embeddings']:>7} {r['mAP']:7.2f} {measured} "
                      f"{r['kb_per_frame_fixed']:9.2f} {r['kb_per_frame_entropy']:9.2f}")
+    lines.append("* estimates" + ("" if any(r.get("kb_per_frame_measured") is not None for r in summary["cells"]) else
+                                  "; measured needs bitstream models in the checkpoint (split_infer.py --fit_models)"))
     lines.append(f"{'uncompressed':>17} {summary['uncompressed_mAP']:7.2f} "
                  f"{summary['uncompressed_kb_per_frame']:9.1f} (float32 BEV pseudo-image)")
     if summary.get("checkpoint"):
@@ -68,10 +76,13 @@ def plot(summary: Dict, path: Path) -> Path:
     depths = sorted({r["num_codebooks"] for r in summary["cells"]})
     for n in depths:
         rows = sorted((r for r in summary["cells"] if r["num_codebooks"] == n), key=lambda r: r["num_embeddings"])
-        line, = ax.plot([r["kb_per_frame_fixed"] for r in rows], [r["mAP"] for r in rows], "o-",
-                        label=f"{n} codebook{'s' if n > 1 else ''} (fixed-length)")
+        line, = ax.plot([r["kb_per_frame_fixed"] for r in rows], [r["mAP"] for r in rows], "o:",
+                        label=f"{n} codebook{'s' if n > 1 else ''} (fixed-length estimate)")
         ax.plot([r["kb_per_frame_entropy"] for r in rows], [r["mAP"] for r in rows], "x--", color=line.get_color(),
-                alpha=0.6, label=f"{n} codebook{'s' if n > 1 else ''} (entropy)")
+                alpha=0.6, label=f"{n} codebook{'s' if n > 1 else ''} (entropy estimate)")
+        if all(r.get("kb_per_frame_measured") is not None for r in rows):
+            ax.plot([r["kb_per_frame_measured"] for r in rows], [r["mAP"] for r in rows], "s-", color=line.get_color(),
+                    linewidth=2, label=f"{n} codebook{'s' if n > 1 else ''} (measured bytes)")
         for r in rows:
             ax.annotate(str(r["num_embeddings"]), (r["kb_per_frame_fixed"], r["mAP"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))

@@ -52,6 +52,18 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
     rows = json.loads((tmp_path / "local.json").read_text())
     assert len(rows["frames"]) == 2 and rows["summary"]["ratio_vs_float32_dense"] > 100
     assert all(r["bytes"] == r["occupancy_bytes"] + r["code_bytes"] + HEADER.size for r in rows["frames"])
+    # train_eval_rq.py's evaluation reports the same measured bytes when the checkpoint carries the models
+    ev = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+              "--rq_ckpt", str(fitted), "--eval_num_codebooks", "2", "--eval_num_embeddings", "16", "--set", *SMALL)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    measured = next(line for line in ev.stdout.splitlines() if line.startswith("measured rate:"))
+    kb = float(measured.split("= ")[1].split()[0])
+    totals = next(line for line in ev.stdout.splitlines() if line.startswith("rate estimates")).split("total ")[1].split()
+    fixed, entropy = float(totals[0]), float(totals[4])  # "X KB (fixed) / Y KB (entropy)"
+    assert kb < fixed and 0.6 * entropy < kb < 1.4 * entropy, ev.stdout[-600:]  # the coder lands near the entropy
+    plain_ckpt = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+                      "--rq_ckpt", str(checkpoint), "--set", *SMALL)
+    assert plain_ckpt.returncode == 0 and "the rates below are estimates" in plain_ckpt.stdout
     server = subprocess.Popen([sys.executable, str(REPO / "tools/split_server.py"), "--ckpt", str(fitted), "--port", "0",
                                "--timeout", "2"], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True)
