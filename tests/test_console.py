@@ -13,6 +13,8 @@ def test_known_warnings_filtered_others_kept():
         warnings.warn("`torch.cuda.amp.autocast(args...)` is deprecated. Please use ...", FutureWarning)
         warnings.warn("something a user should see", UserWarning)
     assert [str(w.message) for w in caught] == ["something a user should see"]
+    import logging
+    assert logging.getLogger("torch.fx._symbolic_trace").getEffectiveLevel() == logging.ERROR
 
 
 def test_progress_bar_off_when_stderr_is_not_a_terminal(capsys):

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import types
 from pathlib import Path
 from typing import Dict, List
 
 from ..openpcdet import pcdet_tools_module
 from ..utils.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint, model_state_of
 from ..datasets.class_names import report_dataset_class_names
+from ..utils.console import progress
 from .checkpointing import epoch_checkpoints, epoch_of, unwrap
 from .preflight import check_dataset_files, check_not_empty
+
+
+TERMINAL_TQDM = types.SimpleNamespace(tqdm=progress)  # what eval_one_epoch calls as tqdm.tqdm
 
 
 def load_for_eval(model, path: Path, logger=None) -> int:
@@ -30,6 +35,7 @@ def evaluate(cfg, model, test_loader, epoch_id, logger, result_dir: Path, save_t
              infer_time: bool = False) -> Dict:
     """OpenPCDet's ``eval_one_epoch`` on this process (no DDP wrapper: it assumes CUDA)."""
     eval_utils = pcdet_tools_module("eval_utils/eval_utils.py")
+    eval_utils.tqdm = TERMINAL_TQDM  # (this package's private copy of the module) its bar only on a terminal
     cfg.LOCAL_RANK = 0
     result_dir.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(save_to_file=save_to_file, infer_time=infer_time)

@@ -1,6 +1,7 @@
 """What the tools print: known third-party warnings filtered once, progress bars only on a terminal."""
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -17,9 +18,11 @@ KNOWN_WARNINGS = (
 
 
 def quiet_known_warnings() -> None:
-    """Filter :data:`KNOWN_WARNINGS` and numba's performance warnings (idempotent; others still show)."""
+    """Filter :data:`KNOWN_WARNINGS`, numba's performance warnings and torch.fx's ``is_fx_tracing``
+    deprecation log line (spconv calls it on every sparse forward) (idempotent; others still show)."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         from numba.core.errors import NumbaPerformanceWarning
     except ImportError:
