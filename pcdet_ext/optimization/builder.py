@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import warnings
 from functools import partial
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -212,7 +213,9 @@ def scheduler_step(scheduler, accumulated_iter: int, epoch: int) -> None:
     closed form)."""
     if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         scheduler.last_epoch = accumulated_iter - 1
-        scheduler.step()
+        with warnings.catch_warnings():  # set in closed form before each step: not the misuse torch warns of
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
     elif "epoch" in inspect.signature(scheduler.step).parameters:
         scheduler.step(accumulated_iter, epoch)
     else:
