@@ -2,15 +2,21 @@
 
     python benchmarks/bench_rmae_pretraining.py time     # pretraining vs supervised iteration, same batch
     python benchmarks/bench_rmae_pretraining.py memory   # our occupancy decoder vs R-MAE's dense decoder
-    python benchmarks/bench_rmae_pretraining.py iou --iters 60   # occupancy IoU on masked voxels, real scans
+    python benchmarks/bench_rmae_pretraining.py occupancy --train_dir DIR --eval_dir DIR --iters 200
+    python benchmarks/bench_rmae_pretraining.py masking [--train_dir DIR]   # masking statistics, ray-cast cost
 
 time: VoxelNeXt encoder on a synthetic 4-class batch; reference = a supervised iteration of the same
 encoder + VoxelNeXtHead (forward, backward, optimizer step) on the same batch; ratio target <= 1.5.
 memory: peak RSS growth (sampled every ms) of decoder forward + loss + backward, each in a fresh process, on the same
 encoder output; reference = R-MAE's decoder (three dense ConvTranspose3d back to the full voxel grid,
 BCE over every voxel); ratio target <= 0.5. On a GPU, torch.cuda.max_memory_allocated instead.
-iou: a short pretraining run on ../shared/data/kitti_raw_2011_09_26 scans; occupancy precision /
-recall / IoU on masked voxels (every cell without a visible voxel) per block of iterations.
+occupancy: pretrains on the scans of --train_dir (shipped config, x/y range and voxel size as below),
+and, as a baseline, the same decoder over the untrained (frozen random) encoder; then on every scan of
+--eval_dir, with the same fixed masks: AP of masked-only cells against ray-cast free space for both
+and for grow-visible (visible cells dilated by one target cell, scored by distance). Last line:
+"masked occupancy AP: model x | grow-visible y | random encoder z".
+masking: the shipped masking on real scans (ratio, whole-group share, per-band ratios), and the
+ray-cast targets' cost per frame, at the shipped config's full resolution.
 """
 import argparse
 import glob
@@ -215,51 +221,139 @@ def cmd_memory(args):
     print(f"ratio {peaks['ours'] / peaks['rmae']:.2f} (target <= 0.5)")
 
 
-def cmd_iou(args):
-    from pcdet.models import model_fn_decorator
+def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"):
+    """``iters`` pretraining steps (OpenPCDet's model_fn, the shipped schedule); with ``freeze_encoder``
+    the encoder keeps its random initial weights and only the decoder learns (the random-encoder baseline)."""
+    from pcdet_ext.engine import loop
+    from pcdet_ext.optimization import build_optimizer, build_scheduler
+    torch.manual_seed(0)
+    model = loop.build_model(cfg, ds)
+    bb = model.backbone_3d
+    if freeze_encoder:
+        for name, p in bb.named_parameters():
+            if name in bb._encoder_params:
+                p.requires_grad_(False)
+    opt = build_optimizer(model, cfg.OPTIMIZATION)
+    sched, _ = build_scheduler(opt, iters, 1, -1, cfg.OPTIMIZATION)
+    t0 = time.time()
+    losses, _ = loop.train_steps(model, loader, opt, steps=iters, scheduler=sched, progress=True,
+                                 on_step=lambda i: model.update_teacher() if i else None)
+    print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> "
+          f"{statistics.mean(losses[-10:]):.3f}", file=sys.stderr)
+    return model
+
+
+@torch.no_grad()
+def masked_occupancy_ap(models, loader):
+    """Pooled AP over every frame of ``loader`` for each model and the grow-visible baseline, on the
+    same cells (eval-mode masks are fixed, so every model sees the same masks and targets)."""
+    from pcdet.models import load_data_to_gpu
+    from pcdet_ext.pretraining.occupancy import ap_samples, grow_visible_scores, pooled_ap
+    samples = {name: [] for name in [*models, "grow-visible"]}
+    for m in models.values():
+        m.eval()
+    for i, batch in enumerate(loader):
+        load_data_to_gpu(batch)
+        targets = None
+        for name, m in models.items():
+            m(dict(batch))
+            logits, t = m.backbone_3d.forward_ret_dict["occupancy"]
+            if targets is None:
+                targets = t
+            elif not torch.equal(t.positives, targets.positives):
+                raise RuntimeError("models saw different masks")
+            samples[name].append(ap_samples(logits, t, 400000, torch.Generator().manual_seed(i)))
+        samples["grow-visible"].append(ap_samples(grow_visible_scores(targets), targets, 400000,
+                                                  torch.Generator().manual_seed(i)))
+    return {name: pooled_ap(parts) for name, parts in samples.items()}
+
+
+def cmd_occupancy(args):
     from pcdet_ext.datasets.create_infos import create_unlabelled
     from pcdet_ext.engine import loop
-    from pcdet_ext.optimization import build_optimizer, build_scheduler, scheduler_step
-    scans = sorted(glob.glob(str(Path(args.raw) / "*.bin")))
-    if not scans:
-        sys.exit(f"no scans in {args.raw}")
-    torch.manual_seed(0)
+    from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+    train = sorted(Path(args.train_dir).glob("*.bin"))
+    held = sorted(Path(args.eval_dir).glob("*.bin"))
+    if not train or not held:
+        sys.exit(f"no .bin scans in {args.train_dir if not train else args.eval_dir}")
+    overlap = {p.resolve() for p in train} & {p.resolve() for p in held}
+    if overlap:
+        print(f"warning: {len(overlap)} evaluation scans are also training scans", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        root = create_unlabelled([Path(s) for s in scans], Path(tmp) / "raw",
-                                 REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", val_fraction=0.0)
+        ds_cfg = REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml"
+        root = create_unlabelled(train, Path(tmp) / "train", ds_cfg, val_fraction=0.0)
+        eval_root = create_unlabelled(held, Path(tmp) / "eval", ds_cfg, val_fraction=1.0)
         cfg = config(PRE, root, args.half, args.voxel)
-        ds, _ = first_batch(cfg, root)
-        (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=2)
-        from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+        (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=2, workers=args.workers)
         allow_unlabelled(ds)
-        model = loop.build_model(cfg, ds)
-        opt = build_optimizer(model, cfg.OPTIMIZATION)
-        sched, _ = build_scheduler(opt, args.iters, 1, -1, cfg.OPTIMIZATION)
-        fn, rows, it = model_fn_decorator(), [], iter(loader)
-        model.train()
-        t0 = time.time()
-        for step in range(args.iters):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            scheduler_step(sched, step, 0)
-            opt.zero_grad()
-            loss, tb, _ = fn(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10)
-            opt.step()
-            model.update_teacher()
-            rows.append((loss.item(), tb["occ_precision"], tb["occ_recall"], tb["occ_iou"]))
-    print(f"{len(scans)} real scans, grid {ds.grid_size.tolist()}, batch 2, {args.iters} iterations, "
-          f"{time.time() - t0:.0f} s")
-    block = max(args.iters // 6, 1)
-    print("iterations   loss    precision  recall  IoU (occupancy of masked voxels)")
-    for s in range(0, args.iters, block):
-        chunk = rows[s:s + block]
-        mean = [sum(r[i] for r in chunk) / len(chunk) for i in range(4)]
-        print(f"{s:>4}-{s + len(chunk) - 1:<4}  {mean[0]:.4f}  {mean[1]:.3f}      {mean[2]:.3f}   {mean[3]:.3f}")
+        eval_cfg = config(PRE, eval_root, args.half, args.voxel)
+        _, (eval_ds, eval_loader, _) = loop.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
+        allow_unlabelled(eval_ds)
+        models = {"model": train_pretraining(cfg, ds, loader, args.iters),
+                  "random encoder": train_pretraining(cfg, ds, loader, args.iters, freeze_encoder=True,
+                                                      desc="random encoder")}
+        ap = masked_occupancy_ap(models, eval_loader)
+    print(f"{len(train)} training scans, {len(eval_ds)} evaluation scans, grid {ds.grid_size.tolist()}, "
+          f"batch 2, {args.iters} iterations; AP of masked-only cells against ray-cast free space")
+    for name, row in ap.items():
+        print(f"  {name:<15} " + "  ".join(f"{k[len('occ_ap'):].lstrip('_') or 'all'} {v:.3f}"
+                                          for k, v in row.items()))
+    print(f"masked occupancy AP: model {ap['model']['occ_ap']:.3f} | grow-visible {ap['grow-visible']['occ_ap']:.3f}"
+          f" | random encoder {ap['random encoder']['occ_ap']:.3f}")
+
+
+def cmd_masking(args):
+    """Masking statistics of the shipped config (and 36 groups of 10 degrees) on real scans, plus the
+    cost of the ray-cast targets per frame; needs no OpenPCDet."""
+    import numpy as np
+
+    from pcdet_ext.config import cfg_from_yaml_file
+    from pcdet_ext.pretraining.masking import RANGE_BINS, MaskingConfig, mask_voxels
+    from pcdet_ext.pretraining.occupancy import CellGeometry, OccupancyConfig, occupancy_targets
+    scans = sorted(Path(args.train_dir).glob("*.bin"))
+    if not scans:
+        sys.exit(f"no .bin scans in {args.train_dir}")
+    cfg = cfg_from_yaml_file(PRE)
+    bb = cfg.MODEL.BACKBONE_3D
+    pc_range = [float(v) for v in cfg.DATA_CONFIG.POINT_CLOUD_RANGE]
+    voxel = [float(v) for v in cfg.DATA_CONFIG.DATA_PROCESSOR[2].VOXEL_SIZE]
+    grid = np.round((np.array(pc_range[3:]) - pc_range[:3]) / voxel).astype(int)
+    occ = OccupancyConfig.from_cfg(bb.OCCUPANCY_DECODER)
+    frames = []
+    for s in scans:
+        pts = np.fromfile(s, np.float32).reshape(-1, 4)
+        idx = np.floor((pts[:, :3] - pc_range[:3]) / voxel).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < grid), 1)
+        vox = np.unique(idx[ok], axis=0)
+        frames.append((torch.from_numpy(np.c_[np.zeros(len(vox), int), vox[:, ::-1]]),
+                       torch.from_numpy(np.c_[np.zeros(ok.sum()), pts[ok, :3]]).float()))
+    print(f"{len(scans)} scans, {pc_range}, voxels {voxel}, {np.mean([len(c) for c, _ in frames]):.0f} voxels/scan")
+    variants = {"shipped": {}, "36 x 10 deg": {"NUM_ANGULAR_GROUPS": 36, "ANGULAR_GROUP_SIZE": 10}}
+    for name, extra in variants.items():
+        mcfg = MaskingConfig.from_cfg({**bb, **extra, "ANGULAR_GROUP_SIZE": extra.get("ANGULAR_GROUP_SIZE",
+                                                                                 bb.get("ANGULAR_GROUP_SIZE"))})
+        t0, rows = time.perf_counter(), []
+        for i, (c, _) in enumerate(frames):
+            r = mask_voxels(c, 1, voxel, pc_range, mcfg, seed=i, grid_size=grid.tolist())
+            rows.append([r.ratio, r.whole_group_share, r.stage2_scale, *(r.ratio_per_range[b] for b in RANGE_BINS)])
+        ms = (time.perf_counter() - t0) / len(frames) * 1000
+        a = np.array(rows)
+        print(f"{name:<12} ratio {a[:, 0].mean():.3f} ({a[:, 0].min():.3f}-{a[:, 0].max():.3f}), whole-group share "
+              f"{a[:, 1].mean():.3f} (min {a[:, 1].min():.3f}), stage-2 scale {a[:, 2].mean():.2f}, near/mid/far "
+              f"{a[:, 3].mean():.3f}/{a[:, 4].mean():.3f}/{a[:, 5].mean():.3f} (max band {a[:, 3:].max():.3f}); "
+              f"{ms:.1f} ms/scan")
+    mcfg = MaskingConfig.from_cfg(bb)
+    times = []
+    for i, (c, pts) in enumerate(frames):
+        masked = mask_voxels(c, 1, voxel, pc_range, mcfg, seed=i).masked
+        geo = CellGeometry.of(1, grid[::-1].tolist(), voxel, pc_range, occ, mcfg.sensor_origin,
+                              mcfg.distance_thresholds)
+        t0 = time.perf_counter()
+        occupancy_targets(c, masked, pts, geo, occ, torch.Generator().manual_seed(i))
+        times.append(time.perf_counter() - t0)
+    print(f"ray-cast occupancy targets ({occ.rays_per_frame} beams/frame, target cells "
+          f"{voxel[0] * occ.target_stride_xy} x {voxel[1] * occ.target_stride_xy} x {voxel[2] * occ.target_stride_z} m): "
+          f"median {statistics.median(times) * 1000:.0f} ms/frame on {torch.get_num_threads()} threads")
 
 
 def main():
@@ -267,14 +361,18 @@ def main():
         print(json.dumps({"peak_mib": decoder_peak(sys.argv[2], sys.argv[3])}))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["time", "memory", "iou"])
+    p.add_argument("what", choices=["time", "memory", "occupancy", "masking"])
     p.add_argument("--half", type=float, default=51.2, help="half extent of the x/y range, metres")
     p.add_argument("--voxel", type=float, default=0.2, help="x/y voxel size, metres")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--iters", type=int, default=60)
-    p.add_argument("--raw", default=str(RAW))
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--train_dir", default=str(RAW), help="scans (.bin) to pretrain on / to measure masking on")
+    p.add_argument("--eval_dir", default=None, help="scans (.bin) to evaluate on (occupancy; required)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (OpenPCDet's default)")
     args = p.parse_args()
-    {"time": cmd_time, "memory": cmd_memory, "iou": cmd_iou}[args.what](args)
+    if args.what == "occupancy" and args.eval_dir is None:
+        p.error("occupancy needs --eval_dir (scans it does not train on)")
+    {"time": cmd_time, "memory": cmd_memory, "occupancy": cmd_occupancy, "masking": cmd_masking}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """R-MAE radial / random voxel masking: ratios, independence, reproducibility, bad input."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +32,7 @@ def batches():
 
 @pytest.mark.parametrize("cfg", [
     MaskingConfig(masked_ratio=0.8),
-    MaskingConfig(masked_ratio=0.6, use_bernoulli=False),
+    MaskingConfig(masked_ratio=0.6, use_bernoulli=False, range_mask_probs={"NEAR": 0.2, "MID": 0.3, "FAR": 0.35}),
     MaskingConfig(masked_ratio=0.9, two_stage=False),
     MaskingConfig(masked_ratio=0.7, mask_type="random"),
 ])
@@ -62,7 +64,8 @@ def test_radial_masks_whole_sectors_all_around_the_sensor(batches):
 
 
 def test_range_aware_second_stage_follows_range_probabilities(batches):
-    cfg = MaskingConfig(masked_ratio=0.6, range_mask_probs={"NEAR": 0.2, "MID": 0.6, "FAR": 1.0})
+    cfg = MaskingConfig(masked_ratio=0.6, range_mask_probs={"NEAR": 0.1, "MID": 0.3, "FAR": 0.6},
+                        whole_group_min_share=0.0)
     res = mask_voxels(torch.cat(batches[:1]), 2, VOXEL, PC_RANGE, cfg, seed=3)
     r = res.ratio_per_range
     assert r["NEAR"] < r["MID"] < r["FAR"]
@@ -84,7 +87,7 @@ def test_samples_are_independent_and_seeds_reproducible(batches):
 def test_zero_ratio_and_empty_sample():
     coords = torch.tensor([[0, 0, 5, 5], [0, 0, 6, 700]])
     assert not mask_voxels(coords, 2, VOXEL, PC_RANGE, MaskingConfig(masked_ratio=0.0)).masked.any()
-    res = mask_voxels(coords, 2, VOXEL, PC_RANGE, MaskingConfig(masked_ratio=0.5))  # sample 1 has no voxels
+    res = mask_voxels(coords, 2, VOXEL, PC_RANGE, MaskingConfig(masked_ratio=0.5, two_stage=False))  # sample 1: none
     assert res.ratio_per_sample[1] == 0
     empty = mask_voxels(torch.zeros(0, 4, dtype=torch.long), 2, VOXEL, PC_RANGE, MaskingConfig())
     assert empty.masked.numel() == 0 and empty.ratio == 0.0
@@ -116,7 +119,76 @@ def test_a_samples_mask_does_not_depend_on_the_rest_of_the_batch(batches):
     coords = batches[1]
     first = coords[coords[:, 0] == 0]
     other = coords[coords[:, 0] == 1]
-    cfg = MaskingConfig(masked_ratio=0.7)
+    cfg = MaskingConfig(masked_ratio=0.8)
     alone = mask_voxels(first, 1, VOXEL, PC_RANGE, cfg, seed=4).masked
     together = mask_voxels(torch.cat([other, first]), 2, VOXEL, PC_RANGE, cfg, seed=4).masked
     assert torch.equal(together[len(other):], alone)  # other voxels placed before it change nothing
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/kitti_raw_2011_09_26/velodyne"
+
+
+@pytest.fixture(scope="module")
+def real_scans():
+    scans = sorted(REAL.glob("*.bin"))[:12]
+    if not scans:
+        pytest.skip(f"real scans absent ({REAL})")
+    return [voxelize(np.fromfile(s, np.float32).reshape(-1, 4), 0) for s in scans]
+
+
+@pytest.mark.parametrize("groups", [{}, {"NUM_ANGULAR_GROUPS": 36, "ANGULAR_GROUP_SIZE": 10}])
+def test_shipped_masking_on_real_scans_is_radial(real_scans, groups):
+    """Shipped config (1-degree groups) and users' 36 x 10 degrees: ratio, whole-group share, no band erased."""
+    cfg = MaskingConfig.from_cfg({"MASKED_RATIO": 0.8, "DISTANCE_THRESHOLDS": [10, 30],
+                                  "RANGE_MASK_PROBS": {"NEAR": 0.5, "MID": 0.75, "FAR": 0.9}, **groups})
+    results = [mask_voxels(c, 1, VOXEL, PC_RANGE, cfg, seed=i, grid_size=GRID) for i, c in enumerate(real_scans)]
+    for r in results:
+        assert abs(r.ratio - 0.8) <= 0.02
+        assert r.whole_group_share >= 0.59                       # Bernoulli noise of stage 2 aside, >= 0.6
+        assert all(v <= 0.95 for v in r.ratio_per_range.values()), r.ratio_per_range
+        assert 0 < r.stage2_scale <= 1
+    assert np.mean([r.whole_group_share for r in results]) >= 0.6
+    near, mid, far = (np.mean([r.ratio_per_range[b] for r in results]) for b in ("NEAR", "MID", "FAR"))
+    assert near < mid < far  # far masked most (users' meaning of RANGE_MASK_PROBS)
+
+
+def test_whole_groups_are_whole_and_kept_groups_partly_masked(batches):
+    coords = batches[2][batches[2][:, 0] == 0]
+    res = mask_voxels(coords, 1, VOXEL, PC_RANGE, MaskingConfig(angular_group_size=10.0), seed=3)
+    xy = (coords[:, [3, 2]].double() + 0.5) * 0.1 - 70.4
+    group = ((torch.rad2deg(torch.atan2(xy[:, 1], xy[:, 0])) + 180) // 10).long()
+    share = torch.zeros(36, dtype=torch.float64).index_add_(0, group, res.masked.double()) / \
+        torch.bincount(group, minlength=36).clamp_min(1)
+    occupied = torch.bincount(group, minlength=36) > 0
+    full = occupied & (share == 1)
+    assert full.any() and (occupied & (share < 1) & (share > 0)).any()
+    in_full = res.masked & full[group]
+    assert abs(res.whole_group_share - float(in_full.sum()) / float(res.masked.sum())) < 0.03  # groups can be full by chance
+
+
+def test_group_order_and_voxel_noise_are_separate_streams():
+    from pcdet_ext.pretraining.masking import _per_sample_uniform, _per_voxel_uniform
+    b = torch.zeros(360, dtype=torch.long)
+    groups = [_per_sample_uniform(1, 360, s, torch.device("cpu"))[0] for s in range(40)]
+    for s in range(40):
+        noise = _per_voxel_uniform(b, 1, s)
+        assert not any(torch.allclose(noise, g) for g in groups)  # used to be groups(s + 17)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"MASKED_RATIO": 0.5}, r"MASKED_RATIO 0.5 is unreachable with RANGE_MASK_PROBS"),
+    ({"MASKED_RATIO": 0.8, "RANGE_MASK_PROBS": {"NEAR": 0.5, "MID": 0.75, "FAR": 1.0}},
+     r"RANGE_MASK_PROBS.FAR: expected a probability in \[0, 1\) \(1 would mask the whole band\)"),
+    ({"WHOLE_GROUP_MIN_SHARE": 1.0}, "WHOLE_GROUP_MIN_SHARE"),
+])
+def test_unreachable_or_band_erasing_configs_are_refused(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        MaskingConfig.from_cfg(cfg)
+    if "unreachable" in match:  # whole groups alone reach any ratio
+        assert MaskingConfig.from_cfg({**cfg, "ENABLE_2STAGE_MASKING": False}).masked_ratio == cfg["MASKED_RATIO"]
+
+
+def test_log_dict_names_every_statistic(batches):
+    res = mask_voxels(batches[0], 2, VOXEL, PC_RANGE, MaskingConfig(), seed=0)
+    assert set(res.log_dict()) == {"mask_ratio", "mask_whole_group_share", "mask_stage2_scale",
+                                   "mask_ratio_near", "mask_ratio_mid", "mask_ratio_far"}

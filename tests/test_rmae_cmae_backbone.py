@@ -22,6 +22,7 @@ ENCODER = "_tiny_encoder:TinyEncoder"
 
 def make(**kw):
     cfg = dict(NAME="RMAECMAEBackbonePhase1", ENCODER=ENCODER, PRETRAINING=True, MASKED_RATIO=0.6,
+               RANGE_MASK_PROBS={"NEAR": 0.2, "MID": 0.3, "FAR": 0.35}, DISTANCE_THRESHOLDS=[5, 10],
                ANGULAR_GROUP_SIZE=10, OCCUPANCY_DECODER={"TARGET_STRIDE_XY": 2, "HIDDEN_CHANNELS": 8,
                                                         "REDUCE_CHANNELS": 4, "MIN_NEGATIVES": 64},
                TEACHER_STUDENT_SCALES=["x_conv1", "x_conv2"], TEACHER_STUDENT_WEIGHT=0.5)
@@ -40,7 +41,9 @@ def batch(sizes=(400, 300), seed=0):
         coords.append(torch.unique(c, dim=0))
     coords = torch.cat(coords) if coords else torch.zeros(0, 4, dtype=torch.long)
     feats = torch.rand(len(coords), 4, generator=g)
-    return {"voxel_features": feats, "voxel_coords": coords.float(), "batch_size": len(sizes)}
+    xyz = (coords[:, [3, 2, 1]].float() + 0.5) * torch.tensor(VOXEL) + torch.tensor(PC_RANGE[:3])
+    points = torch.cat([coords[:, :1].float(), xyz, feats[:, :1]], 1)  # one return per voxel centre
+    return {"voxel_features": feats, "voxel_coords": coords.float(), "batch_size": len(sizes), "points": points}
 
 
 def test_is_the_encoder_class_with_its_names_and_extras_apart():
@@ -92,9 +95,9 @@ def test_zero_voxel_frames_do_not_break_the_batch():
     empty.train()
     empty(batch(sizes=(0, 0)))
     loss, tb = empty.get_loss()
-    loss.backward()  # decoder learns empty space; the encoder stays in the graph (DDP) with zero gradient
-    assert math.isfinite(loss.item()) and tb["visible_voxels"] == 0
-    assert empty.occ_decoder.logits.bias.grad.abs().sum() > 0
+    loss.backward()  # no scan at all: nothing known (no rays), zero loss; decoder and encoder stay in the graph (DDP)
+    assert loss.item() == 0.0 and tb["visible_voxels"] == 0
+    assert empty.occ_decoder.logits.bias.grad is not None and empty.conv_input[0].weight.grad is not None
 
 
 def test_masks_reproducible_and_step_dependent():
@@ -116,6 +119,8 @@ def test_masks_reproducible_and_step_dependent():
     (dict(TEACHER_BACKBONE_TYPE="resnet"), "TEACHER_BACKBONE_TYPE"),
     (dict(RMAE_WEIGHT=-1), "RMAE_WEIGHT"),
     (dict(PRETRAINING=False), "MASKED_RATIO"),
+    (dict(MASKED_RATIO=0.3), "MASKED_RATIO 0.3 is unreachable with RANGE_MASK_PROBS"),
+    (dict(SENSOR_ORIGIN=[0.0, 0.0, 9.0]), r"SENSOR_ORIGIN \[0.0, 0.0, 9.0\] lies outside DATA_CONFIG.POINT_CLOUD_RANGE"),
 ])
 def test_bad_config_names_the_key(kw, match):
     with pytest.raises((ConfigError, ValueError), match=match):
@@ -181,3 +186,23 @@ def test_ddp_ranks_keep_identical_teachers_without_broadcasting_them():
     t0, t1 = results[0], results[1]
     assert t0.keys() == t1.keys() and [k for k in t0 if not torch.equal(t0[k], t1[k])] == []
     assert any(k.endswith("running_mean") and float(t0[k].abs().sum()) > 0 for k in t0)  # statistics tracked too
+
+
+def test_pretraining_without_the_scan_points_says_what_is_missing():
+    bb = make()
+    bb.train()
+    b = batch()
+    del b["points"]
+    with pytest.raises(KeyError, match=r"batch_dict\['points'\]"):
+        bb(b)
+
+
+def test_scan_with_no_points_trains_through_the_batch():
+    bb = make()
+    bb.train()
+    b = batch(sizes=(300, 200))
+    b["points"] = b["points"][b["points"][:, 0] == 0]  # frame 1's points gone: no rays there, no crash
+    bb(b)
+    loss, tb = bb.get_loss()
+    loss.backward()
+    assert math.isfinite(loss.item()) and math.isfinite(tb["occ_ap"])

@@ -18,7 +18,9 @@ def _prepare_data(self, data_dict):
         return type(self).prepare_data(self, data_dict)
     data_dict["gt_boxes"] = np.zeros((0, 7), dtype=np.float32)
     data_dict["gt_names"] = np.zeros(0, dtype=str)
-    data_dict = self.data_augmentor.forward(data_dict={**data_dict, "gt_boxes_mask": np.zeros(0, dtype=bool)})
+    if self.training:  # a test-mode dataset has no augmentor
+        data_dict = self.data_augmentor.forward(data_dict={**data_dict, "gt_boxes_mask": np.zeros(0, dtype=bool)})
+        data_dict.pop("gt_boxes_mask", None)
     data_dict["gt_boxes"] = np.zeros((0, 8), dtype=np.float32)  # + class column, as OpenPCDet appends
     data_dict = self.point_feature_encoder.forward(data_dict)
     data_dict = self.data_processor.forward(data_dict=data_dict)
@@ -27,5 +29,5 @@ def _prepare_data(self, data_dict):
 
 
 def allow_unlabelled(dataset) -> None:
-    """Let ``dataset`` (an OpenPCDet training dataset) serve frames without boxes. Idempotent."""
+    """Let ``dataset`` (an OpenPCDet dataset, training or test mode) serve frames without boxes. Idempotent."""
     dataset.prepare_data = types.MethodType(_prepare_data, dataset)

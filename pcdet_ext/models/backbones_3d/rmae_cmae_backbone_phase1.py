@@ -29,9 +29,9 @@ from easydict import EasyDict
 
 from ...config import ConfigError, NoneType, Opt, agree, from_cfg
 from ...openpcdet import require_pcdet
-from ...pretraining.masking import MASKING_SPEC, RANGE_BINS, MaskingConfig, mask_voxels
-from ...pretraining.occupancy import (OccupancyConfig, OccupancyDecoder, occupancy_loss, occupancy_metrics,
-                                      occupancy_targets)
+from ...pretraining.masking import MASKING_SPEC, MaskingConfig, mask_voxels
+from ...pretraining.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
+                                      occupancy_metrics, occupancy_targets)
 from ...pretraining.teacher_student import (FeatureRegression, cosine_similarity, ema_update_, match_features,
                                             params_to_buffers_)
 
@@ -182,6 +182,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         self._encoded_shape = [int(v) for v in enc.spatial_shape]
         self.occ_cfg = OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
         self.full_shape = [int(s) for s in self.sparse_shape]
+        self._check_sensor_inside(model_cfg)
         self.occ_decoder = OccupancyDecoder(
             self.occ_cfg, enc.features.shape[1], enc.spatial_shape[0] if len(enc.spatial_shape) == 3 else 1,
             int(probe["encoded_spconv_tensor_stride"]), self.full_shape)
@@ -205,6 +206,15 @@ class RMAECMAEBackbonePhase1(nn.Module):
             if self.ts_weight > 0:
                 self.ts_regression = FeatureRegression(self._scale_channels)
         self.forward_ret_dict: Dict = {}
+
+    def _check_sensor_inside(self, model_cfg) -> None:
+        """LiDAR rays start at SENSOR_ORIGIN: it must lie inside POINT_CLOUD_RANGE (else no ray is traced)."""
+        origin = list(self.mask_cfg.sensor_origin) + [0.0] * (3 - len(self.mask_cfg.sensor_origin))
+        lo, hi = self.point_cloud_range[:3], self.point_cloud_range[3:]
+        if not all(a <= o <= b for o, a, b in zip(origin, lo, hi)):
+            raise ConfigError(f"MODEL.BACKBONE_3D.SENSOR_ORIGIN {origin} lies outside DATA_CONFIG.POINT_CLOUD_RANGE "
+                              f"{self.point_cloud_range}: free space is traced along rays from the sensor; give the "
+                              f"sensor position in the point-cloud frame")
 
     @torch.no_grad()
     def _probe(self, input_channels: int) -> Dict:
@@ -265,13 +275,19 @@ class RMAECMAEBackbonePhase1(nn.Module):
             idx = torch.zeros(0, len(self._encoded_shape) + 1, dtype=torch.long, device=feats.device)
             logits = self.occ_decoder(nothing, idx, self._encoded_shape, batch_size) + 0.0 * sum(
                 p.sum() for n, p in self.named_parameters() if n in self._encoder_params)
+        if "points" not in batch_dict:
+            raise KeyError("RMAECMAEBackbonePhase1 pretraining needs batch_dict['points'] (the full scan, for "
+                           "ray-cast free space); OpenPCDet's datasets provide it")
         gen = torch.Generator().manual_seed(seed + 29)
-        targets = occupancy_targets(coords, masked, batch_size, self.full_shape, self.occ_cfg, gen)
+        geometry = CellGeometry.of(batch_size, self.full_shape, self.voxel_size, self.point_cloud_range,
+                                   self.occ_cfg, self.mask_cfg.sensor_origin, self.mask_cfg.distance_thresholds)
+        targets = occupancy_targets(coords, masked, batch_dict["points"], geometry, self.occ_cfg, gen)
         loss_occ = occupancy_loss(logits, targets, self.occ_cfg)
-        tb = {"loss_occupancy": loss_occ.item(), "mask_ratio": mask.ratio, "visible_voxels": float(n_vis),
-              "masked_voxels": float(len(masked) - n_vis), **occupancy_metrics(logits, targets),
-              **{f"mask_ratio_{b.lower()}": mask.ratio_per_range[b] for b in RANGE_BINS}}
-        self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb}
+        tb = {"loss_occupancy": loss_occ.item(), "visible_voxels": float(n_vis),
+              "masked_voxels": float(len(masked) - n_vis),
+              **occupancy_metrics(logits, targets, self.occ_cfg.metric_negatives, gen), **mask.log_dict()}
+        # logits and targets stay for evaluation against baselines on the same cells (benchmarks)
+        self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb, "occupancy": (logits.detach(), targets)}
         if self.use_teacher:
             if len(coords):  # the encoder cannot run on zero voxels
                 with torch.no_grad():
