@@ -151,7 +151,7 @@ class RSSPeak:
 
 def decoder_peak(kind, blob):
     """Run in a fresh process: peak memory growth of one decoder forward + loss + backward."""
-    from pcdet_ext.pretraining.occupancy import (OccupancyConfig, OccupancyDecoder, occupancy_loss,
+    from pcdet_ext.pretraining.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
                                                  occupancy_targets, sparse_to_bev)
     d = torch.load(blob, weights_only=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,7 +168,9 @@ def decoder_peak(kind, blob):
     meter = RSSPeak().__enter__()
     if kind == "ours":
         logits = dec(feats, d["enc_indices"].to(dev), d["enc_shape"].tolist(), b)
-        t = occupancy_targets(d["coords"].to(dev), d["masked"].to(dev), b, full, cfg, torch.Generator().manual_seed(0))
+        geo = CellGeometry.of(b, full, d["voxel_size"].tolist(), d["pc_range"].tolist(), cfg)
+        t = occupancy_targets(d["coords"].to(dev), d["masked"].to(dev), d["points"].to(dev), geo, cfg,
+                              torch.Generator().manual_seed(0))
         loss = occupancy_loss(logits, t, cfg)
     else:
         dense = sparse_to_bev(feats, d["x4_indices"].to(dev), d["x4_shape"].tolist(), b)
@@ -201,14 +203,16 @@ def cmd_memory(args):
         coords = batch["voxel_coords"].long()
         bb = model.backbone_3d
         from pcdet_ext.pretraining.masking import mask_voxels
-        mask = mask_voxels(coords.cpu(), 2, bb.voxel_size, bb.point_cloud_range, bb.mask_cfg, seed=0)
+        mask = mask_voxels(coords, 2, bb.voxel_size, bb.point_cloud_range, bb.mask_cfg, seed=0)
         x4_unique = torch.unique(x4.indices[:len(x4.indices)], dim=0, return_inverse=True)
         blob = Path(tmp) / "enc.pt"
         feats4 = torch.zeros(len(x4_unique[0]), x4.features.shape[1]).index_add_(0, x4_unique[1], x4.features)
         torch.save({"enc_features": enc.features, "enc_indices": enc.indices, "enc_shape": torch.tensor(enc.spatial_shape),
                     "enc_depth": torch.tensor(1), "x4_features": feats4, "x4_indices": x4_unique[0],
                     "x4_shape": torch.tensor(x4.spatial_shape), "coords": coords, "masked": mask.masked,
-                    "full_shape": torch.tensor(bb.full_shape), "batch_size": torch.tensor(2)}, blob)
+                    "full_shape": torch.tensor(bb.full_shape), "batch_size": torch.tensor(2),
+                    "points": batch["points"], "voxel_size": torch.tensor(bb.voxel_size),
+                    "pc_range": torch.tensor(bb.point_cloud_range)}, blob)
         peaks = {}
         for kind in ("ours", "rmae"):
             out = subprocess.run([sys.executable, __file__, "_peak", kind, str(blob)], capture_output=True, text=True)
@@ -243,34 +247,10 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     return model
 
 
-@torch.no_grad()
-def masked_occupancy_ap(models, loader):
-    """Pooled AP over every frame of ``loader`` for each model and the grow-visible baseline, on the
-    same cells (eval-mode masks are fixed, so every model sees the same masks and targets)."""
-    from pcdet.models import load_data_to_gpu
-    from pcdet_ext.pretraining.occupancy import ap_samples, grow_visible_scores, pooled_ap
-    samples = {name: [] for name in [*models, "grow-visible"]}
-    for m in models.values():
-        m.eval()
-    for i, batch in enumerate(loader):
-        load_data_to_gpu(batch)
-        targets = None
-        for name, m in models.items():
-            m(dict(batch))
-            logits, t = m.backbone_3d.forward_ret_dict["occupancy"]
-            if targets is None:
-                targets = t
-            elif not torch.equal(t.positives, targets.positives):
-                raise RuntimeError("models saw different masks")
-            samples[name].append(ap_samples(logits, t, 400000, torch.Generator().manual_seed(i)))
-        samples["grow-visible"].append(ap_samples(grow_visible_scores(targets), targets, 400000,
-                                                  torch.Generator().manual_seed(i)))
-    return {name: pooled_ap(parts) for name, parts in samples.items()}
-
-
 def cmd_occupancy(args):
     from pcdet_ext.datasets.create_infos import create_unlabelled
     from pcdet_ext.engine import loop
+    from pcdet_ext.engine.occupancy_eval import masked_occupancy_ap
     from pcdet_ext.pretraining.unlabelled import allow_unlabelled
     train = sorted(Path(args.train_dir).glob("*.bin"))
     held = sorted(Path(args.eval_dir).glob("*.bin"))

@@ -94,6 +94,9 @@ def test_pretraining_script_on_real_unlabelled_scans(cfgs, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "output/custom_models" / Path(cfgs[0]).stem / "raw"
     assert (run / "ckpt/checkpoint_epoch_2.pth").is_file() and list((run / "tensorboard").iterdir())
+    log = next(run.glob("train_*.log")).read_text()
+    assert "epoch 2 validation, AP of masked-only cells vs ray-cast free space: model occ_ap=" in log
+    assert "| grow-visible occ_ap=" in log
 
 
 def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pretrained, synthetic_isarc, tmp_path):

@@ -182,7 +182,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         self._encoded_shape = [int(v) for v in enc.spatial_shape]
         self.occ_cfg = OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
         self.full_shape = [int(s) for s in self.sparse_shape]
-        self._check_sensor_inside(model_cfg)
+        self._check_sensor_inside()
         self.occ_decoder = OccupancyDecoder(
             self.occ_cfg, enc.features.shape[1], enc.spatial_shape[0] if len(enc.spatial_shape) == 3 else 1,
             int(probe["encoded_spconv_tensor_stride"]), self.full_shape)
@@ -207,7 +207,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
                 self.ts_regression = FeatureRegression(self._scale_channels)
         self.forward_ret_dict: Dict = {}
 
-    def _check_sensor_inside(self, model_cfg) -> None:
+    def _check_sensor_inside(self) -> None:
         """LiDAR rays start at SENSOR_ORIGIN: it must lie inside POINT_CLOUD_RANGE (else no ray is traced)."""
         origin = list(self.mask_cfg.sensor_origin) + [0.0] * (3 - len(self.mask_cfg.sensor_origin))
         lo, hi = self.point_cloud_range[:3], self.point_cloud_range[3:]
@@ -246,6 +246,9 @@ class RMAECMAEBackbonePhase1(nn.Module):
     def forward(self, batch_dict: Dict) -> Dict:
         if not self.pretraining:
             return super().forward(batch_dict)
+        if "points" not in batch_dict:
+            raise KeyError("RMAECMAEBackbonePhase1 pretraining needs batch_dict['points'] (the full scan, for "
+                           "ray-cast free space); OpenPCDet's datasets provide it")
         coords = batch_dict["voxel_coords"].long()
         feats = batch_dict["voxel_features"]
         batch_size = int(batch_dict["batch_size"])
@@ -275,9 +278,6 @@ class RMAECMAEBackbonePhase1(nn.Module):
             idx = torch.zeros(0, len(self._encoded_shape) + 1, dtype=torch.long, device=feats.device)
             logits = self.occ_decoder(nothing, idx, self._encoded_shape, batch_size) + 0.0 * sum(
                 p.sum() for n, p in self.named_parameters() if n in self._encoder_params)
-        if "points" not in batch_dict:
-            raise KeyError("RMAECMAEBackbonePhase1 pretraining needs batch_dict['points'] (the full scan, for "
-                           "ray-cast free space); OpenPCDet's datasets provide it")
         gen = torch.Generator().manual_seed(seed + 29)
         geometry = CellGeometry.of(batch_size, self.full_shape, self.voxel_size, self.point_cloud_range,
                                    self.occ_cfg, self.mask_cfg.sensor_origin, self.mask_cfg.distance_thresholds)
