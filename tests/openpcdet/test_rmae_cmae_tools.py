@@ -77,7 +77,8 @@ def test_pretraining_checkpoints_and_resume_guard(cfgs, pretrained, synthetic_is
     before = ckpt.read_bytes()
     res = tool("train_rmae_cmae_phase1.py", "--cfg_file", cfgs[0], "--batch_size", "2", "--epochs", "3",
                "--workers", "0", "--extra_tag", "t", "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL,
-               "MODEL.BACKBONE_3D.MASKED_RATIO", "0.5", out_root=out)
+               "MODEL.BACKBONE_3D.MASKED_RATIO", "0.5", "MODEL.BACKBONE_3D.RANGE_MASK_PROBS.NEAR", "0.2",
+               out_root=out)  # (0.5 alone is unreachable with NEAR 0.5: a config error before the resume check)
     assert res.returncode == 2 and "MODEL.BACKBONE_3D.MASKED_RATIO: checkpoint 0.8, config 0.5" in res.stderr
     assert ckpt.read_bytes() == before and not (ckpt_dir / "checkpoint_epoch_3.pth").exists()
 
