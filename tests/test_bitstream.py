@@ -162,3 +162,82 @@ def test_fuzz_never_crashes_and_fails_fast(data):
     else:
         assert data == VALID or len(out.cells) == read_header(data)["pillars"]
     assert time.perf_counter() - start < 0.2
+
+
+def correlated_codes(rng, m, n, k):
+    """Codebook c's code depends on codebook c - 1's (as residual stages of real RQ codes do, weakly)."""
+    codes = np.zeros((m, n), dtype=np.int64)
+    codes[:, 0] = np.minimum(rng.geometric(0.1, size=m) - 1, k - 1)
+    for c in range(1, n):
+        follow = rng.random(m) < 0.6
+        codes[:, c] = np.where(follow, (codes[:, c - 1] * 7 + 3) % k, rng.integers(0, k, size=m))
+    return codes
+
+
+def test_context_models_code_fewer_bytes_and_stay_lossless():
+    rng = np.random.default_rng(3)
+    ctx = ProbabilityModels.empty(GEO, 3, SIZES)
+    plain = ProbabilityModels.empty(GEO, 3, SIZES, context=False)
+    for _ in range(10):  # fitted on other frames than the one measured
+        occ = lidar_like_occupancy(rng)
+        by_k = {k: correlated_codes(rng, int(occ.sum()), 3, k) for k in SIZES}
+        ctx.observe(occ, by_k)
+        plain.observe(occ, by_k)
+    occ = lidar_like_occupancy(rng)
+    cells = np.flatnonzero(occ.ravel())
+    codes = correlated_codes(rng, len(cells), 3, 64)
+    sizes = {}
+    for name, models in (("context", ctx), ("order-0", plain)):
+        mid = models.identifier(np.zeros((3, 64, 8)))
+        data = encode_frame(cells, codes, 64, models, mid)
+        assert np.array_equal(decode_frame(data, models, mid, 3, 64).codes, codes)  # bit-exact
+        sizes[name] = 4 * read_header(data)["code_words"]
+    assert sizes["context"] < 0.8 * sizes["order-0"], sizes
+    assert ctx.identifier(np.zeros((3, 64, 8))) != plain.identifier(np.zeros((3, 64, 8)))
+
+
+def test_rare_contexts_escape_to_the_order_zero_model():
+    from pcdet_ext.bitstream.codec import CONTEXT_MIN
+    models = ProbabilityModels.empty(GEO, 2, (16,))
+    codes = np.zeros((100, 2), dtype=np.int64)
+    codes[:CONTEXT_MIN - 1, 0] = 5  # previous code 5 seen too rarely, 0 often
+    codes[:, 1] = np.arange(100) % 16
+    models.observe(None, {16: codes})
+    table = models.context_probs(1, 16)
+    assert np.allclose(table[5], models.code_probs(1, 16)) and not np.allclose(table[0], models.code_probs(1, 16))
+    assert models.context_probs(0, 16) is None and np.allclose(table.sum(1), 1)
+
+
+def test_state_without_context_tables_still_decodes_with_order_zero():
+    state = MODELS.to_state()
+    del state["pair_counts"]
+    old = ProbabilityModels.from_state(state)
+    assert old.pair_counts is None and old.context_probs(1, 64) is None
+    mid = old.identifier(np.zeros((3, 64, 8)))
+    cells, codes = frame()
+    out = decode_frame(encode_frame(cells, codes, 64, old, mid), old, mid, 3, 64)
+    assert np.array_equal(out.codes, codes[np.argsort(cells)])
+
+
+def _broken(edit):
+    state = MODELS.to_state()
+    edit(state)
+    return state
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["pair_counts"].__setitem__("64", np.zeros((3, 64, 32), dtype=int).tolist()),
+     r"pair_counts\['64'\] has shape \(3, 64, 32\), expected \(3, 64, 64\)"),
+    (lambda s: s["pair_counts"].pop("16"), r"pair_counts sizes \[64\] differ from code_counts sizes \[16, 64\]"),
+    (lambda s: s["code_counts"].__setitem__("16", (-np.ones((3, 16), dtype=int)).tolist()),
+     r"code_counts\['16'\] must hold non-negative integer counts"),
+    (lambda s: s["code_counts"].__setitem__("16", np.full((3, 16), 0.5).tolist()),
+     r"code_counts\['16'\] must hold non-negative integer counts"),
+    (lambda s: s["code_counts"].__setitem__("16", [[1, 2], [3]]), r"code_counts\['16'\] is not a rectangular table"),
+    (lambda s: s.pop("code_counts"), r"'code_counts' must map each size k"),
+    (lambda s: s.__setitem__("child_counts", [[1, 2]]), r"child_counts has shape \(1, 2\)"),
+    (lambda s: s.__setitem__("geometry", [1, 2]), r"'geometry' must be"),
+])
+def test_malformed_model_tables_are_refused_naming_the_key(edit, match):
+    with pytest.raises(BitstreamError, match=match):
+        ProbabilityModels.from_state(_broken(edit))

@@ -8,7 +8,10 @@ Layout (little endian)::
 
 Occupancy and codes are range-coded (``constriction``) under the :class:`ProbabilityModels`
 stored with the checkpoint; the model id (a hash of the codebooks and those models) makes a server
-with other codebooks refuse the frame. Every field is bounds-checked and the CRC is verified
+with other codebooks refuse the frame. The code of codebook c >= 1 is coded conditioned on the same
+pillar's code at codebook c - 1 (fitted tables, one distribution per previous code, blended with
+the order-0 distribution; a previous code seen fewer than ``CONTEXT_MIN`` times in fitting escapes
+to the order-0 model); the decoder has codebook c - 1 of every pillar before it reads codebook c. Every field is bounds-checked and the CRC is verified
 before any decoding, so malformed input fails fast with :class:`BitstreamError` and bounded memory.
 """
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +34,8 @@ MAX_CELLS = 4096 * 4096
 MAX_CODEBOOKS = 16
 MAX_ENTRIES = 4096
 LAPLACE = 0.5
+CONTEXT_MIN = 16      # fitting samples a previous code needs for its own distribution (else order-0)
+CONTEXT_PRIOR = 0.5   # pseudo-counts per entry, shaped like the order-0 distribution
 
 
 class BitstreamError(ValueError):
@@ -55,18 +60,24 @@ class ProbabilityModels:
     """Symbol statistics learned from training frames, stored with the checkpoint.
 
     ``code_counts[k]`` is [C, k]: how often each entry of each codebook was used when encoding
-    at k entries. ``top_counts`` [ranges, 2] and ``child_counts`` [contexts, 15] model the occupancy.
+    at k entries; ``pair_counts[k]`` [C, k, k]: how often (code at c - 1, code at c) occurred (row 0
+    unused); None codes every codebook with its order-0 model. ``top_counts`` [ranges, 2] and
+    ``child_counts`` [contexts, 15] model the occupancy.
     """
     geometry: GridGeometry
     code_counts: Dict[int, np.ndarray]
     top_counts: np.ndarray
     child_counts: np.ndarray
+    pair_counts: Optional[Dict[int, np.ndarray]] = None
+    _tables: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, geometry: GridGeometry, num_codebooks: int, sizes: Sequence[int]) -> "ProbabilityModels":
+    def empty(cls, geometry: GridGeometry, num_codebooks: int, sizes: Sequence[int],
+              context: bool = True) -> "ProbabilityModels":
+        pairs = {int(k): np.zeros((num_codebooks, int(k), int(k)), dtype=np.int64) for k in sizes} if context else None
         return cls(geometry, {int(k): np.zeros((num_codebooks, int(k)), dtype=np.int64) for k in sizes},
                    np.zeros((occ_mod.NUM_RANGE, 2), dtype=np.int64),
-                   np.zeros((occ_mod.num_child_contexts(geometry.levels), occ_mod.PATTERNS), dtype=np.int64))
+                   np.zeros((occ_mod.num_child_contexts(geometry.levels), occ_mod.PATTERNS), dtype=np.int64), pairs)
 
     def observe(self, occupancy: Optional[np.ndarray], codes_by_k: Dict[int, np.ndarray]) -> None:
         """Add one training frame: its occupancy map and its codes [M, C] at each k."""
@@ -77,33 +88,153 @@ class ProbabilityModels:
         for k, codes in codes_by_k.items():
             for c in range(codes.shape[1]):
                 self.code_counts[k][c] += np.bincount(codes[:, c], minlength=k)[:k]
+                if self.pair_counts is not None and c:
+                    pair = codes[:, c - 1] * k + codes[:, c]
+                    self.pair_counts[k][c] += np.bincount(pair, minlength=k * k)[: k * k].reshape(k, k)
+        self._tables.clear()
 
     def code_probs(self, c: int, k: int) -> np.ndarray:
+        """Order-0 distribution of codebook ``c`` at ``k`` entries."""
         table = self.code_counts.get(k)
         if table is None or c >= table.shape[0]:
             return np.full(k, 1.0 / k)  # an operating point without statistics: uniform
         return _normalise(table[c])
 
+    def context_probs(self, c: int, k: int) -> Optional[np.ndarray]:
+        """[k, k] distributions of codebook ``c``'s code given codebook ``c - 1``'s (row), or None when
+        it is coded with its order-0 model (c = 0, no fitted pairs)."""
+        pairs = None if self.pair_counts is None else self.pair_counts.get(k)
+        if c == 0 or pairs is None or c >= pairs.shape[0]:
+            return None
+        key = (c, k)
+        if key not in self._tables:
+            p0 = self.code_probs(c, k)
+            n = pairs[c].sum(axis=1, keepdims=True).astype(np.float64)
+            rows = (pairs[c] + CONTEXT_PRIOR * k * p0) / (n + CONTEXT_PRIOR * k)
+            self._tables[key] = np.where(n >= CONTEXT_MIN, rows, p0)
+        return self._tables[key]
+
     def to_state(self) -> Dict[str, object]:
         g = self.geometry
-        return {"geometry": [g.height, g.width, g.sensor_row, g.sensor_col, g.cell_m, g.levels],
-                "code_counts": {str(k): v.tolist() for k, v in self.code_counts.items()},
-                "top_counts": self.top_counts.tolist(), "child_counts": self.child_counts.tolist()}
+        state = {"geometry": [g.height, g.width, g.sensor_row, g.sensor_col, g.cell_m, g.levels],
+                 "code_counts": {str(k): v.tolist() for k, v in self.code_counts.items()},
+                 "top_counts": self.top_counts.tolist(), "child_counts": self.child_counts.tolist()}
+        if self.pair_counts is not None:
+            state["pair_counts"] = {str(k): v.tolist() for k, v in self.pair_counts.items()}
+        return state
 
     @classmethod
     def from_state(cls, state: Dict[str, object]) -> "ProbabilityModels":
-        h, w, sr, sc, cell, levels = state["geometry"]
-        return cls(GridGeometry(int(h), int(w), float(sr), float(sc), float(cell), int(levels)),
-                   {int(k): np.asarray(v, dtype=np.int64) for k, v in state["code_counts"].items()},
-                   np.asarray(state["top_counts"], dtype=np.int64), np.asarray(state["child_counts"], dtype=np.int64))
+        """Models as :meth:`to_state` wrote them; malformed tables (wrong shapes, negative or non-integer
+        counts) raise :class:`BitstreamError` naming the key."""
+        try:
+            h, w, sr, sc, cell, levels = state["geometry"]
+            geo = GridGeometry(int(h), int(w), float(sr), float(sc), float(cell), int(levels))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BitstreamError(f"bitstream models: 'geometry' must be [height, width, sensor_row, sensor_col, "
+                                 f"cell_m, levels] ({exc})") from exc
+        codes = {int(k): _counts(v, f"code_counts['{k}']") for k, v in _mapping(state, "code_counts").items()}
+        for k, t in codes.items():
+            _shape(t, (t.shape[0] if t.ndim == 2 else "C", k), f"code_counts['{k}']")
+        depth = {t.shape[0] for t in codes.values()}
+        if len(depth) > 1:
+            raise BitstreamError(f"bitstream models: code_counts tables hold different numbers of codebooks {sorted(depth)}")
+        pairs = None
+        if "pair_counts" in state:
+            pairs = {int(k): _counts(v, f"pair_counts['{k}']") for k, v in _mapping(state, "pair_counts").items()}
+            if set(pairs) != set(codes):
+                raise BitstreamError(f"bitstream models: pair_counts sizes {sorted(pairs)} differ from code_counts "
+                                     f"sizes {sorted(codes)}")
+            for k, t in pairs.items():
+                _shape(t, (codes[k].shape[0], k, k), f"pair_counts['{k}']")
+        top = _counts(state.get("top_counts"), "top_counts")
+        _shape(top, (occ_mod.NUM_RANGE, 2), "top_counts")
+        child = _counts(state.get("child_counts"), "child_counts")
+        _shape(child, (occ_mod.num_child_contexts(geo.levels), occ_mod.PATTERNS), "child_counts")
+        return cls(geo, codes, top, child, pairs)
 
     def identifier(self, codebooks: np.ndarray) -> bytes:
         """8 bytes naming these codebooks and models."""
         h = hashlib.sha256(np.ascontiguousarray(codebooks, dtype=np.float32).tobytes())
-        for part in (self.top_counts, self.child_counts, *[self.code_counts[k] for k in sorted(self.code_counts)]):
+        pairs = [self.pair_counts[k] for k in sorted(self.pair_counts)] if self.pair_counts is not None else []
+        for part in (self.top_counts, self.child_counts, *[self.code_counts[k] for k in sorted(self.code_counts)],
+                     *pairs):
             h.update(np.ascontiguousarray(part).tobytes())
         h.update(str(self.to_state()["geometry"]).encode())
         return h.digest()[:8]
+
+
+def _mapping(state: Dict[str, object], key: str) -> Dict:
+    value = state.get(key)
+    if not isinstance(value, dict) or not value:
+        raise BitstreamError(f"bitstream models: '{key}' must map each size k to its table, got {type(value).__name__}")
+    for k in value:
+        if not str(k).isdigit() or not 1 <= int(k) <= MAX_ENTRIES:
+            raise BitstreamError(f"bitstream models: '{key}' has size {k!r}, expected 1..{MAX_ENTRIES}")
+    return value
+
+
+def _counts(value, key: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged lists
+        raise BitstreamError(f"bitstream models: {key} is not a rectangular table ({exc})") from exc
+    if arr.dtype.kind not in "iu" or arr.size == 0 or (arr < 0).any():
+        raise BitstreamError(f"bitstream models: {key} must hold non-negative integer counts, got dtype "
+                             f"{arr.dtype} shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def _shape(arr: np.ndarray, expected: Tuple, key: str) -> None:
+    if arr.shape != tuple(expected):
+        raise BitstreamError(f"bitstream models: {key} has shape {arr.shape}, expected {expected}")
+
+
+def _context_groups(prev: np.ndarray) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]:
+    """Pillars sorted by their previous code (stable) and (code, start, length) per group: the order
+    in which encoder and decoder both visit one codebook."""
+    order = np.argsort(prev, kind="stable")
+    values, starts, counts = np.unique(prev[order], return_index=True, return_counts=True)
+    return order, list(zip(values.tolist(), starts.tolist(), counts.tolist()))
+
+
+def _encode_codes(enc, codes: np.ndarray, k: int, models: "ProbabilityModels") -> None:
+    c = _constriction()
+    for cb in range(codes.shape[1]):
+        table = models.context_probs(cb, k)
+        if table is None:
+            enc.encode(codes[:, cb].astype(np.int32), c.stream.model.Categorical(models.code_probs(cb, k), perfect=False))
+            continue
+        order, groups = _context_groups(codes[:, cb - 1])
+        symbols = codes[order, cb].astype(np.int32)
+        for value, start, length in groups:
+            enc.encode(symbols[start:start + length], c.stream.model.Categorical(table[value], perfect=False))
+
+
+def _decode_codes(dec, m: int, n: int, k: int, models: "ProbabilityModels") -> np.ndarray:
+    c = _constriction()
+    codes = np.zeros((m, n), dtype=np.int64)
+    for cb in range(n):
+        table = models.context_probs(cb, k)
+        if table is None:
+            codes[:, cb] = dec.decode(c.stream.model.Categorical(models.code_probs(cb, k), perfect=False), m)
+            continue
+        order, groups = _context_groups(codes[:, cb - 1])
+        out = np.zeros(m, dtype=np.int64)
+        for value, start, length in groups:
+            out[start:start + length] = dec.decode(c.stream.model.Categorical(table[value], perfect=False), length)
+        codes[order, cb] = out
+    return codes
+
+
+def code_bits(codes: np.ndarray, k: int, models: "ProbabilityModels", context: bool = True) -> float:
+    """Ideal bits of ``codes`` [M, n] under the models (with or without the previous-code contexts)."""
+    bits = 0.0
+    for cb in range(codes.shape[1]):
+        table = models.context_probs(cb, k) if context else None
+        p = models.code_probs(cb, k)[codes[:, cb]] if table is None else table[codes[:, cb - 1], codes[:, cb]]
+        bits += float(-np.log2(p).sum())
+    return bits
 
 
 @dataclass
@@ -178,10 +309,8 @@ def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, mode
     elif len(cells) != geo.height * geo.width:
         raise ValueError("dense mode codes every cell of the grid")
     enc = c.stream.queue.RangeEncoder()
-    for cb in range(codes.shape[1]):
-        if len(codes):
-            enc.encode(codes[:, cb].astype(np.int32),
-                       c.stream.model.Categorical(models.code_probs(cb, num_embeddings), perfect=False))
+    if len(codes):
+        _encode_codes(enc, codes, num_embeddings, models)
     code_words = enc.get_compressed()
     body = occ_words.astype("<u4").tobytes() + code_words.astype("<u4").tobytes()
     fields = (MAGIC, VERSION, int(dense), geo.height, geo.width, codes.shape[1], num_embeddings, model_id,
@@ -241,11 +370,8 @@ def decode_frame(data: bytes, models: ProbabilityModels, model_id: bytes, max_co
             cells = np.flatnonzero(occ.ravel())
         if len(cells) != m:
             raise BitstreamError(f"decoded {len(cells)} occupied cells, header says {m}")
-        dec = c.stream.queue.RangeDecoder(code_words)
-        codes = np.zeros((m, n), dtype=np.int64)
-        if m:
-            for cb in range(n):
-                codes[:, cb] = dec.decode(c.stream.model.Categorical(models.code_probs(cb, k), perfect=False), m)
+        codes = _decode_codes(c.stream.queue.RangeDecoder(code_words), m, n, k, models) if m else \
+            np.zeros((0, n), dtype=np.int64)
     except BitstreamError:
         raise
     except Exception as exc:  # the coder itself rejected the payload
