@@ -53,10 +53,16 @@ def main() -> int:
     p.add_argument("--fit_split", default="train")
     p.add_argument("--fit_frames", type=int, default=200)
     p.add_argument("--save_ckpt", default=None, help="where --fit_models writes (default: <ckpt>_bitstream.pth)")
+    p.add_argument("--lambda", dest="rate_lambda", type=float, default=0.0,
+                   help="rate-aware encoding: choose codes by distortion + LAMBDA x bits under the stored models "
+                        "(distortion in units of the frame's mean squared feature norm; 0: nearest codes)")
     p.add_argument("--remote", default=None, help="host:port of tools/split_server.py")
     p.add_argument("--json", default=None, help="write per-frame results and the summary here")
     p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args()
+    if not args.rate_lambda >= 0:  # also NaN
+        print(f"error: --lambda: expected a number >= 0, got {args.rate_lambda}", file=sys.stderr)
+        return 2
     try:
         model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
@@ -79,7 +85,7 @@ def main() -> int:
     server = runtime.ServerRuntime.from_checkpoint(model, dataset, ckpt)
     n = args.num_codebooks or q.trained_depth
     k = args.num_embeddings or int(q.trained_size[:n].min())
-    edge = runtime.EdgeRuntime(model, dataset, server.models, n, k)
+    edge = runtime.EdgeRuntime(model, dataset, server.models, n, k, rate_lambda=args.rate_lambda)
     client = None
     if args.remote:
         host, port = args.remote.rsplit(":", 1)
@@ -109,14 +115,14 @@ def main() -> int:
     c = q.dim
     dense32 = h * w * c * 4
     sparse16 = statistics.mean(r["pillars"] * (c * 2 + 4) for r in rows)  # fp16 features + int16 (y, x)
-    summary = {"num_codebooks": n, "num_embeddings": k, "frames": len(rows),
+    summary = {"num_codebooks": n, "num_embeddings": k, "rate_lambda": args.rate_lambda, "frames": len(rows),
                "median_bytes": statistics.median(sizes), "mean_bytes": statistics.mean(sizes),
                "p95_bytes": float(np.percentile(sizes, 95)), "kb_per_frame": statistics.mean(sizes) / 1024,
                "ratio_vs_float32_dense": dense32 / statistics.mean(sizes),
                "ratio_vs_float16_sparse": sparse16 / statistics.mean(sizes),
                "median_edge_ms": statistics.median(r["edge_ms"] for r in rows),
                "median_server_ms": statistics.median(r["server_ms"] for r in rows)}
-    print(f"({n}, {k}): median {summary['median_bytes']:.0f} B, mean {summary['mean_bytes']:.0f} B, "
+    print(f"({n}, {k}){f' lambda {args.rate_lambda:g}' if args.rate_lambda else ''}: median {summary['median_bytes']:.0f} B, mean {summary['mean_bytes']:.0f} B, "
           f"p95 {summary['p95_bytes']:.0f} B = {summary['kb_per_frame']:.2f} KB/frame; "
           f"{summary['ratio_vs_float32_dense']:.0f}x smaller than float32 dense ({dense32 / 1024:.0f} KB), "
           f"{summary['ratio_vs_float16_sparse']:.1f}x smaller than float16 sparse pillars; "

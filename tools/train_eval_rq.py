@@ -20,6 +20,7 @@ import pcdet_ext  # noqa: F401  (registers PointPillarRQ; CPU runtime on CUDA-le
 import torch
 import yaml
 
+from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.launch import init_dist
 from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.split import checkpoints as ck
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--rq_ckpt", type=Path, default=None,
                    help="checkpoint to evaluate (default: the last stage's best, which holds every trained codebook)")
     p.add_argument("--eval_sweep", action="store_true", help="evaluate every trained (codebooks, entries) cell")
+    p.add_argument("--eval_lambdas", type=float, nargs="+", default=None,
+                   help="with --eval_sweep: also the last cell coded rate-aware at each lambda (evaluation.rate_lambdas)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
@@ -130,8 +133,18 @@ def main(argv=None) -> int:
         schedule = list(exp.progressive_learning.embedding_schedule) if exp.progressive_learning.enabled \
             else [exp.rq_model.codebook_size]
         try:
+            lams = schema.lambdas(args.eval_lambdas, "--eval_lambdas") if args.eval_lambdas is not None \
+                else exp.evaluation.rate_lambdas
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if any(lams) and bitstream is None:
+            print(f"error: rate lambdas {lams} need bitstream models in {ckpt_path} (split_infer.py --fit_models)",
+                  file=sys.stderr)
+            return 2
+        try:
             summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations,
-                            checkpoint=ckpt_path, bitstream=bitstream)
+                            checkpoint=ckpt_path, bitstream=bitstream, lambdas=lams)
         except ValueError as exc:
             print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
             return 2

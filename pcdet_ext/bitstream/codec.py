@@ -114,6 +114,15 @@ class ProbabilityModels:
             self._tables[key] = np.where(n >= CONTEXT_MIN, rows, p0)
         return self._tables[key]
 
+    def bit_costs(self, num_codebooks: int, k: int) -> List[np.ndarray]:
+        """Cost in bits of each entry per codebook as the coder charges it: [k] (order-0) or [k, k]
+        (given codebook c - 1's code), for rate-aware code choice."""
+        out = []
+        for c in range(num_codebooks):
+            table = self.context_probs(c, k)
+            out.append(-np.log2(self.code_probs(c, k) if table is None else table))
+        return out
+
     def to_state(self) -> Dict[str, object]:
         g = self.geometry
         state = {"geometry": [g.height, g.width, g.sensor_row, g.sensor_col, g.cell_m, g.levels],

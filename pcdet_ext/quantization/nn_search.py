@@ -1,22 +1,28 @@
 """Nearest-codeword search and data-driven codeword initialisation (pure torch)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 DEFAULT_CHUNK = 16384
 
 
-def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = DEFAULT_CHUNK,
+            penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Index of the nearest row of ``codebook`` [K, D] for every row of ``x`` [N, D].
 
     Squared distances by one ``addmm`` per chunk of rows (||c||^2 - 2 x.c; ||x||^2 is constant
     per row and dropped), so memory stays at ``chunk x K``. Ties resolve to the lowest index, like argmin.
+    ``penalty`` ([K], or [N, K] per row) is added to the squared distances (rate-aware choice).
     """
     c_sq = codebook.pow(2).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], chunk):
         rows = x[start:start + chunk]
         dist = torch.addmm(c_sq.unsqueeze(0), rows, codebook.t(), beta=1.0, alpha=-2.0)
+        if penalty is not None:
+            dist = dist + (penalty if penalty.dim() == 1 else penalty[start:start + chunk])
         out[start:start + chunk] = dist.min(1).indices  # faster than argmin on CPU, same result
     return out
 

@@ -88,6 +88,7 @@ class ResidualQuantizer(nn.Module):
         self.freeze_earlier = freeze_earlier
         self.chunk_size = chunk_size
         self.lloyd_iterations = lloyd_iterations
+        self._rate: Optional[tuple] = None  # (lambda, bit costs per codebook): see set_rate
         self.codebooks = nn.ParameterList(
             [nn.Parameter(torch.randn(codebook_size, self.code_dim) * 0.01) for _ in range(num_codebooks)])
         self.adapter_in = nn.Linear(dim, adapter_dim) if adapter_dim else None
@@ -199,13 +200,32 @@ class ResidualQuantizer(nn.Module):
     def _codebook(self, c: int, k: int) -> torch.Tensor:
         return self.codebooks[c][:k]
 
+    def set_rate(self, rate_lambda: float, bits: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Rate-aware (entropy-constrained) code choice outside training: each codebook c picks
+        ``argmin ||r - e||^2 / mean||z||^2 + rate_lambda x bits``, with ``bits[c]`` the cost of each
+        entry in bits, [k] or [k, k] given codebook c - 1's code (row). 0 (or no tables) turns it off."""
+        if not isinstance(rate_lambda, (int, float)) or rate_lambda < 0 or rate_lambda != rate_lambda:
+            raise ValueError(f"rate lambda must be a number >= 0, got {rate_lambda!r}")
+        self._rate = (float(rate_lambda), list(bits)) if rate_lambda > 0 and bits else None
+
+    def _penalty(self, c: int, k: int, codes: List[torch.Tensor], scale: torch.Tensor) -> Optional[torch.Tensor]:
+        if self._rate is None or self.training:
+            return None
+        lam, bits = self._rate
+        if c >= len(bits) or bits[c].shape[-1] != k:
+            raise ValueError(f"rate-aware coding: no bit costs for codebook {c} at {k} entries")
+        table = bits[c].to(scale.device)
+        return lam * scale * (table if table.dim() == 1 else table[codes[-1]])
+
     def _residual_codes(self, z: torch.Tensor, sizes: Sequence[int]):
-        """Greedy residual assignment; returns codes [N, n] and the residual at each codebook."""
+        """Greedy residual assignment (rate-aware with :meth:`set_rate`); returns codes [N, n] and the
+        residual at each codebook."""
         residual = z.detach()
         codes, residuals = [], []
+        scale = residual.pow(2).sum(1).mean().clamp_min(1e-12)  # distortion unit of the rate term
         for c, k in enumerate(sizes):
             book = self._codebook(c, k).detach()
-            idx = nearest(residual, book, self.chunk_size)
+            idx = nearest(residual, book, self.chunk_size, self._penalty(c, k, codes, scale))
             codes.append(idx)
             residuals.append(residual)
             residual = residual - book[idx]

@@ -29,6 +29,21 @@ def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def rate_aware(quantizer, rate_lambda: float, models, n: int, k: int) -> Iterator[None]:
+    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``."""
+    if rate_lambda < 0:
+        raise ValueError(f"rate lambda must be >= 0, got {rate_lambda}")
+    if rate_lambda > 0 and models is None:
+        raise ValueError("rate-aware coding needs the checkpoint's bitstream models (split_infer.py --fit_models)")
+    bits = [torch.from_numpy(b).float() for b in models.bit_costs(n, k)] if rate_lambda > 0 else None
+    quantizer.set_rate(rate_lambda, bits)
+    try:
+        yield
+    finally:
+        quantizer.set_rate(0.0)
+
+
+@contextlib.contextmanager
 def bypassed(model) -> Iterator[None]:
     model.rq_bottleneck.bypass = True
     try:
@@ -69,13 +84,14 @@ def check_cell(quantizer, n: int, k: int) -> Optional[str]:
 
 
 def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Optional[int] = None,
-             detection_loss: bool = False, bitstream=None) -> Dict:
+             detection_loss: bool = False, bitstream=None, rate_lambda: float = 0.0) -> Dict:
     """Predict every frame (at (n, k), or uncompressed when n is None) and evaluate.
 
     Returns mAP, the KITTI result string/dict, the rate summary (estimates: fixed-length and
     empirical entropy; with ``bitstream``, the checkpoint's fitted ProbabilityModels, also the
     measured serialised frame length ``bytes_per_frame_measured``), and with ``detection_loss`` the
-    mean detection loss on these frames (quantizer in eval mode: no EMA update).
+    mean detection loss on these frames (quantizer in eval mode: no EMA update). ``rate_lambda`` > 0
+    chooses the codes rate-aware under ``bitstream`` (:func:`rate_aware`).
     """
     from ..engine.loop import evaluate
     grid = dataset.grid_size
@@ -99,9 +115,15 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
             losses.append(float(ret["loss"]))
             model.eval()
 
-    with operating_point(model.quantizer, n, k) if n else bypassed(model):
+    with contextlib.ExitStack() as stack:
+        if n:
+            stack.enter_context(operating_point(model.quantizer, n, k))
+            stack.enter_context(rate_aware(model.quantizer, rate_lambda, bitstream, n, k))
+        else:
+            stack.enter_context(bypassed(model))
         _, result_str, result_dict = evaluate(model, dataset, loader, class_names, on_batch=on_batch)
-    out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict}
+    out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict,
+           "rate_lambda": rate_lambda}
     if meter is not None:
         out.update(meter.summary())
     if measured is not None and measured.sizes:

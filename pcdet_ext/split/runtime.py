@@ -144,12 +144,16 @@ class _Side:
 
 
 class EdgeRuntime(_Side):
-    """Points -> bytes at (n, k)."""
+    """Points -> bytes at (n, k); with ``rate_lambda`` > 0 the codes are chosen rate-aware under the
+    stored models (``ResidualQuantizer.set_rate``)."""
 
-    def __init__(self, model, dataset, models: ProbabilityModels, num_codebooks: int, num_embeddings: int):
+    def __init__(self, model, dataset, models: ProbabilityModels, num_codebooks: int, num_embeddings: int,
+                 rate_lambda: float = 0.0):
         super().__init__(model, dataset, models)
         self.q.set_active(num_codebooks, num_embeddings)
         self.n, self.k = num_codebooks, num_embeddings
+        self.q.set_rate(rate_lambda, [torch.from_numpy(b).float() for b in models.bit_costs(num_codebooks,
+                                                                                             num_embeddings)])
 
     @torch.no_grad()
     def encode(self, points: np.ndarray) -> Tuple[bytes, Dict[str, float]]:

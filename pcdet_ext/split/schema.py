@@ -43,7 +43,8 @@ SCHEMA: Dict[str, Dict[str, Opt]] = {
     "evaluation": {"enabled": Opt(False, (bool,)), "use_num_codebook": Opt(None, (int, NoneType)),
                    "use_num_embedding": Opt(None, (int, NoneType)), "rq_ckpt": Opt(None, (str, NoneType)),
                    "test_combinations": Opt(None, (list, NoneType)), "specific_evaluations": Opt(None, (list, NoneType)),
-                   "weights_path": Opt(None, (str, NoneType)), **{k: Opt(None, (str, bool, NoneType)) for k in (
+                   "weights_path": Opt(None, (str, NoneType)), "rate_lambdas": Opt(None, (list, NoneType)),
+                   **{k: Opt(None, (str, bool, NoneType)) for k in (
                        "use_full_kitti_eval", "checkpoint_dir", "eval_all_codebook_stages", "eval_stage_models",
                        "eval_final_model", "use_final_checkpoints_only", "use_last_stage_for_all",
                        "eval_compression_analysis", "visualize_codebook_hierarchy")}},
@@ -91,6 +92,7 @@ def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[P
     ev.rq_ckpt = agree("evaluation.rq_ckpt", ev.rq_ckpt, "evaluation.weights_path", ev.weights_path)
     ev.test_combinations = cells(agree("evaluation.test_combinations", ev.test_combinations,
                                        "evaluation.specific_evaluations", ev.specific_evaluations))
+    ev.rate_lambdas = lambdas(ev.rate_lambdas, "evaluation.rate_lambdas")
     _check_values(cfg)
     if check_paths:
         _check_paths(cfg, base_dir or Path.cwd())
@@ -114,6 +116,17 @@ def cells(value) -> Optional[List[List[int]]]:
         raise ConfigError(f"evaluation.test_combinations: expected a list of [codebooks, entries] pairs of "
                           f"positive ints, got {value!r}")
     return [list(c) for c in value]
+
+
+def lambdas(value, where: str) -> List[float]:
+    """Rate-aware coding lambdas (numbers >= 0; none: []) for the sweep's rate/accuracy curve."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ConfigError(f"{where}: expected a list of numbers >= 0 (distortion per bit, in units of the frame's "
+                          f"mean squared feature norm), got {value!r}")
+    return [float(v) for v in value]
 
 
 def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:

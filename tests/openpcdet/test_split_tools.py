@@ -87,6 +87,34 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
         server.wait(timeout=30)
 
 
+def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_kitti, tmp_path):
+    fitted = tmp_path / "with_models.pth"
+    runs = {}
+    for lam in ("0", "0.5", "4"):
+        args = ["--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti), "--json", str(tmp_path / f"{lam}.json")]
+        args += ["--fit_models", "--save_ckpt", str(fitted)] if lam == "0" else []
+        proc = tool("split_infer.py", *(args if lam == "0" else [*args[:1], str(fitted), *args[2:]]), "--lambda", lam)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[lam] = json.loads((tmp_path / f"{lam}.json").read_text())["summary"]
+    code = {lam: r["mean_bytes"] for lam, r in runs.items()}
+    assert code["4"] < code["0.5"] < code["0"], code  # one model, lower rates without retraining
+    assert runs["0.5"]["rate_lambda"] == 0.5
+    bad = tool("split_infer.py", "--ckpt", str(fitted), "--data_path", str(synthetic_kitti), "--lambda", "-1")
+    assert bad.returncode == 2 and "--lambda: expected a number >= 0, got -1.0" in bad.stderr
+    sweep = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+                 "--rq_ckpt", str(fitted), "--eval_sweep", "--eval_lambdas", "0.5", "4", "--set", *SMALL)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    table = [line.split() for line in sweep.stdout.splitlines() if line.strip().startswith("2 ")]
+    measured = {row[2]: float(row[4]) for row in table}  # lambda column -> measured KB/frame
+    assert set(measured) == {"-", "0.5", "4"} and measured["4"] < measured["0.5"] < measured["-"], sweep.stdout
+    refused = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+                   "--rq_ckpt", str(checkpoint), "--eval_sweep", "--eval_lambdas", "0.5", "--set", *SMALL)
+    assert refused.returncode == 2 and "need bitstream models" in refused.stderr
+    negative = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+                    "--rq_ckpt", str(fitted), "--eval_sweep", "--eval_lambdas", "-0.1", "--set", *SMALL)
+    assert negative.returncode == 2 and "--eval_lambdas: expected a list of numbers >= 0" in negative.stderr
+
+
 def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti):
     proc = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti))
     assert proc.returncode != 0 and "has no 'bitstream_models'" in proc.stderr
