@@ -5,8 +5,9 @@ PointPillars checkpoint (--ckpt; e.g. the synthetic-data one from tools/demo_poi
 its 5 x 256 quantizer trained by feature reconstruction (pcdet_ext.quantization.fit) on the pillar
 features of real unlabelled scans (--train_dir, kitti_raw_2011_09_26), and the bitstream's
 probability models fitted on the same scans. Measured on the real frames of --test_dir
-(kitti_mini): bytes per frame (occupancy + codes), codes against their entropy under the stored
-model, occupancy against its i.i.d. entropy bound, edge quantize+encode and server decode times.
+(kitti_mini): bytes per frame (occupancy + codes) with the context code models and with order-0
+models fitted on the same scans, codes against their entropy under the stored model, occupancy
+against its i.i.d. entropy bound, edge quantize+encode and server decode times (context models).
 
     python benchmarks/bench_bitstream.py --ckpt output/demo/ckpt/pointpillar_kitti_demo.pth
 """
@@ -20,6 +21,7 @@ import torch
 
 import pcdet_ext  # noqa: F401
 from pcdet_ext.bitstream import read_header
+from pcdet_ext.bitstream.codec import code_bits
 from pcdet_ext.split import runtime
 from pcdet_ext.split.rate import binary_entropy
 from pcdet_ext.quantization.fit import fit_progressive
@@ -66,20 +68,23 @@ def main():
             model, dataset = load("dense", args.ckpt)
             model.load_state_dict(state)
         models = runtime.fit_probability_models(model, dataset, train, [16, 64, 256])
+        order0 = runtime.fit_probability_models(model, dataset, train, [16, 64, 256], context=False)
         server = runtime.ServerRuntime(model, dataset, models)
-        print(f"\n{mode}: {'cell':>9} {'bytes':>8} {'occupancy':>9} {'iid bound':>9} {'codes':>8} {'model H':>8} "
-              f"{'codes/H':>7} {'edge ms':>7} {'decode ms':>9}")
+        print(f"\n{mode}: {'cell':>9} {'bytes':>8} {'order-0':>8} {'ratio':>6} {'occupancy':>9} {'iid bound':>9} "
+              f"{'codes':>8} {'model H':>8} {'codes/H':>7} {'edge ms':>7} {'decode ms':>9}")
         for n, k in CELLS:
             edge = runtime.EdgeRuntime(model, dataset, models, n, k)
+            plain = runtime.EdgeRuntime(model, dataset, order0, n, k)
             rows = []
             for pts in test:
                 edge.encode(pts)  # warm
                 data, t = edge.encode(pts)
+                plain_bytes = len(plain.encode(pts)[0])
                 hdr = read_header(data)
                 with torch.no_grad():
                     feats, _ = runtime.head_features(model, dataset, pts, server.geo)
                 codes = model.quantizer.encode(feats).numpy()
-                model_bits = sum(-np.log2(models.code_probs(c, k)[codes[:, c]]).sum() for c in range(n))
+                model_bits = code_bits(codes, k, models)
                 grid = server.geo.height * server.geo.width
                 occupied = t["pillars"] if mode == "sparse" else int((feats.abs().sum(1) > 0).sum())
                 iid = grid * binary_entropy(occupied / grid) / 8
@@ -87,14 +92,15 @@ def main():
                 frame = runtime.decode_frame(data, models, server.model_id, 5, 256)
                 model.quantizer.decode(torch.from_numpy(frame.codes))
                 dec_ms = (time.perf_counter() - t0) * 1e3
-                rows.append((len(data), 4 * hdr["occ_words"], iid, 4 * hdr["code_words"], model_bits / 8,
-                             t["quantize_encode_ms"], dec_ms))
+                rows.append((len(data), plain_bytes, len(data) / plain_bytes, 4 * hdr["occ_words"], iid,
+                             4 * hdr["code_words"], model_bits / 8, t["quantize_encode_ms"], dec_ms))
             med = [statistics.median(col) for col in zip(*rows)]
-            print(f"{'':>6} {str((n, k)):>9} {med[0]:8.0f} {med[1]:9.0f} {med[2]:9.0f} {med[3]:8.0f} {med[4]:8.0f} "
-                  f"{med[3] / med[4]:7.3f} {med[5]:7.1f} {med[6]:9.1f}")
-    print("\nmedians over frames; bytes: whole frame, coded occupancy, its i.i.d. entropy bound, coded indices, "
-          "their entropy under the stored model (codes/H: coded / model entropy); edge ms: quantize + encode "
-          "(after the PillarVFE); decode ms: bitstream decode + code vectors")
+            print(f"{'':>6} {str((n, k)):>9} {med[0]:8.0f} {med[1]:8.0f} {med[2]:6.3f} {med[3]:9.0f} {med[4]:9.0f} "
+                  f"{med[5]:8.0f} {med[6]:8.0f} {med[5] / med[6]:7.3f} {med[7]:7.1f} {med[8]:9.1f}")
+    print("\nmedians over frames; bytes: whole frame with the context code models (order-0: the same frame "
+          "with order-0 code models; ratio: context / order-0), coded occupancy, its i.i.d. entropy bound, coded "
+          "indices, their entropy under the stored model (codes/H: coded / model entropy); edge ms: quantize + "
+          "encode (after the PillarVFE); decode ms: bitstream decode + code vectors")
 
 
 if __name__ == "__main__":

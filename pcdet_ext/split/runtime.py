@@ -86,15 +86,17 @@ def head_features(model, dataset, points: np.ndarray, geo: GridGeometry) -> Tupl
 
 
 @torch.no_grad()
-def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: Sequence[int]) -> ProbabilityModels:
+def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: Sequence[int],
+                           context: bool = True) -> ProbabilityModels:
     """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
-    trained codebooks) from training frames, on exactly what the edge codes."""
+    trained codebooks; with ``context`` also given the previous codebook's code) from training
+    frames, on exactly what the edge codes."""
     from .evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
     depth = q.trained_depth or q.max_codebooks
     sparse = model.rq_cfg.MODE == "sparse"
-    models = ProbabilityModels.empty(geo, depth, sizes)
+    models = ProbabilityModels.empty(geo, depth, sizes, context=context)
     model.eval()
     for points in frames:
         feats, cells = head_features(model, dataset, points, geo)
