@@ -46,7 +46,7 @@ class OccupancyConfig:
     rays_per_frame: int = 16384       # beams traced per frame for free space (0: every point)
     ray_step: float = 0.5             # sampling step along a beam, in target cells
     ray_stop: float = 1.0             # free space ends this many target cells before the return
-    metric_negatives: int = 200000    # free cells drawn (and re-weighted) for the AP metric
+    metric_negatives: int = 50000     # free cells drawn (and re-weighted) for the AP metric
 
     @classmethod
     def from_cfg(cls, cfg) -> "OccupancyConfig":
@@ -202,8 +202,12 @@ def ray_free_cells(points: torch.Tensor, geometry: CellGeometry, cfg: OccupancyC
         points, bidx = points[keep], bidx[keep]
     cell = torch.tensor(geometry.cell, dtype=torch.float32, device=dev)
     origin = torch.tensor(geometry.sensor, dtype=torch.float32, device=dev)
-    ray = points[:, 1:4].float() - origin
-    length = ray.norm(dim=1)
+    start = (origin - torch.tensor(geometry.pc_min, dtype=torch.float32, device=dev)) / cell  # in cells
+    ray = (points[:, 1:4].float() - origin) / cell                                            # in cells
+    end = start + ray
+    inside = (end >= 0).all(1) & (end[:, 0] <= wt) & (end[:, 1] <= ht) & (end[:, 2] <= dt)
+    ray, bidx = ray[inside], bidx[inside]  # returns outside the range (uncropped input) trace nothing
+    length = (ray * cell).norm(dim=1)
     step = cfg.ray_step * float(cell.min())
     n_steps = ((length - cfg.ray_stop * float(cell.max())) / step).floor().clamp_min(0).long()
     total = int(n_steps.sum())
@@ -212,11 +216,12 @@ def ray_free_cells(points: torch.Tensor, geometry: CellGeometry, cfg: OccupancyC
     which = torch.repeat_interleave(torch.arange(len(ray), device=dev), n_steps)
     k = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n_steps, 0) - n_steps, n_steps)
     t = (k.float() + 0.5) * step / length[which].clamp_min(1e-6)
-    pos = origin + ray[which] * t[:, None]
-    idx = ((pos - torch.tensor(geometry.pc_min, dtype=torch.float32, device=dev)) / cell).floor().long()
-    ok = (idx >= 0).all(1) & (idx[:, 0] < wt) & (idx[:, 1] < ht) & (idx[:, 2] < dt)
-    idx, which = idx[ok], which[ok]
-    free[((bidx[which] * dt + idx[:, 2]) * ht + idx[:, 1]) * wt + idx[:, 0]] = True
+    # samples lie between the sensor and a return, both inside the range: only the far faces need a clamp
+    pos = torch.addcmul(start, ray[which], t[:, None]).floor_().clamp_(min=0).int()
+    x = pos[:, 0].clamp_(max=wt - 1)
+    y = pos[:, 1].clamp_(max=ht - 1)
+    z = pos[:, 2].clamp_(max=dt - 1)
+    free[((bidx[which] * dt + z) * ht + y) * wt + x] = True
     return free
 
 
@@ -272,7 +277,7 @@ def occupancy_targets(coords: torch.Tensor, masked: torch.Tensor, points: torch.
         picks.append(torch.unique(near[free[near]])[:n_hard])
     n_uniform = n_neg - (len(picks[0]) if picks else 0)
     if n_uniform > 0:
-        picks.append(free_ids[torch.randperm(len(free_ids), generator=generator)[:n_uniform].to(dev)])
+        picks.append(free_ids[torch.randint(len(free_ids), (n_uniform,), generator=generator).to(dev)])
     negatives = torch.cat(picks) if picks else free_ids[:0]
     return OccupancyTargets(occupied, visible, free, positives, negatives, geometry)
 
@@ -316,15 +321,16 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor, weights: Optio
 
 @torch.no_grad()
 def ap_samples(scores: torch.Tensor, targets: OccupancyTargets, max_negatives: int,
-               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+               generator: Optional[torch.Generator] = None, free_ids: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, ...]:
     """(score, label, weight, band) of positives and ray-cast free cells for :func:`pooled_ap`. Free
-    cells beyond ``max_negatives`` are sampled uniformly and re-weighted, so the AP estimates the one
-    over every free cell."""
-    free_ids = torch.nonzero(targets.free).squeeze(1)
+    cells beyond ``max_negatives`` are drawn uniformly (with replacement) and re-weighted, so the AP
+    estimates the one over every free cell. ``free_ids``: ``nonzero(targets.free)`` when already known."""
+    free_ids = torch.nonzero(targets.free).squeeze(1) if free_ids is None else free_ids
     weight = 1.0
     if len(free_ids) > max_negatives:
         weight = len(free_ids) / max_negatives
-        free_ids = free_ids[torch.randperm(len(free_ids), generator=generator)[:max_negatives].to(free_ids.device)]
+        free_ids = free_ids[torch.randint(len(free_ids), (max_negatives,), generator=generator).to(free_ids.device)]
     ids = torch.cat([targets.positives, free_ids])
     n_pos, dev = len(targets.positives), ids.device
     labels = torch.cat([torch.ones(n_pos, device=dev), torch.zeros(len(free_ids), device=dev)])
@@ -343,18 +349,19 @@ def pooled_ap(samples: Sequence[Tuple[torch.Tensor, ...]]) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def occupancy_metrics(logits: torch.Tensor, targets: OccupancyTargets, max_negatives: int = 200000,
+def occupancy_metrics(logits: torch.Tensor, targets: OccupancyTargets, max_negatives: int = 50000,
                       generator: Optional[torch.Generator] = None) -> Dict[str, float]:
     """AP (:func:`pooled_ap`) and precision / recall / IoU of ``logits > 0``, positives against
     ray-cast free cells (unknown space and cells with a visible voxel in neither)."""
-    pred = logits.reshape(-1) > 0
-    tp = int(pred[targets.positives].sum())
-    fp = int((pred & targets.free).sum())
+    flat = logits.reshape(-1)
+    free_ids = torch.nonzero(targets.free).squeeze(1)
+    tp = int(torch.count_nonzero(flat[targets.positives] > 0))
+    fp = int(torch.count_nonzero(flat[free_ids] > 0))
     fn = len(targets.positives) - tp
-    return {**pooled_ap([ap_samples(logits, targets, max_negatives, generator)]),
+    return {**pooled_ap([ap_samples(logits, targets, max_negatives, generator, free_ids)]),
             "occ_precision": tp / max(tp + fp, 1), "occ_recall": tp / max(tp + fn, 1),
             "occ_iou": tp / max(tp + fp + fn, 1), "occ_positives": float(len(targets.positives)),
-            "occ_free_cells": float(targets.free.sum())}
+            "occ_free_cells": float(len(free_ids))}
 
 
 @torch.no_grad()
