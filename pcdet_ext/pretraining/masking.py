@@ -175,8 +175,9 @@ def _per_voxel_uniform(b_idx: torch.Tensor, batch_size: int, seed: int) -> torch
     return noise
 
 
-def _rank_in_sample(score: torch.Tensor, b_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each voxel by descending ``score`` among its sample's voxels."""
+def rank_in_sample(score: torch.Tensor, b_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each item (voxel, point) by descending ``score`` among its sample's items;
+    ``counts`` [B]: items per sample."""
     n = len(score)
     by_score = torch.argsort(-score, stable=True)
     order = by_score[torch.argsort(b_idx[by_score], stable=True)]        # sample first, then score
@@ -211,7 +212,7 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
     whole = torch.zeros(n, dtype=torch.bool, device=dev)
     scale = torch.zeros(batch_size, **f64)
     if cfg.mask_type == "random":
-        masked = _rank_in_sample(noise, b_idx, counts) < torch.round(target)[b_idx]
+        masked = rank_in_sample(noise, b_idx, counts) < torch.round(target)[b_idx]
     else:
         groups = int(math.ceil(360.0 / cfg.angular_group_size - 1e-9))
         az = torch.rad2deg(torch.atan2(xy[:, 1] - cfg.sensor_origin[1], xy[:, 0] - cfg.sensor_origin[0])) + 180.0
@@ -251,7 +252,7 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
             else:  # exactly round(rest) kept voxels per sample, drawn with weights q (Gumbel-top-k)
                 score = torch.where(q > 0, noise.clamp_min(1e-300).log() / q.clamp_min(1e-12),
                                     torch.tensor(-math.inf, **f64))
-                extra = (q > 0) & (_rank_in_sample(score, b_idx, counts) < torch.round(rest)[b_idx])
+                extra = (q > 0) & (rank_in_sample(score, b_idx, counts) < torch.round(rest)[b_idx])
             masked = whole | extra
     n_masked = int(masked.sum())
     per_range = {name: float(masked[rbin == i].double().mean()) if (rbin == i).any() else 0.0

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Opt, from_cfg
+from .masking import rank_in_sample
 
 BANDS = ("near", "mid", "far")
 
@@ -193,12 +194,7 @@ def ray_free_cells(points: torch.Tensor, geometry: CellGeometry, cfg: OccupancyC
     bidx = points[:, 0].long()
     if cfg.rays_per_frame and len(points) > cfg.rays_per_frame:  # the same number of random beams per frame
         key = torch.rand(len(points), generator=generator, dtype=torch.float64).to(dev)
-        by_key = torch.argsort(key)
-        order = by_key[torch.argsort(bidx[by_key], stable=True)]
-        counts = torch.bincount(bidx, minlength=b)
-        rank = torch.empty(len(points), dtype=torch.long, device=dev)
-        rank[order] = torch.arange(len(points), device=dev) - (torch.cumsum(counts, 0) - counts)[bidx[order]]
-        keep = rank < cfg.rays_per_frame
+        keep = rank_in_sample(-key, bidx, torch.bincount(bidx, minlength=b)) < cfg.rays_per_frame
         points, bidx = points[keep], bidx[keep]
     cell = torch.tensor(geometry.cell, dtype=torch.float32, device=dev)
     origin = torch.tensor(geometry.sensor, dtype=torch.float32, device=dev)

@@ -30,13 +30,12 @@ def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def rate_aware(quantizer, rate_lambda: float, models, n: int, k: int) -> Iterator[None]:
-    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``."""
-    if rate_lambda < 0:
-        raise ValueError(f"rate lambda must be >= 0, got {rate_lambda}")
+    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``
+    (``set_rate`` refuses a negative lambda)."""
+    from .runtime import bit_cost_tensors
     if rate_lambda > 0 and models is None:
         raise ValueError("rate-aware coding needs the checkpoint's bitstream models (split_infer.py --fit_models)")
-    bits = [torch.from_numpy(b).float() for b in models.bit_costs(n, k)] if rate_lambda > 0 else None
-    quantizer.set_rate(rate_lambda, bits)
+    quantizer.set_rate(rate_lambda, bit_cost_tensors(models, n, k) if rate_lambda > 0 else None)
     try:
         yield
     finally:

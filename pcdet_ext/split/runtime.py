@@ -113,6 +113,11 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
     return models
 
 
+def bit_cost_tensors(models: ProbabilityModels, num_codebooks: int, k: int) -> List[torch.Tensor]:
+    """``models.bit_costs`` as float32 tensors, what ``ResidualQuantizer.set_rate`` takes."""
+    return [torch.from_numpy(b).float() for b in models.bit_costs(num_codebooks, k)]
+
+
 def save_with_models(ckpt_path, models: ProbabilityModels, out_path) -> None:
     state = load_checkpoint(ckpt_path)
     state[STATE_KEY] = models.to_state()
@@ -154,8 +159,8 @@ class EdgeRuntime(_Side):
         super().__init__(model, dataset, models)
         self.q.set_active(num_codebooks, num_embeddings)
         self.n, self.k = num_codebooks, num_embeddings
-        self.q.set_rate(rate_lambda, [torch.from_numpy(b).float() for b in models.bit_costs(num_codebooks,
-                                                                                             num_embeddings)])
+        self.q.set_rate(rate_lambda, bit_cost_tensors(models, num_codebooks, num_embeddings) if rate_lambda > 0
+                        else None)
 
     @torch.no_grad()
     def encode(self, points: np.ndarray) -> Tuple[bytes, Dict[str, float]]:
