@@ -65,20 +65,132 @@ def test_unavailable_ops_import_and_raise_naming_the_op():
 
 
 def test_finder_serves_only_compiled_op_names():
-    finder = compiled_ops.CompiledOpsFinder()
+    from pcdet_ext.cpu.ledger import Ledger
+    finder = compiled_ops.CompiledOpsFinder(Ledger())
     assert finder.find_spec("pcdet.ops.bev_pool.bev_pool_ext") is not None
     assert finder.find_spec("pcdet.ops.iou3d_nms.iou3d_nms_utils") is None
     assert finder.find_spec("numpy") is None
 
 
-def test_cuda_shims():
+def _in_pcdet_ext(code: str, **names):
+    """Run ``code`` as if it were a line of pcdet_ext (the shims' scope)."""
+    scope = {"__name__": "pcdet_ext._test", **names}
+    exec(compile(code, pcdet_ext.__file__, "exec"), scope)
+    return scope
+
+
+def test_cuda_shims_serve_openpcdet_and_pcdet_ext_callers():
     t = torch.arange(3.0)
-    assert t.cuda() is t
-    alloc = torch.cuda.FloatTensor(torch.Size((2, 3))).zero_()
-    assert alloc.shape == (2, 3) and alloc.dtype == torch.float32 and not alloc.is_cuda
-    assert torch.cuda.LongTensor(4).dtype == torch.int64
-    m = torch.nn.Linear(2, 2).cuda()
-    assert m.weight.device.type == "cpu"
+    scope = _in_pcdet_ext("same = t.cuda() is t\n"
+                          "alloc = torch.cuda.FloatTensor(torch.Size((2, 3))).zero_()\n"
+                          "long = torch.cuda.LongTensor(4)\n"
+                          "m = torch.nn.Linear(2, 2).cuda()", t=t, torch=torch)
+    assert scope["same"]
+    assert scope["alloc"].shape == (2, 3) and scope["alloc"].dtype == torch.float32 and not scope["alloc"].is_cuda
+    assert scope["long"].dtype == torch.int64
+    assert scope["m"].weight.device.type == "cpu"  # Module.cuda -> torch frames -> the pcdet_ext caller
+
+
+def test_cuda_shims_leave_other_callers_to_torch():
+    """This test module is neither OpenPCDet, pcdet_ext nor __main__: torch's own behaviour."""
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        torch.arange(3.0).cuda()
+    with pytest.raises(TypeError, match="not available"):
+        torch.cuda.FloatTensor(3)
+
+
+_SNAPSHOT = """
+import os, sys, torch, spconv.pytorch.ops as ops, spconv.pytorch.conv as conv, spconv.pytorch.cppcore as core
+def snap():
+    return {"Tensor": dict(vars(torch.Tensor)), "cuda": dict(vars(torch.cuda)), "ops": dict(vars(ops)),
+            "conv": dict(vars(conv.SparseConvolution)), "core": dict(vars(core)), "env": dict(os.environ),
+            "meta_path": list(sys.meta_path), "modules": set(sys.modules)}
+"""
+
+
+def test_deactivate_restores_every_patched_attribute():
+    from _subproc import run_python
+    code = _SNAPSHOT + """
+import pcdet_ext
+from pcdet_ext import cpu
+assert not cpu.is_active()
+before = snap()
+cpu.activate()
+import torchvision.transforms
+during = snap()
+assert "torchvision.transforms" in during["modules"]
+assert during["Tensor"]["cuda"] is not before["Tensor"].get("cuda") and len(cpu.patched()) > 20
+cpu.deactivate()
+after = snap()
+assert not cpu.patched() and not cpu.is_active()
+for key in before:
+    if key in ("env", "meta_path"):
+        assert after[key] == before[key], key
+    elif key == "modules":  # what the runtime served leaves; what it imported (its own modules) may stay
+        assert not any(m.startswith("torchvision") for m in after[key])
+    else:
+        assert after[key].keys() == before[key].keys(), (key, set(after[key]) ^ set(before[key]))
+        changed = [k for k in before[key] if after[key][k] is not before[key][k]]
+        assert not changed, (key, changed)
+print("restored", len(during["meta_path"]) - len(before["meta_path"]))
+"""
+    out = run_python(code, {"PCDET_EXT_CPU_RUNTIME": "0", "PCDET_ROOT": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["restored", "2"]
+
+
+def test_runtime_context_manager_and_suspended():
+    assert cpu.is_active()
+    with cpu.suspended():
+        assert not cpu.is_active() and not cpu.patched()
+        assert type(torch.Tensor.cuda).__name__ == "method_descriptor"
+        with cpu.runtime() as state:
+            assert state["active"] and cpu.patched()
+        assert not cpu.is_active()
+    assert cpu.is_active() and cpu.patched()
+    with cpu.runtime():  # already on: stays on afterwards
+        pass
+    assert cpu.is_active()
+
+
+def test_numba_simulator_only_for_the_importing_block():
+    import os
+    from pcdet_ext.cpu import shims
+    assert "NUMBA_ENABLE_CUDASIM" not in os.environ  # not inherited by every child process
+    with shims.numba_cuda_simulator():
+        assert os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
+        import numba.cuda  # noqa: F401
+        import sys
+        assert "numba.cuda.simulator_init" in sys.modules
+    assert "NUMBA_ENABLE_CUDASIM" not in os.environ
+
+
+def test_single_threaded_spconv_ops_leave_other_threads_alone():
+    """The split server runs one thread per connection: a spconv op in one thread must not change the
+    thread count of another (OpenMP: the setting is per OS thread)."""
+    import threading
+    from pcdet_ext.cpu import spconv_patch
+    if not spconv_patch.thread_count_is_per_thread():
+        pytest.skip("this torch's thread count is process-wide (not OpenMP)")
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def op():
+        seen["op"] = torch.get_num_threads()
+        inside.set()
+        release.wait(10)
+    wrapped = spconv_patch._single_threaded(op)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=lambda: (torch.set_num_threads(2), wrapped()))
+        worker.start()
+        assert inside.wait(10)
+        seen["main"] = torch.get_num_threads()
+        release.set()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"op": 1, "main": 2}
 
 
 def test_torchvision_transforms_substitute():
@@ -89,6 +201,8 @@ def test_torchvision_transforms_substitute():
     tf = torchvision.transforms.Compose([torchvision.transforms.ToTensor(),
                                          torchvision.transforms.Normalize(mean=[0.5] * 3, std=[0.25] * 3)])
     out = tf(img)
+    from torchvision.transforms import Normalize  # the submodule import path works too
+    assert Normalize is torchvision.transforms.Normalize
     assert out.shape == (3, 4, 5)
     torch.testing.assert_close(out, torch.full((3, 4, 5), 2.0))
     with pytest.raises(ImportError, match="only substitutes torchvision.transforms"):

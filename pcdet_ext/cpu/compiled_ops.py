@@ -9,6 +9,7 @@ naming the op.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from ..ops import rotated_boxes as rb
+from . import shims
+from .ledger import Ledger
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -128,6 +131,9 @@ def make_module(fullname: str) -> types.ModuleType:
 
 
 class _Loader(importlib.abc.Loader):
+    def __init__(self, finder: "CompiledOpsFinder"):
+        self.finder = finder  # the ledger removes the modules whose loader names this finder
+
     def create_module(self, spec):
         return make_module(spec.name)
 
@@ -135,49 +141,58 @@ class _Loader(importlib.abc.Loader):
         return None
 
 
-def _patch_kitti_eval(module: types.ModuleType) -> None:
+def _patch_kitti_eval(module: types.ModuleType, ledger: Ledger) -> None:
     """KITTI evaluation computes rotated IoUs with a numba.cuda kernel, which on CPU runs on the
     (slow, pure-python) CUDA simulator; use the exact numba CPU kernel instead."""
-    module.rotate_iou_gpu_eval = rb.rotate_iou_eval
+    ledger.setattr(module, "rotate_iou_gpu_eval", rb.rotate_iou_eval)
 
 
 # modules imported from the checkout as usual, then adjusted
-_POST_IMPORT: Dict[str, Callable[[types.ModuleType], None]] = {
+_POST_IMPORT: Dict[str, Callable[[types.ModuleType, Ledger], None]] = {
     "pcdet.datasets.kitti.kitti_object_eval_python.eval": _patch_kitti_eval,
 }
+# modules that compile numba.cuda kernels at import: imported with numba's CUDA simulator on
+_NEEDS_CUDA_SIMULATOR = ("pcdet.datasets.kitti.kitti_object_eval_python.rotate_iou",
+                         "pcdet.datasets.once.once_eval.iou_utils")
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]):
-        self.inner, self.patch = inner, patch
+class _WrappingLoader(importlib.abc.Loader):
+    """Runs the checkout's own module, inside the CUDA simulator and/or followed by a patch."""
+
+    def __init__(self, inner: importlib.abc.Loader, ledger: Ledger, patch=None, simulator: bool = False):
+        self.inner, self.ledger, self.patch, self.simulator = inner, ledger, patch, simulator
 
     def create_module(self, spec):
         return self.inner.create_module(spec)
 
     def exec_module(self, module):
-        self.inner.exec_module(module)
-        self.patch(module)
+        with shims.numba_cuda_simulator() if self.simulator else contextlib.nullcontext():
+            self.inner.exec_module(module)
+        if self.patch is not None:
+            self.patch(module, self.ledger)
 
 
 class CompiledOpsFinder(importlib.abc.MetaPathFinder):
-    """Meta-path finder that serves the CPU stand-ins ahead of the (absent) CUDA builds."""
+    """Meta-path finder that serves the CPU stand-ins ahead of the (absent) CUDA builds and adjusts the
+    few checkout modules listed above; every change it makes is recorded in ``ledger``."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
 
     def find_spec(self, fullname: str, path=None, target=None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname in SERVED_MODULES:
-            return importlib.machinery.ModuleSpec(fullname, _Loader(), origin="pcdet_ext.cpu")
-        if fullname in _POST_IMPORT:
+            return importlib.machinery.ModuleSpec(fullname, _Loader(self), origin="pcdet_ext.cpu")
+        if fullname in _POST_IMPORT or fullname in _NEEDS_CUDA_SIMULATOR:
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, _POST_IMPORT[fullname])
+                spec.loader = _WrappingLoader(spec.loader, self.ledger, _POST_IMPORT.get(fullname),
+                                              fullname in _NEEDS_CUDA_SIMULATOR)
             return spec
         return None
 
 
-def install_finder() -> CompiledOpsFinder:
-    """Put the finder first on ``sys.meta_path`` (once) and return it."""
-    for finder in sys.meta_path:
-        if isinstance(finder, CompiledOpsFinder):
-            return finder
-    finder = CompiledOpsFinder()
-    sys.meta_path.insert(0, finder)
+def install_finder(ledger: Ledger) -> CompiledOpsFinder:
+    """Put the finder first on ``sys.meta_path`` through ``ledger`` and return it."""
+    finder = CompiledOpsFinder(ledger)
+    ledger.insert_finder(finder)
     return finder

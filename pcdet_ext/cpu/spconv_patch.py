@@ -7,18 +7,21 @@
   it afterwards, exactly what spconv's training path does.
 * with more than one thread, spconv's CPU kernels race: now and then one output voxel is wrong
   (measured: a handful of 1,200 submanifold convolutions against a dense conv3d reference, none
-  with one thread). Its ops run with one thread; the rest of torch keeps its threads.
+  with one thread). Its ops run with one thread (the calling thread's setting only); the rest of
+  torch, and other threads, keep their threads.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
+import warnings
 from typing import Iterator
 
 import torch
 
-_PATCHED = False
+from .ledger import Ledger
+
 _STOCK = {}
 
 
@@ -27,6 +30,9 @@ def _cpu_stream() -> int:
 
 
 def _single_threaded(fn):
+    """``fn`` with one intra-op thread. With torch's OpenMP backend (all official wheels) the thread
+    count is a per-OS-thread setting, so this touches only the calling thread: concurrent callers (the
+    split server's connection threads) keep theirs."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         threads = torch.get_num_threads()
@@ -40,11 +46,13 @@ def _single_threaded(fn):
     return wrapper
 
 
-def patch_spconv() -> bool:
-    """Apply both fixes once. Returns False when spconv is not installed."""
-    global _PATCHED
-    if _PATCHED:
-        return True
+def thread_count_is_per_thread() -> bool:
+    """True when ``torch.set_num_threads`` affects only the calling thread (OpenMP backend)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def patch_spconv(ledger: Ledger) -> bool:
+    """Apply the fixes through ``ledger``. Returns False when spconv is not installed."""
     if torch.cuda.is_available():
         raise RuntimeError("the spconv CPU patch must not be applied when CUDA is available")
     try:
@@ -56,11 +64,16 @@ def patch_spconv() -> bool:
     import spconv.pytorch.hash as sp_hash
     for mod in (sp_cppcore, sp_ops, sp_hash):
         if hasattr(mod, "get_current_stream"):
-            mod.get_current_stream = _cpu_stream
-    for name, fn in list(vars(sp_ops).items()):  # every op the conv/functional modules call as ops.<name>
-        if inspect.isfunction(fn) and fn.__module__ == sp_ops.__name__ and not name.startswith("_") \
-                and name != "get_current_stream":
-            setattr(sp_ops, name, _single_threaded(fn))
+            ledger.setattr(mod, "get_current_stream", _cpu_stream)
+    if thread_count_is_per_thread():
+        for name, fn in list(vars(sp_ops).items()):  # every op the conv/functional modules call as ops.<name>
+            if inspect.isfunction(fn) and fn.__module__ == sp_ops.__name__ and not name.startswith("_") \
+                    and name != "get_current_stream":
+                ledger.setattr(sp_ops, name, _single_threaded(fn))
+    else:
+        warnings.warn("pcdet_ext CPU runtime: this torch's thread count is process-wide (not OpenMP), so spconv's "
+                      "ops cannot run single-threaded per call; its CPU kernels race with more than one thread: "
+                      "call torch.set_num_threads(1) for sparse-conv models.", RuntimeWarning, stacklevel=3)
 
     original = sp_conv.SparseConvolution._conv_forward
     _STOCK["_conv_forward"] = original
@@ -73,8 +86,8 @@ def patch_spconv() -> bool:
         out = original(self, training, input, weight, None, add_input, *args, **kwargs)
         return out.replace_feature(out.features + bias)
 
-    sp_conv.SparseConvolution._conv_forward = _conv_forward
-    _PATCHED = True
+    ledger.setattr(sp_conv.SparseConvolution, "_conv_forward", _conv_forward)
+    ledger.on_undo("spconv stock _conv_forward record", lambda: _STOCK.pop("_conv_forward", None))
     return True
 
 
