@@ -2,7 +2,7 @@
 
 Bottleneck: a PointPillarRQ on the full KITTI grid (496 x 432, 0.16 m) whose PillarVFE comes from a
 PointPillars checkpoint (--ckpt; e.g. the synthetic-data one from tools/demo_pointpillars.py), with
-its 5 x 256 quantizer trained by feature reconstruction (pcdet_ext.quantization.fit) on the pillar
+its 5 x 256 quantizer trained by feature reconstruction (pcdet_ext.algorithms.quantization.fit) on the pillar
 features of real unlabelled scans (--train_dir, kitti_raw_2011_09_26), and the bitstream's
 probability models fitted on the same scans. Measured on the real frames of --test_dir
 (kitti_mini): bytes per frame (occupancy + codes) with the context code models and with order-0
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 import pcdet_ext  # noqa: F401
-from pcdet_ext.bitstream import read_header
-from pcdet_ext.bitstream.codec import code_bits
-from pcdet_ext.split import runtime
-from pcdet_ext.split.rate import binary_entropy
-from pcdet_ext.quantization.fit import fit_progressive
+from pcdet_ext.algorithms.bitstream import read_header
+from pcdet_ext.algorithms.bitstream.codec import code_bits
+from pcdet_ext.deploy import runtime
+from pcdet_ext.algorithms.rate import binary_entropy
+from pcdet_ext.algorithms.quantization.fit import fit_progressive
 from pcdet_ext.utils.checkpoint import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"

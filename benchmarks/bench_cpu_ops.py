@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import pcdet_ext  # noqa: F401  (CPU runtime)
-from pcdet_ext.cpu import compiled_ops
-from pcdet_ext.ops import rotated_boxes as rb
+from pcdet_ext.openpcdet.cpu import compiled_ops
+from pcdet_ext.algorithms import rotated_boxes as rb
 
 
 def detections(n, seed=0):

@@ -19,8 +19,8 @@ import torch
 import pcdet_ext  # noqa: F401
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.engine import loop
-from pcdet_ext.quantization import ResidualQuantizer
-from pcdet_ext.quantization.fit import fit_progressive
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
+from pcdet_ext.algorithms.quantization.fit import fit_progressive
 from pcdet_ext.utils.checkpoint import load_checkpoint
 
 

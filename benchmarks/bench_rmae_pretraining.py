@@ -49,7 +49,8 @@ def config(path, data, half, voxel):
 
 
 def synthetic_set(tmp: Path) -> Path:
-    from pcdet_ext.datasets import create_infos, synthetic_writer
+    from pcdet_ext.openpcdet.datasets import create_infos
+    from pcdet_ext.openpcdet.datasets import synthetic_writer
     root = synthetic_writer.write_custom(tmp / "isarc", num_frames=6, seed=1, val_fraction=0.34)
     return create_infos.create_custom(root, synthetic_writer.CONSTRUCTION_CLASSES,
                                       dataset_cfg=REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", workers=1)
@@ -57,7 +58,7 @@ def synthetic_set(tmp: Path) -> Path:
 
 def first_batch(cfg, root, batch_size=2):
     from pcdet_ext.engine import loop
-    from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+    from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=batch_size)
     allow_unlabelled(ds)
     return ds, next(iter(loader))
@@ -68,7 +69,7 @@ def step_time(cfg, ds, batch, reps):
 
     from pcdet.models import model_fn_decorator
     from pcdet_ext.engine import loop
-    from pcdet_ext.optimization import build_optimizer
+    from pcdet_ext.engine.optimization import build_optimizer
     model = loop.build_model(cfg, ds)
     opt = build_optimizer(model, cfg.OPTIMIZATION)
     fn, times = model_fn_decorator(), []
@@ -151,7 +152,7 @@ class RSSPeak:
 
 def decoder_peak(kind, blob):
     """Run in a fresh process: peak memory growth of one decoder forward + loss + backward."""
-    from pcdet_ext.pretraining.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
+    from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
                                                  occupancy_targets, sparse_to_bev)
     d = torch.load(blob, weights_only=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +203,7 @@ def cmd_memory(args):
         enc, x4 = batch["encoded_spconv_tensor"], batch["multi_scale_3d_features"]["x_conv4"]
         coords = batch["voxel_coords"].long()
         bb = model.backbone_3d
-        from pcdet_ext.pretraining.masking import mask_voxels
+        from pcdet_ext.algorithms.masking import mask_voxels
         mask = mask_voxels(coords, 2, bb.voxel_size, bb.point_cloud_range, bb.mask_cfg, seed=0)
         x4_unique = torch.unique(x4.indices[:len(x4.indices)], dim=0, return_inverse=True)
         blob = Path(tmp) / "enc.pt"
@@ -229,7 +230,7 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     """``iters`` pretraining steps (OpenPCDet's model_fn, the shipped schedule); with ``freeze_encoder``
     the encoder keeps its random initial weights and only the decoder learns (the random-encoder baseline)."""
     from pcdet_ext.engine import loop
-    from pcdet_ext.optimization import build_optimizer, build_scheduler
+    from pcdet_ext.engine.optimization import build_optimizer, build_scheduler
     torch.manual_seed(0)
     model = loop.build_model(cfg, ds)
     bb = model.backbone_3d
@@ -248,10 +249,10 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
 
 
 def cmd_occupancy(args):
-    from pcdet_ext.datasets.create_infos import create_unlabelled
+    from pcdet_ext.openpcdet.datasets.create_infos import create_unlabelled
     from pcdet_ext.engine import loop
     from pcdet_ext.engine.occupancy_eval import masked_occupancy_ap
-    from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+    from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     train = sorted(Path(args.train_dir).glob("*.bin"))
     held = sorted(Path(args.eval_dir).glob("*.bin"))
     if not train or not held:
@@ -288,8 +289,8 @@ def cmd_masking(args):
     import numpy as np
 
     from pcdet_ext.config import cfg_from_yaml_file
-    from pcdet_ext.pretraining.masking import RANGE_BINS, MaskingConfig, mask_voxels
-    from pcdet_ext.pretraining.occupancy import CellGeometry, OccupancyConfig, occupancy_targets
+    from pcdet_ext.algorithms.masking import RANGE_BINS, MaskingConfig, mask_voxels
+    from pcdet_ext.algorithms.occupancy import CellGeometry, OccupancyConfig, occupancy_targets
     scans = sorted(Path(args.train_dir).glob("*.bin"))
     if not scans:
         sys.exit(f"no .bin scans in {args.train_dir}")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from pcdet_ext.quantization import ResidualQuantizer
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
 
 
 def timed(fn, repeats):

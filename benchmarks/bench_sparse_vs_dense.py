@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcdet_ext.quantization import ResidualQuantizer
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
 
 RANGE = np.array([0, -39.68, -3, 69.12, 39.68, 1])
 VOXEL = 0.16

@@ -3,7 +3,7 @@
 ``import pcdet_ext`` (before ``pcdet``) does three things:
 
 1. allow-lists numpy scalars for ``torch.load(weights_only=True)`` (OpenPCDet checkpoints);
-2. on a torch build without CUDA, turns on the CPU runtime (:mod:`pcdet_ext.cpu`) unless
+2. on a torch build without CUDA, turns on the CPU runtime (:mod:`pcdet_ext.openpcdet.cpu`) unless
    ``PCDET_EXT_CPU_RUNTIME=0``;
 3. when OpenPCDet is importable (installed, or ``PCDET_ROOT``), registers this package's
    classes into OpenPCDet's registries (:func:`register`).
@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import warnings
 
-from . import cpu
-from .openpcdet import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
-from .registry import RegistryClashError, register, register_class
-from .utils.checkpoint import allow_numpy_scalars
-from .utils.console import quiet_known_warnings
+from pcdet_ext.openpcdet import cpu
+from pcdet_ext.openpcdet.locator import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
+from pcdet_ext.openpcdet.registry import RegistryClashError, register, register_class
+from pcdet_ext.utils.checkpoint import allow_numpy_scalars
+from pcdet_ext.utils.console import quiet_known_warnings
 
 __version__ = "0.1.0"
 __all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoundError",

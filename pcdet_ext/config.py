@@ -23,7 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 from easydict import EasyDict
 
-from .openpcdet import REPO_ROOT, pcdet_tools_dir
+from pcdet_ext.openpcdet.locator import REPO_ROOT, pcdet_tools_dir
 
 NoneType = type(None)
 PACKAGED = Path(__file__).resolve().parent / "_data"  # cfgs/ as shipped in a wheel (setup.py)

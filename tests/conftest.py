@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pcdet_ext.openpcdet import pcdet_root
+from pcdet_ext.openpcdet.locator import pcdet_root
 
 REPO = Path(__file__).resolve().parent.parent
 

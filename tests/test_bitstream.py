@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pcdet_ext.bitstream import BitstreamError, GridGeometry, ProbabilityModels, decode_frame, encode_frame, read_header
-from pcdet_ext.bitstream.codec import HEADER
-from pcdet_ext.split.rate import binary_entropy
+from pcdet_ext.algorithms.bitstream import BitstreamError, GridGeometry, ProbabilityModels, decode_frame, encode_frame, read_header
+from pcdet_ext.algorithms.bitstream.codec import HEADER
+from pcdet_ext.algorithms.rate import binary_entropy
 
 GEO = GridGeometry(height=96, width=80, sensor_row=48.0, sensor_col=0.0, cell_m=0.32, levels=4)
 SIZES = (16, 64)
@@ -197,7 +197,7 @@ def test_context_models_code_fewer_bytes_and_stay_lossless():
 
 
 def test_rare_contexts_escape_to_the_order_zero_model():
-    from pcdet_ext.bitstream.codec import CONTEXT_MIN
+    from pcdet_ext.algorithms.bitstream.codec import CONTEXT_MIN
     models = ProbabilityModels.empty(GEO, 2, (16,))
     codes = np.zeros((100, 2), dtype=np.int64)
     codes[:CONTEXT_MIN - 1, 0] = 5  # previous code 5 seen too rarely, 0 often

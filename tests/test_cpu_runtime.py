@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import pcdet_ext  # noqa: F401  (activates the CPU runtime on this CUDA-less torch)
-from pcdet_ext import cpu
-from pcdet_ext.cpu import compiled_ops
+from pcdet_ext.openpcdet import cpu
+from pcdet_ext.openpcdet.cpu import compiled_ops
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime is only for CUDA-less torch")
 
@@ -65,7 +65,7 @@ def test_unavailable_ops_import_and_raise_naming_the_op():
 
 
 def test_finder_serves_only_compiled_op_names():
-    from pcdet_ext.cpu.ledger import Ledger
+    from pcdet_ext.openpcdet.cpu.ledger import Ledger
     finder = compiled_ops.CompiledOpsFinder(Ledger())
     assert finder.find_spec("pcdet.ops.bev_pool.bev_pool_ext") is not None
     assert finder.find_spec("pcdet.ops.iou3d_nms.iou3d_nms_utils") is None
@@ -112,7 +112,7 @@ def test_deactivate_restores_every_patched_attribute():
     from _subproc import run_python
     code = _SNAPSHOT + """
 import pcdet_ext
-from pcdet_ext import cpu
+from pcdet_ext.openpcdet import cpu
 assert not cpu.is_active()
 before = snap()
 cpu.activate()
@@ -155,7 +155,7 @@ def test_runtime_context_manager_and_suspended():
 
 def test_numba_simulator_only_for_the_importing_block():
     import os
-    from pcdet_ext.cpu import shims
+    from pcdet_ext.openpcdet.cpu import shims
     assert "NUMBA_ENABLE_CUDASIM" not in os.environ  # not inherited by every child process
     with shims.numba_cuda_simulator():
         assert os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
@@ -169,7 +169,7 @@ def test_single_threaded_spconv_ops_leave_other_threads_alone():
     """The split server runs one thread per connection: a spconv op in one thread must not change the
     thread count of another (OpenMP: the setting is per OS thread)."""
     import threading
-    from pcdet_ext.cpu import spconv_patch
+    from pcdet_ext.openpcdet.cpu import spconv_patch
     if not spconv_patch.thread_count_is_per_thread():
         pytest.skip("this torch's thread count is process-wide (not OpenMP)")
     inside, release, seen = threading.Event(), threading.Event(), {}

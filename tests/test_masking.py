@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcdet_ext.datasets import synthetic
-from pcdet_ext.pretraining import MaskingConfig, mask_voxels
+from pcdet_ext.openpcdet.datasets import synthetic
+from pcdet_ext.algorithms.masking import MaskingConfig, mask_voxels
 
 VOXEL = (0.1, 0.1, 0.2)
 PC_RANGE = (-70.4, -70.4, -6.0, 70.4, 70.4, 10.0)
@@ -167,7 +167,7 @@ def test_whole_groups_are_whole_and_kept_groups_partly_masked(batches):
 
 
 def test_group_order_and_voxel_noise_are_separate_streams():
-    from pcdet_ext.pretraining.masking import _per_sample_uniform, _per_voxel_uniform
+    from pcdet_ext.algorithms.masking import _per_sample_uniform, _per_voxel_uniform
     b = torch.zeros(360, dtype=torch.long)
     groups = [_per_sample_uniform(1, 360, s, torch.device("cpu"))[0] for s in range(40)]
     for s in range(40):

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pcdet_ext.pretraining.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, ap_samples,
+from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, ap_samples,
                                              average_precision, grow_visible_scores, occupancy_loss,
                                              occupancy_metrics, occupancy_targets, pooled_ap, ray_free_cells,
                                              sparse_to_bev)
-from pcdet_ext.pretraining.teacher_student import (FeatureRegression, ema_update_, match_features,
+from pcdet_ext.algorithms.teacher_student import (FeatureRegression, ema_update_, match_features,
                                                    params_to_buffers_)
 
 FULL = (8, 32, 32)  # D, H, W voxels

@@ -4,7 +4,7 @@ from _subproc import run_python
 
 def test_import_without_openpcdet_keeps_pure_torch_parts():
     code = ("import sys, pcdet_ext\n"
-            "from pcdet_ext.ops import rotated_boxes\n"
+            "from pcdet_ext.algorithms import rotated_boxes\n"
             "assert 'pcdet' not in sys.modules\n"
             "try:\n    pcdet_ext.register()\nexcept ImportError as e:\n    print('ERR', e)\n")
     out = run_python(code, {"PCDET_ROOT": "", "PYTHONPATH": None})

@@ -5,8 +5,8 @@ import torch.nn as nn
 from easydict import EasyDict
 
 from pcdet_ext.engine.pretrained import PretrainedWeightsError, load_pretrained
-from pcdet_ext.optimization import GroupedOptimWrapper, OptimConfigError, build_optimizer, group_lrs
-from pcdet_ext.optimization.builder import load_optimizer_state
+from pcdet_ext.engine.optimization import GroupedOptimWrapper, OptimConfigError, build_optimizer, group_lrs
+from pcdet_ext.engine.optimization.builder import load_optimizer_state
 
 
 class Owner(nn.Module):
@@ -153,7 +153,7 @@ def test_fork_drop_in_file_serves_the_same_builder():
     import importlib.util
     from pathlib import Path
 
-    import pcdet_ext.optimization as ours
+    import pcdet_ext.engine.optimization as ours
     path = Path(__file__).resolve().parents[1] / "tools/train_utils/optimization/differential_lr.py"
     spec = importlib.util.spec_from_file_location("differential_lr_dropin", path)  # not as train_utils.*
     module = importlib.util.module_from_spec(spec)

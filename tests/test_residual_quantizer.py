@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from _subproc import run_gloo_ranks
-from pcdet_ext.quantization import ResidualQuantizer
-from pcdet_ext.quantization.nn_search import kmeans_pp, nearest
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
+from pcdet_ext.algorithms.quantization.nn_search import kmeans_pp, nearest
 
 SCHED = (4, 8, 16)
 
@@ -389,7 +389,7 @@ def test_lloyd_refinement_lowers_held_out_error_at_small_and_large_k():
 
 
 def test_rate_aware_codes_spend_fewer_bits_for_more_distortion():
-    from pcdet_ext.quantization.residual_quantizer import ResidualQuantizer
+    from pcdet_ext.algorithms.quantization.residual_quantizer import ResidualQuantizer
     torch.manual_seed(0)
     q = ResidualQuantizer(dim=8, num_codebooks=2, codebook_size=16, schedule=(16,))
     x = torch.randn(2000, 8)

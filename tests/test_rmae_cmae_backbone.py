@@ -9,7 +9,7 @@ import torch
 from easydict import EasyDict
 
 import pcdet_ext  # noqa: F401  (CPU runtime: spconv backward on CUDA-less torch)
-from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError, RMAECMAEBackbonePhase1
+from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError, RMAECMAEBackbonePhase1
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_encoder import TinyEncoder  # noqa: E402
@@ -138,7 +138,7 @@ def test_no_teacher_when_disabled():
 def test_builds_with_stock_spconv_forward_as_on_a_cuda_machine():
     """Models are built on the CPU before .cuda(); on a CUDA machine the CPU runtime's spconv fix is
     off, and stock spconv's CPU kernel refuses eval-mode convolutions with bias."""
-    from pcdet_ext.cpu.spconv_patch import stock_conv_forward
+    from pcdet_ext.openpcdet.cpu.spconv_patch import stock_conv_forward
     with stock_conv_forward():
         bb = make(USE_BIAS=True)
         probe = batch()
@@ -153,7 +153,7 @@ def test_builds_with_stock_spconv_forward_as_on_a_cuda_machine():
 def _ddp_teacher_worker(rank, world, port, results):
     import os
     import torch.distributed as dist
-    from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
+    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

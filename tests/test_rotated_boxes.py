@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from _subproc import run_python
-from pcdet_ext.ops import rotated_boxes as rb
+from pcdet_ext.algorithms import rotated_boxes as rb
 
 
 def random_boxes(rng, n, spread=2.0):
@@ -117,7 +117,7 @@ def test_kernels_work_in_forked_children_of_a_process_that_used_threads():
     GNU OpenMP is not fork-safe there, so children must take the serial kernels and agree with the parent."""
     code = """
 import multiprocessing as mp, numpy as np
-from pcdet_ext.ops import rotated_boxes as rb
+from pcdet_ext.algorithms import rotated_boxes as rb
 boxes = np.random.default_rng(0).uniform(0, 20, (300, 7)); boxes[:, 3:6] += 1
 pts = np.random.default_rng(1).uniform(0, 20, (2000, 3))
 ref = (rb.bev_overlap(boxes, boxes).sum(), rb.points_in_boxes_mask(pts, boxes).sum())

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pcdet_ext.quantization import ResidualQuantizer
-from pcdet_ext.split.evaluate import check_cell
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
+from pcdet_ext.engine.progressive_rq.evaluate import check_cell
 
 
 def trained(stages):

@@ -5,9 +5,9 @@ import pytest
 import torch
 import yaml
 
-from pcdet_ext.split import checkpoints as ck
-from pcdet_ext.split import schema
-from pcdet_ext.split.rate import RateMeter, binary_entropy
+from pcdet_ext.engine.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.algorithms.rate import RateMeter, binary_entropy
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,13 @@
 import numpy as np
 import pytest
 
-from pcdet_ext.datasets import kitti_format, synthetic, synthetic_writer
-from pcdet_ext.datasets.validation import parse_custom_labels, parse_kitti_labels, validate_custom, validate_kitti
-from pcdet_ext.ops.rotated_boxes import points_in_boxes_mask
+from pcdet_ext.openpcdet.datasets import kitti_format
+
+from pcdet_ext.openpcdet.datasets import synthetic
+
+from pcdet_ext.openpcdet.datasets import synthetic_writer
+from pcdet_ext.openpcdet.datasets.validation import parse_custom_labels, parse_kitti_labels, validate_custom, validate_kitti
+from pcdet_ext.algorithms.rotated_boxes import points_in_boxes_mask
 
 SMALL = synthetic.SceneSpec(sensor=synthetic.SensorSpec(num_azimuth=512), fov_deg=70.0)
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from pcdet_ext.bitstream import decode_frame, encode_frame
-from pcdet_ext.split.transport import FrameClient, FrameServer, TransportError
+from pcdet_ext.algorithms.bitstream import decode_frame, encode_frame
+from pcdet_ext.deploy.transport import FrameClient, FrameServer, TransportError
 from test_bitstream import MODEL_ID, MODELS, frame
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pcdet_ext.datasets.validation import (DatasetFormatError, check_custom_points, check_velodyne,
+from pcdet_ext.openpcdet.datasets.validation import (DatasetFormatError, check_custom_points, check_velodyne,
                                            parse_custom_labels, parse_kitti_labels)
 
 CLASSES = ["dumptruck", "excavator", "grader", "roller"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pcdet_ext  # noqa: F401
 from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
                                         read_weights)
-from pcdet_ext.pretraining.convert import convert_phase1
+from pcdet_ext.engine.convert import convert_phase1
 from pcdet_ext.utils.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]

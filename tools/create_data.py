@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pcdet_ext  # noqa: F401  (CPU runtime, OpenPCDet import path)
 from pcdet_ext.config import ConfigError
-from pcdet_ext.datasets import create_infos
-from pcdet_ext.datasets.validation import DatasetFormatError
-from pcdet_ext.openpcdet import OpenPCDetNotFoundError
+from pcdet_ext.openpcdet.datasets import create_infos
+from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
+from pcdet_ext.openpcdet.locator import OpenPCDetNotFoundError
 
 
 def main() -> int:

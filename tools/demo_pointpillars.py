@@ -14,7 +14,9 @@ import pcdet_ext
 import torch
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
-from pcdet_ext.datasets import create_infos, synthetic, synthetic_writer
+from pcdet_ext.openpcdet.datasets import create_infos
+from pcdet_ext.openpcdet.datasets import synthetic
+from pcdet_ext.openpcdet.datasets import synthetic_writer
 from pcdet_ext.engine import loop
 from pcdet_ext.utils.checkpoint import atomic_save
 

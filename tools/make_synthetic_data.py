@@ -7,7 +7,7 @@
 import argparse
 from pathlib import Path
 
-from pcdet_ext.datasets import synthetic_writer
+from pcdet_ext.openpcdet.datasets import synthetic_writer
 
 
 def main() -> None:

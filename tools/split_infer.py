@@ -19,9 +19,9 @@ import numpy as np
 
 import pcdet_ext  # noqa: F401  (registers PointPillarRQ; CPU runtime on CUDA-less torch)
 
-from pcdet_ext.bitstream import read_header
-from pcdet_ext.split import runtime
-from pcdet_ext.split.transport import FrameClient
+from pcdet_ext.algorithms.bitstream import read_header
+from pcdet_ext.deploy import runtime
+from pcdet_ext.deploy.transport import FrameClient
 from pcdet_ext.config import ConfigError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
 

@@ -14,8 +14,8 @@ import sys
 import pcdet_ext  # noqa: F401  (registers PointPillarRQ)
 
 from pcdet_ext.config import ConfigError
-from pcdet_ext.split import runtime
-from pcdet_ext.split.transport import DEFAULT_MAX_FRAME, FrameServer
+from pcdet_ext.deploy import runtime
+from pcdet_ext.deploy.transport import DEFAULT_MAX_FRAME, FrameServer
 from pcdet_ext.utils.checkpoint import CheckpointError
 
 

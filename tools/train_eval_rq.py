@@ -23,14 +23,15 @@ import yaml
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.launch import init_dist
 from pcdet_ext.engine.loop import create_logger
-from pcdet_ext.split import checkpoints as ck
-from pcdet_ext.split import experiment, schema
-from pcdet_ext.split.evaluate import check_cell, run_eval
-from pcdet_ext.split.rate import dense_float32_kb
-from pcdet_ext.split.sweep import format_table, sweep
-from pcdet_ext.split.trainer import ProgressiveTrainer
-from pcdet_ext.config import ConfigError
-from pcdet_ext.split.runtime import rq_checkpoint, stored_models
+from pcdet_ext.engine.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.progressive_rq import experiment
+from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.engine.progressive_rq.evaluate import check_cell, run_eval
+from pcdet_ext.algorithms.rate import dense_float32_kb
+from pcdet_ext.deploy.sweep import format_table, sweep
+from pcdet_ext.engine.progressive_rq.trainer import ProgressiveTrainer
+from pcdet_ext.deploy.runtime import rq_checkpoint
+from pcdet_ext.engine.progressive_rq.measured import stored_models
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
 
 

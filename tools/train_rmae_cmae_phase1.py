@@ -24,7 +24,7 @@ from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.run import check_training_inputs, prepare_training
 from pcdet_ext.engine.train_loop import train_model, train_one_epoch
 from pcdet_ext.utils.checkpoint import CheckpointError
-from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .. import __version__
-from ..utils.checkpoint import atomic_save, load_checkpoint, plain
+from pcdet_ext import __version__
+from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, plain
 
 # OPTIMIZATION keys a resumed run may change (schedule length, batch size)
 RESUME_FREE = ("NUM_EPOCHS", "BATCH_SIZE_PER_GPU")
@@ -81,7 +81,7 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
 def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[logging.Logger] = None) -> Tuple[int, int]:
     """Load model and optimizer from ``path``; returns ``(next_epoch, iteration)``. A checkpoint from
     a different config (model, classes, optimizer) is refused with the differing keys."""
-    from ..optimization.builder import inner_optimizer, load_optimizer_state
+    from pcdet_ext.engine.optimization.builder import inner_optimizer, load_optimizer_state
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model_state" not in state:
         raise ResumeError(f"--ckpt {path}: not an OpenPCDet training checkpoint (no model_state)")

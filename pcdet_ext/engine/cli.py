@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import cfg_from_list, cfg_from_yaml_file, find_config
-from .preflight import check_config, resolve_data_path
+from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
+from pcdet_ext.engine.preflight import check_config, resolve_data_path
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -6,12 +6,12 @@ import types
 from pathlib import Path
 from typing import Dict, List
 
-from ..openpcdet import pcdet_tools_module
-from ..utils.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint, model_state_of
-from ..datasets.class_names import report_dataset_class_names
-from ..utils.console import progress
-from .checkpointing import epoch_checkpoints, epoch_of, unwrap
-from .preflight import check_dataset_files, check_not_empty
+from pcdet_ext.openpcdet.locator import pcdet_tools_module
+from pcdet_ext.utils.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint, model_state_of
+from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
+from pcdet_ext.utils.console import progress
+from pcdet_ext.engine.checkpointing import epoch_checkpoints, epoch_of, unwrap
+from pcdet_ext.engine.preflight import check_dataset_files, check_not_empty
 
 
 TERMINAL_TQDM = types.SimpleNamespace(tqdm=progress)  # what eval_one_epoch calls as tqdm.tqdm

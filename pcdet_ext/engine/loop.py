@@ -6,9 +6,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..datasets.class_names import report_dataset_class_names
-from ..openpcdet import require_pcdet
-from ..utils.console import progress as progress_bar, quiet_known_warnings
+from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
+from pcdet_ext.openpcdet.locator import require_pcdet
+from pcdet_ext.utils.console import progress as progress_bar, quiet_known_warnings
 
 
 def create_logger(log_file=None, rank: int = 0):
@@ -50,7 +50,7 @@ def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_c
     ``on_step(i)`` runs (e.g. to inspect the learning rates)."""
     from pcdet.models import model_fn_decorator
 
-    from ..optimization import scheduler_step
+    from pcdet_ext.engine.optimization import scheduler_step
     model.train()
     model_fn = model_fn_decorator()
     losses: List[float] = []

@@ -8,9 +8,9 @@ from typing import Dict
 
 import torch
 
-from ..pretraining.occupancy import ap_samples, grow_visible_scores, pooled_ap
-from ..utils.console import progress
-from .checkpointing import unwrap
+from pcdet_ext.algorithms.occupancy import ap_samples, grow_visible_scores, pooled_ap
+from pcdet_ext.utils.console import progress
+from pcdet_ext.engine.checkpointing import unwrap
 
 GROW_VISIBLE = "grow-visible"
 

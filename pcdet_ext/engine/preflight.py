@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from ..config import ConfigError, agree, unknown_keys_error
+from pcdet_ext.config import ConfigError, agree, unknown_keys_error
 
 # OpenPCDet's sections, the keys its tools add at run time, and the two of users' configs
 TOP_LEVEL = ("CLASS_NAMES", "DATA_CONFIG", "MODEL", "OPTIMIZATION", "LOSS_CONFIG", "EXPERIMENT",
@@ -36,7 +36,7 @@ def apply_loss_config(cfg) -> None:
     backbone = (cfg.get("MODEL") or {}).get("BACKBONE_3D")
     if backbone is None:
         raise ConfigError("LOSS_CONFIG: given, but the model has no MODEL.BACKBONE_3D to apply it to")
-    from ..models.backbones_3d.rmae_cmae_backbone_phase1 import apply_loss_config as fold
+    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import apply_loss_config as fold
     fold(cfg.LOSS_CONFIG, backbone)
 
 
@@ -176,14 +176,14 @@ def check_config(cfg) -> None:
     this package's model sections (each module's own spec), head configs."""
     check_top_level(cfg)
     if cfg.get("OPTIMIZATION") is not None:
-        from ..optimization import parse_optimization
+        from pcdet_ext.engine.optimization import parse_optimization
         parse_optimization(cfg.OPTIMIZATION)
     model = cfg.get("MODEL") or {}
     if model.get("NAME") == "PointPillarRQ":
-        from ..models.bottlenecks.rq_bottleneck import parse_rq_config
+        from pcdet_ext.openpcdet.models.bottlenecks.rq_bottleneck import parse_rq_config
         parse_rq_config(model.get("RQ_BOTTLENECK"))
     backbone = model.get("BACKBONE_3D") or {}
     if backbone.get("NAME") == "RMAECMAEBackbonePhase1":
-        from ..models.backbones_3d.rmae_cmae_backbone_phase1 import parse_backbone_cfg
+        from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import parse_backbone_cfg
         parse_backbone_cfg(backbone)
     check_model(cfg)

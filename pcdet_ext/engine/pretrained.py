@@ -8,8 +8,8 @@ from typing import Dict, Mapping, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn as nn
 
-from ..optimization.param_groups import BACKBONE_MODULES
-from ..utils.checkpoint import CheckpointError, load_checkpoint
+from pcdet_ext.engine.optimization.param_groups import BACKBONE_MODULES
+from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
 
 
 class PretrainedWeightsError(ValueError):

@@ -11,15 +11,15 @@ from typing import Any, Callable, Optional, Sequence, Set
 
 import torch
 
-from ..optimization import build_optimizer, build_scheduler, describe
-from . import checkpointing as ck
-from ..config import find_config
-from ..utils.checkpoint import load_checkpoint, model_state_of
-from .cli import load_config, output_dir
-from .launch import DistInfo, init_dist
-from .loop import create_logger
-from .preflight import check_dataset_files, check_not_empty
-from .pretrained import load_pretrained, read_weights
+from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, describe
+from pcdet_ext.engine import checkpointing as ck
+from pcdet_ext.config import find_config
+from pcdet_ext.utils.checkpoint import load_checkpoint, model_state_of
+from pcdet_ext.engine.cli import load_config, output_dir
+from pcdet_ext.engine.launch import DistInfo, init_dist
+from pcdet_ext.engine.loop import create_logger
+from pcdet_ext.engine.preflight import check_dataset_files, check_not_empty
+from pcdet_ext.engine.pretrained import load_pretrained, read_weights
 
 
 @dataclass

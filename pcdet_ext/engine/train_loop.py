@@ -8,10 +8,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..optimization import group_lrs, scheduler_step
-from ..utils.console import progress
-from .checkpointing import checkpoint_state, save_epoch
-from .launch import DistInfo
+from pcdet_ext.engine.optimization import group_lrs, scheduler_step
+from pcdet_ext.utils.console import progress
+from pcdet_ext.engine.checkpointing import checkpoint_state, save_epoch
+from pcdet_ext.engine.launch import DistInfo
 
 
 def train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter: int, epoch: int, optim_cfg,

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import pcdet_ext
-from pcdet_ext.datasets import create_infos, synthetic_writer
+from pcdet_ext.openpcdet.datasets import create_infos
+from pcdet_ext.openpcdet.datasets import synthetic_writer
 from tier2 import CUSTOM_TEST_SCENE, KITTI_TEST_SCENE, REPO
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from tier2 import REPO
-from pcdet_ext.datasets import create_infos, synthetic_writer
-from pcdet_ext.datasets.validation import DatasetFormatError
+from pcdet_ext.openpcdet.datasets import create_infos
+from pcdet_ext.openpcdet.datasets import synthetic_writer
+from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 
 CLASSES = list(synthetic_writer.CONSTRUCTION_CLASSES)
 ISARC_CFG = REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pcdet_ext.config import cfg_from_yaml_file
-from pcdet_ext.cpu.spconv_patch import stock_conv_forward
+from pcdet_ext.openpcdet.cpu.spconv_patch import stock_conv_forward
 from pcdet_ext.engine.cli import load_config
 from tier2 import REPO
 
@@ -18,7 +18,7 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("rel", SHIPPED)
 def test_shipped_rmae_configs_build_their_backbone_with_stock_spconv(rel):
     from pcdet.models import backbones_3d
-    from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
+    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
     encoder = cfg_from_yaml_file(REPO / rel).MODEL.BACKBONE_3D.get("ENCODER", "VoxelResBackBone8xVoxelNeXt")
     if encoder not in backbones_3d.__all__:
         pytest.skip(f"this OpenPCDet has no {encoder} (v0.6.0 predates VoxelNeXt)")

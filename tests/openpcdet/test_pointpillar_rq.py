@@ -112,7 +112,7 @@ def test_4class_config_builds(synthetic_isarc):
 
 def test_bad_rq_config():
     from pcdet_ext.config import ConfigError
-    from pcdet_ext.models.bottlenecks import parse_rq_config
+    from pcdet_ext.openpcdet.models.bottlenecks import parse_rq_config
     with pytest.raises(ConfigError, match=r"MODEL.RQ_BOTTLENECK: unknown key\(s\) 'CODEBOOKS' \(did you mean 'NUM_CODEBOOKS'"):
         parse_rq_config({"CODEBOOKS": 3})
     with pytest.raises(ValueError, match="EMBEDDING_SCHEDULE: expected strictly increasing"):

@@ -2,7 +2,7 @@
 import pytest
 
 import pcdet_ext
-from pcdet_ext.registry import REGISTRY_MODULES, REGISTRY_TABLE, RegistryClashError, register_class
+from pcdet_ext.openpcdet.registry import REGISTRY_MODULES, RegistryClashError, register_class, registered_classes
 
 
 def test_register_is_idempotent_and_covers_the_table():
@@ -10,10 +10,12 @@ def test_register_is_idempotent_and_covers_the_table():
     second = pcdet_ext.register()
     assert first == second
     import importlib
-    for registry, name, target in REGISTRY_TABLE:
+    table = registered_classes()
+    assert {name for _, name, _ in table} >= {"PointPillarRQ", "RMAECMAEDetectorPhase1", "RMAECMAEBackbonePhase1"}
+    for registry, name, cls in table:
         module = importlib.import_module(REGISTRY_MODULES[registry])
-        cls = getattr(importlib.import_module(target.split(":")[0]), target.split(":")[1])
         assert module.__all__[name] is cls and getattr(module, name) is cls
+        assert cls.__module__.startswith("pcdet_ext.openpcdet.models.")  # the class lives next to its registry
 
 
 def test_every_registry_module_is_a_dict_registry():

@@ -87,7 +87,7 @@ def test_pretraining_script_on_real_unlabelled_scans(cfgs, tmp_path):
     scans = sorted(RAW.glob("*.bin"))[:4] if RAW.is_dir() else []
     if not scans:
         pytest.skip(f"real unlabelled scans absent ({RAW})")
-    from pcdet_ext.datasets.create_infos import create_unlabelled
+    from pcdet_ext.openpcdet.datasets.create_infos import create_unlabelled
     root = create_unlabelled(scans, tmp_path / "raw", REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml")
     res = tool("train_rmae_cmae_phase1.py", "--cfg_file", cfgs[0], "--batch_size", "2", "--epochs", "2",
                "--workers", "0", "--extra_tag", "raw", "--set", "DATA_CONFIG.DATA_PATH", str(root), *SMALL,
@@ -136,7 +136,7 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     backbone = [k for k in model.state_dict() if k.startswith("backbone_3d.")]
     assert backbone and all(torch.equal(model.state_dict()[k], pretrained_state[k]) for k in backbone)
     assert not any("Not updated weight backbone_3d" in r for r in records)
-    from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs
+    from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, group_lrs
     steps = 20
     loaded = {n for n, p in model.named_parameters() if n in pretrained_state and p.shape == pretrained_state[n].shape}
     optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
@@ -154,7 +154,7 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
 @pytest.mark.parametrize("name", ["adam_onecycle", "adam_cosineanneal"])
 def test_fastai_schedules_keep_ratios_every_step_and_train_like_stock(pcdet_tools, name):
     from train_utils.optimization import build_optimizer as stock_build, build_scheduler as stock_sched
-    from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
+    from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
 
     def model():
         torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_pretraining_tool_two_processes_gloo(cfgs, synthetic_isarc, tmp_path):
 
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_adam_sgd_step_schedules_keep_ratios_at_every_step(name):
-    from pcdet_ext.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
+    from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
     torch.manual_seed(0)
     m = torch.nn.Module()
     m.backbone_3d, m.dense_head, m.roi_head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
@@ -263,7 +263,7 @@ def test_bad_pretrained_model_is_refused_before_training(cfgs, synthetic_isarc, 
 
 
 def test_unknown_encoder_name_lists_what_openpcdet_has():
-    from pcdet_ext.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError, RMAECMAEBackbonePhase1
+    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ConfigError, RMAECMAEBackbonePhase1
     with pytest.raises(ConfigError, match=r"ENCODER.*VoxelNeXtt.*VoxelBackBone8x"):
         RMAECMAEBackbonePhase1(model_cfg=EasyDict(ENCODER="VoxelNeXtt", PRETRAINING=True), input_channels=3,
                                grid_size=np.array([64, 64, 40]), voxel_size=[0.2] * 3,
@@ -276,7 +276,7 @@ def test_second_style_encoder_pretraining_step(synthetic_isarc):
     cfg.MODEL.BACKBONE_3D.TEACHER_STUDENT_WEIGHT = 0.5
     set_voxelization(cfg, [0.2, 0.2, 0.2], 20000)
     (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-    from pcdet_ext.pretraining.unlabelled import allow_unlabelled
+    from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     allow_unlabelled(train_set)
     model = loop.build_model(cfg, train_set)
     from pcdet.models.backbones_3d import VoxelBackBone8x

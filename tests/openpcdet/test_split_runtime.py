@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from pcdet_ext.bitstream import BitstreamError, read_header
+from pcdet_ext.algorithms.bitstream import BitstreamError, read_header
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
 from pcdet_ext.engine import loop
-from pcdet_ext.split import runtime
+from pcdet_ext.deploy import runtime
 from tier2 import REPO, seed_everything
 
 SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]",

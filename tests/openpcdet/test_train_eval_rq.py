@@ -11,7 +11,7 @@ import yaml
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
 from pcdet_ext.engine import loop
-from pcdet_ext.split import checkpoints as ck
+from pcdet_ext.engine.progressive_rq import checkpoints as ck
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
 from tier2 import REPO, seed_everything
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from pcdet_ext.config import ConfigError
-from pcdet_ext.datasets import create_infos, synthetic_writer
+from pcdet_ext.openpcdet.datasets import create_infos
+from pcdet_ext.openpcdet.datasets import synthetic_writer
 from pcdet_ext.engine import loop
 from pcdet_ext.engine.cli import load_config
 from tier2 import CUSTOM_TEST_SCENE, REPO
@@ -47,7 +48,7 @@ def test_workers_share_the_parent_threads_safely(synthetic_isarc):
     """The same in-process: the parent runs the threaded kernels first (as evaluation does), then
     DataLoader workers with gt_sampling draw batches."""
     import numpy as np
-    from pcdet_ext.ops import rotated_boxes
+    from pcdet_ext.algorithms import rotated_boxes
     cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL], REPO)
     rotated_boxes.bev_overlap(np.random.rand(64, 7) + 1, np.random.rand(64, 7) + 1)
     (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc, batch_size=2, workers=2)

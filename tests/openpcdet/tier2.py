@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcdet_ext.datasets import synthetic
+from pcdet_ext.openpcdet.datasets import synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,0 @@
-"""Split-inference bitstream: coded occupancy + code indices of one frame (no OpenPCDet import)."""
-from .codec import BitstreamError, Frame, ProbabilityModels, decode_frame, encode_frame, read_header
-from .occupancy import GridGeometry
-
-__all__ = ["BitstreamError", "Frame", "GridGeometry", "ProbabilityModels", "decode_frame", "encode_frame",
-           "read_header"]

@@ -1,0 +1,133 @@
+"""Evaluate a PointPillarRQ at (codebooks, entries) operating points: KITTI-metric mAP and rate."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from pcdet_ext.algorithms.rate import RateMeter
+
+
+def mean_moderate_ap(result_dict: Dict[str, float]) -> float:
+    """mAP = mean over classes of the 3D AP (R40) at moderate difficulty."""
+    vals = [v for k, v in result_dict.items() if k.endswith("_3d/moderate_R40")]
+    return float(sum(vals) / len(vals)) if vals else 0.0
+
+
+@contextlib.contextmanager
+def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
+    """Temporarily use the first k entries of the first n codebooks (restores the active state)."""
+    depth, sizes = quantizer.active_depth.clone(), quantizer.active_size.clone()
+    quantizer.set_active(n, k)
+    try:
+        yield
+    finally:
+        quantizer.active_depth.copy_(depth)
+        quantizer.active_size.copy_(sizes)
+        quantizer._apply_freezing()
+
+
+@contextlib.contextmanager
+def rate_aware(quantizer, rate_lambda: float, models, n: int, k: int) -> Iterator[None]:
+    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``
+    (``set_rate`` refuses a negative lambda)."""
+    from pcdet_ext.engine.progressive_rq.measured import bit_cost_tensors
+    if rate_lambda > 0 and models is None:
+        raise ValueError("rate-aware coding needs the checkpoint's bitstream models (split_infer.py --fit_models)")
+    quantizer.set_rate(rate_lambda, bit_cost_tensors(models, n, k) if rate_lambda > 0 else None)
+    try:
+        yield
+    finally:
+        quantizer.set_rate(0.0)
+
+
+@contextlib.contextmanager
+def bypassed(model) -> Iterator[None]:
+    model.rq_bottleneck.bypass = True
+    try:
+        yield
+    finally:
+        model.rq_bottleneck.bypass = False
+
+
+def trained_cells(quantizer, schedule: List[int]) -> List[Tuple[int, int]]:
+    """Every (n, k) the run trained: n up to the deepest trained codebook, k in the schedule up to
+    the size every one of those n codebooks was trained at."""
+    sizes = [int(s) for s in quantizer.trained_size]
+    cells = []
+    for n in range(1, len(sizes) + 1):
+        if sizes[n - 1] == 0:
+            break
+        cap = min(sizes[:n])
+        cells += [(n, k) for k in schedule if k <= cap]
+    return cells
+
+
+def check_cell(quantizer, n: int, k: int) -> Optional[str]:
+    """--mode eval check of a cell: n <= trained codebooks and k <= the entries trained in each of
+    them (errors); a k that is not a schedule size was never trained as an operating point: returns
+    a warning to print (None otherwise)."""
+    trained = quantizer.trained_depth
+    if not 1 <= n <= trained:
+        raise ValueError(f"--eval_num_codebooks {n}: this checkpoint has {trained} trained codebook(s); "
+                         f"expected 1..{trained}")
+    sizes = [int(s) for s in quantizer.trained_size[:n]]
+    if not 1 <= k <= min(sizes):
+        raise ValueError(f"--eval_num_embeddings {k}: codebooks 1..{n} of this checkpoint were trained with "
+                         f"{sizes} entries; expected 1..{min(sizes)}")
+    if k not in quantizer.schedule:
+        return (f"warning: --eval_num_embeddings {k} is not a trained operating point (schedule "
+                f"{list(quantizer.schedule)}); entries 1..{k} are evaluated as they are")
+    return None
+
+
+def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Optional[int] = None,
+             detection_loss: bool = False, bitstream=None, rate_lambda: float = 0.0) -> Dict:
+    """Predict every frame (at (n, k), or uncompressed when n is None) and evaluate.
+
+    Returns mAP, the KITTI result string/dict, the rate summary (estimates: fixed-length and
+    empirical entropy; with ``bitstream``, the checkpoint's fitted ProbabilityModels, also the
+    measured serialised frame length ``bytes_per_frame_measured``), and with ``detection_loss`` the
+    mean detection loss on these frames (quantizer in eval mode: no EMA update). ``rate_lambda`` > 0
+    chooses the codes rate-aware under ``bitstream`` (:func:`rate_aware`).
+    """
+    from pcdet_ext.engine.loop import evaluate
+    grid = dataset.grid_size
+    meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
+    measured = None
+    if n and bitstream is not None:
+        from pcdet_ext.engine.progressive_rq.measured import FrameBytes
+        measured = FrameBytes(model, bitstream, k, grid)
+    losses = []
+
+    def on_batch(batch: Dict) -> None:
+        if meter is not None:
+            meter.add(batch["rq_codes"], batch["voxel_coords"][:, 0].long(), int(batch["batch_size"]))
+        if measured is not None:
+            measured.add(batch)
+        if detection_loss:  # the head's targets need training mode; the quantizer stays in eval
+            model.train()
+            model.rq_bottleneck.eval()
+            with torch.no_grad():
+                ret, _, _ = model(dict(batch))
+            losses.append(float(ret["loss"]))
+            model.eval()
+
+    with contextlib.ExitStack() as stack:
+        if n:
+            stack.enter_context(operating_point(model.quantizer, n, k))
+            stack.enter_context(rate_aware(model.quantizer, rate_lambda, bitstream, n, k))
+        else:
+            stack.enter_context(bypassed(model))
+        _, result_str, result_dict = evaluate(model, dataset, loader, class_names, on_batch=on_batch)
+    out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict,
+           "rate_lambda": rate_lambda}
+    if meter is not None:
+        out.update(meter.summary())
+    if measured is not None and measured.sizes:
+        out["bytes_per_frame_measured"] = sum(measured.sizes) / len(measured.sizes)
+        out["kb_per_frame_measured"] = out["bytes_per_frame_measured"] / 1024
+    if losses:
+        out["loss"] = sum(losses) / len(losses)
+    return out

@@ -1,3 +1,0 @@
-from .rq_bottleneck import RQBottleneck, parse_rq_config
-
-__all__ = ["RQBottleneck", "parse_rq_config"]

@@ -1,1 +1,0 @@
-"""Detectors registered into ``pcdet.models.detectors`` (import needs OpenPCDet)."""

@@ -1,0 +1,63 @@
+"""R-MAE + CMAE Phase 1 detector: pretraining (VFE -> backbone, self-supervised loss) or detection."""
+from __future__ import annotations
+
+from typing import Dict
+
+from pcdet_ext.config import ConfigError
+from pcdet_ext.openpcdet.locator import require_pcdet
+from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
+
+require_pcdet("RMAECMAEDetectorPhase1")
+from pcdet.models.detectors.detector3d_template import Detector3DTemplate  # noqa: E402
+
+PRETRAINING_TOPOLOGY = ["vfe", "backbone_3d"]
+
+
+class RMAECMAEDetectorPhase1(Detector3DTemplate):
+    """``MODEL.BACKBONE_3D.PRETRAINING: True``: only VFE and backbone are built (other MODEL sections
+    are ignored); training returns the backbone's ``RMAE_WEIGHT x occupancy + TEACHER_STUDENT_WEIGHT x
+    teacher-student`` loss, evaluation returns ``(metrics, {})`` (occupancy P/R/IoU, losses).
+
+    ``PRETRAINING: False``: VFE -> backbone -> (map_to_bev, 2D backbone) -> dense head as configured
+    (e.g. VoxelNeXtHead, CenterHead, AnchorHeadSingle); the head's loss and post-processing.
+    """
+
+    def __init__(self, model_cfg, num_class, dataset):
+        super().__init__(model_cfg=model_cfg, num_class=num_class, dataset=dataset)
+        self.pretraining = bool(model_cfg.BACKBONE_3D.get("PRETRAINING", False))
+        if self.pretraining:
+            self.module_topology = PRETRAINING_TOPOLOGY
+        elif model_cfg.get("DENSE_HEAD") is None:
+            raise ConfigError("MODEL.DENSE_HEAD: detection mode (BACKBONE_3D.PRETRAINING: False) needs a dense head")
+        self.module_list = self.build_networks()
+        if self.pretraining:
+            ignore_teachers_in_ddp(self)
+
+    def forward(self, batch_dict: Dict):
+        for module in self.module_list:
+            batch_dict = module(batch_dict)
+        if self.pretraining:
+            loss, tb_dict = self.backbone_3d.get_loss()
+            if self.training:
+                return {"loss": loss}, tb_dict, {}
+            return tb_dict, {}
+        if self.training:
+            loss, tb_dict = self.dense_head.get_loss()
+            return {"loss": loss}, dict(tb_dict, loss_rpn=loss.item()), {}
+        return self.post_processing(batch_dict)
+
+    def post_processing(self, batch_dict: Dict):
+        if "final_box_dicts" not in batch_dict:  # anchor heads: OpenPCDet's NMS post-processing
+            return super().post_processing(batch_dict)
+        thresh = self.model_cfg.POST_PROCESSING.RECALL_THRESH_LIST
+        recall_dict: Dict = {}
+        for index in range(batch_dict["batch_size"]):
+            recall_dict = self.generate_recall_record(
+                box_preds=batch_dict["final_box_dicts"][index]["pred_boxes"], recall_dict=recall_dict,
+                batch_index=index, data_dict=batch_dict, thresh_list=thresh)
+        return batch_dict["final_box_dicts"], recall_dict
+
+    def update_teacher(self) -> None:
+        """EMA step of the backbone's teacher (pretraining); call after every optimizer step."""
+        if self.pretraining:
+            self.backbone_3d.update_teacher()

@@ -1,1 +1,0 @@
-"""Pure-numpy/numba geometry ops (rotated boxes), free of OpenPCDet imports."""

@@ -1,1 +1,0 @@
-"""Split inference with the RQ bottleneck: experiment schema, progressive training, evaluation, rates."""

@@ -1,0 +1,68 @@
+"""The package layout's import rules (docs/architecture.md): each layer imports only the layers below it.
+
+    algorithms (pure torch)  <-  openpcdet (glue)  <-  engine (training recipes)  <-  deploy
+    config, utils: pure python, importable by every layer
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+from _subproc import run_python
+
+PKG = Path(__file__).resolve().parents[1] / "pcdet_ext"
+LAYERS = ["algorithms", "openpcdet", "engine", "deploy"]
+SHARED = ("pcdet_ext.config", "pcdet_ext.utils")
+
+
+def _imports(path: Path):
+    """Every module name ``path`` imports, at module level or inside functions (all absolute here)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (the layout rules read absolute ones)"
+            yield node.module
+
+
+def _layer(module: str):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "pcdet_ext" and parts[1] in LAYERS else None
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_imports_only_layers_below(layer):
+    allowed = set(LAYERS[:LAYERS.index(layer) + 1])
+    bad = []
+    for path in sorted((PKG / layer).rglob("*.py")):
+        for mod in _imports(path):
+            target = _layer(mod)
+            if target is not None and target not in allowed:
+                bad.append(f"{path.relative_to(PKG.parent)} imports {mod}")
+            if layer == "algorithms" and mod.split(".")[0] == "pcdet_ext" and target != "algorithms" \
+                    and not mod.startswith(SHARED):
+                bad.append(f"{path.relative_to(PKG.parent)} imports {mod}")
+            if layer == "algorithms" and mod.split(".")[0] == "pcdet":
+                bad.append(f"{path.relative_to(PKG.parent)} imports OpenPCDet ({mod})")
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_modules_import_no_layer_but_the_locator():
+    for path in [PKG / "config.py", *sorted((PKG / "utils").rglob("*.py"))]:
+        for mod in _imports(path):
+            assert mod.split(".")[0] != "pcdet" and (_layer(mod) is None or mod == "pcdet_ext.openpcdet.locator"), \
+                f"{path.name} imports {mod}"
+
+
+def test_every_algorithm_module_imports_without_openpcdet_being_imported():
+    """With OpenPCDet importable (PCDET_ROOT of the session, when set) importing all of algorithms/
+    must not import pcdet."""
+    modules = sorted("pcdet_ext." + ".".join(p.relative_to(PKG).with_suffix("").parts).replace(".__init__", "")
+                     for p in (PKG / "algorithms").rglob("*.py"))
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m == 'pcdet' or m.startswith('pcdet.'))\n"
+            "print(len(sys.modules), bad)\n")
+    out = run_python(code, {"PCDET_EXT_AUTO_REGISTER": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "[]", out.stdout
