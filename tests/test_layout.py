@@ -1,7 +1,7 @@
 """The package layout's import rules (docs/architecture.md): each layer imports only the layers below it.
 
-    algorithms (pure torch)  <-  openpcdet (glue)  <-  engine (training recipes)  <-  deploy
-    config, utils: pure python, importable by every layer
+    algorithms (pure torch)  <-  openpcdet (glue)  <-  engine (training recipes)  <-  deploy  <-  cli
+    config, utils: pure python, importable by every layer; tools/*.py call one cli main
 """
 import ast
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 from _subproc import run_python
 
 PKG = Path(__file__).resolve().parents[1] / "pcdet_ext"
-LAYERS = ["algorithms", "openpcdet", "engine", "deploy"]
+LAYERS = ["algorithms", "openpcdet", "engine", "deploy", "cli"]
 SHARED = ("pcdet_ext.config", "pcdet_ext.utils")
 
 
@@ -66,3 +66,15 @@ def test_every_algorithm_module_imports_without_openpcdet_being_imported():
     out = run_python(code, {"PCDET_EXT_AUTO_REGISTER": "0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "[]", out.stdout
+
+
+def test_tools_are_thin_entries_into_cli():
+    """``tools/<name>.py`` imports ``pcdet_ext.cli.<name>.main`` and calls it; no library code, no sys.path."""
+    tools = sorted(p for p in (PKG.parent / "tools").glob("*.py"))
+    assert len(tools) >= 10
+    for path in tools:
+        tree = ast.parse(path.read_text())
+        imports = [m for m in _imports(path) if m not in ("sys", "pathlib")]
+        assert imports == [f"pcdet_ext.cli.{path.stem}"], (path.name, imports)
+        assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], path.name
+        assert (PKG / "cli" / path.name).is_file()

@@ -2,49 +2,13 @@
 encoder as ``backbone_3d.*`` (plus the VFE), drop decoder / teacher / projection / masking state,
 and report coverage against a fine-tune config.
 
-    python tools/convert_pretrain_ckpt.py --ckpt output/.../ckpt/checkpoint_epoch_30.pth \\
-        --out pretrained_backbone.pth [--use teacher] \\
-        [--cfg_file cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml]
+The implementation (flags, checks, the call into pcdet_ext) is ``pcdet_ext/cli/convert_pretrain_ckpt.py``;
+``python tools/convert_pretrain_ckpt.py --help`` lists the flags.
 """
-import argparse
 import sys
 from pathlib import Path
 
-import pcdet_ext  # noqa: F401
-from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
-                                        read_weights)
-from pcdet_ext.engine.convert import convert_phase1
-from pcdet_ext.utils.checkpoint import atomic_save
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="Phase 1 pretraining checkpoint")
-    p.add_argument("--out", required=True, help="output .pth (OpenPCDet format, model_state only)")
-    p.add_argument("--use", choices=["student", "teacher"], default="student")
-    p.add_argument("--cfg_file", default=None, help="fine-tune config to report coverage against")
-    p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    try:
-        weights = read_weights(args.ckpt)
-        kept, dropped = convert_phase1(weights, args.use)
-    except (PretrainedWeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"kept {len(kept)} tensors ({args.use} encoder + VFE); dropped {len(dropped)} "
-          f"({', '.join(sorted({k.split('.')[1] if k.startswith('backbone_3d.') else k.split('.')[0] for k in dropped}))})")
-    if args.cfg_file:
-        from pcdet_ext.engine.cli import load_config
-        model = build_model_without_data(load_config(args.cfg_file, args.set_cfgs, REPO))
-        table, _ = coverage(model.state_dict(), kept)
-        print(f"coverage against {args.cfg_file}:\n{format_coverage(table)}")
-    atomic_save({"model_state": kept, "epoch": 0, "it": 0, "version": "pcdet_ext+convert",
-                 "pcdet_ext": {"converted_from": str(args.ckpt), "use": args.use}}, args.out)
-    print(f"wrote {args.out}")
-    return 0
-
+from pcdet_ext.cli.convert_pretrain_ckpt import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(repo=Path(__file__).resolve().parents[1]))

@@ -1,74 +1,11 @@
 """The main job on a small default, CPU or GPU, in a few minutes:
 
-1. a synthetic LiDAR set (KITTI layout) and its OpenPCDet infos,
-2. a small PointPillars trained on it (tools/demo_pointpillars.py; reused when its checkpoint exists),
-3. a short progressive RQ schedule on that model (default 2 codebooks x [16, 64]),
-4. the evaluation sweep: rate/accuracy table, CSV/JSON and the plot.
-
-    python tools/demo_split_rq.py [--out output/split_demo] [--iters 300] [--schedule 16,64]
-
-Every number printed comes from this run.
+The implementation (flags, checks, the call into pcdet_ext) is ``pcdet_ext/cli/demo_split_rq.py``;
+``python tools/demo_split_rq.py --help`` lists the flags.
 """
-import argparse
 import sys
-from pathlib import Path
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_pointpillars  # noqa: E402
-import train_eval_rq  # noqa: E402
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo_pointpillars.add_arguments(parser)
-    parser.set_defaults(out=Path("output/split_demo"), iters=300, num_frames=24)
-    parser.add_argument("--n_codebook", type=int, default=2)
-    parser.add_argument("--schedule", default="16,64")
-    parser.add_argument("--stage_epochs", type=int, default=2)
-    parser.add_argument("--warmup_epochs", type=int, default=1)
-    args = parser.parse_args()
-    ckpt = args.out / "ckpt" / f"pointpillar_{args.layout}_demo.pth"
-    data = args.out / f"synthetic_{args.layout}_{args.num_frames}f_s{args.seed}"
-    if not ckpt.is_file():
-        data, ckpt = demo_pointpillars.run(args)
-    else:
-        print(f"reusing {ckpt}")
-    schedule = [int(s) for s in args.schedule.split(",")]
-    stages = args.n_codebook * len(schedule)
-    model_cfg = write_model_cfg(args)
-    exp = {"dataset": {"name": "KITTI" if args.layout == "kitti" else "custom", "dir": str(data.resolve()),
-                       "num_classes": 3 if args.layout == "kitti" else 4},
-           "model": {"n_codebook": args.n_codebook, "pretrained_weight": str(ckpt.resolve()),
-                     "cfg_file": str(model_cfg.resolve())},
-           "progressive_learning": {"embedding_schedule": schedule, "embedding_stage_epochs": args.stage_epochs,
-                                    "warmup_epochs": args.warmup_epochs},
-           "training": {"batch_size": args.batch_size, "num_workers": args.workers,
-                        "max_epoch": stages * args.stage_epochs, "ckpt_freq_epoch": args.stage_epochs,
-                        "init_lr": 0.002},
-           "rq_model": {"latent_shape": [256, 256, 64], "code_shape": [256, 256, 1]},
-           "logging": {"use_wandb": False, "saved_path": str((args.out / "rq").resolve())}}
-    config = args.out / "split_demo.yaml"
-    config.write_text(yaml.safe_dump(exp, sort_keys=False))
-    print(f"experiment config: {config} (model config {model_cfg}); the evaluation again: "
-          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep")
-    return train_eval_rq.main(["--config", str(config), "--eval_sweep"])
-
-
-def write_model_cfg(args) -> Path:
-    """The RQ model config with the demo's small grid applied, written next to the experiment config,
-    so that ``--config split_demo.yaml`` alone reproduces this run's model (and its evaluation)."""
-    from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
-    from pcdet_ext.utils.checkpoint import plain
-    base = "cfgs/kitti_models/pointpillar_rq.yaml" if args.layout == "kitti" else \
-        "cfgs/custom_models/pointpillar_rq_isarc_4class.yaml"
-    cfg = cfg_from_list(demo_pointpillars.overrides(args.layout), cfg_from_yaml_file(find_config(base)))
-    path = args.out / f"{Path(base).stem}_demo.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
-    return path
-
+from pcdet_ext.cli.demo_split_rq import main
 
 if __name__ == "__main__":
     sys.exit(main())

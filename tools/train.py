@@ -1,57 +1,13 @@
 """Train (fine-tune) an OpenPCDet detector with pcdet_ext's optimizer builder (per-module LR that
 survives OneCycle), OpenPCDet's flags, output layout and checkpoint format; evaluates at the end.
 
-    python tools/train.py --cfg_file cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml \\
-        --pretrained_model output/.../ckpt/checkpoint_epoch_30.pth --batch_size 8 --extra_tag finetune
-    cd tools && bash scripts/dist_train.sh 2 --cfg_file ... --pretrained_model ...   # torchrun, gloo on CPU
-
-``--pretrained_model``: name-and-shape matched partial load, coverage per module logged, refused
-when the backbone coverage is below ``--pretrained_min_coverage``.
+The implementation (flags, checks, the call into pcdet_ext) is ``pcdet_ext/cli/train.py``;
+``python tools/train.py --help`` lists the flags.
 """
-import argparse
 import sys
 from pathlib import Path
 
-import pcdet_ext  # noqa: F401  (registers pcdet_ext's classes; CPU runtime on CUDA-less torch)
-from pcdet_ext.config import ConfigError
-from pcdet_ext.engine.checkpointing import ResumeError
-from pcdet_ext.engine.cli import add_train_args
-from pcdet_ext.engine.evaluation import build_test_loader, evaluate
-from pcdet_ext.engine.pretrained import PretrainedWeightsError
-from pcdet_ext.engine.run import check_training_inputs, prepare_training
-from pcdet_ext.engine.train_loop import train_model
-from pcdet_ext.utils.checkpoint import CheckpointError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def main(argv=None) -> int:
-    parser = add_train_args(argparse.ArgumentParser(description=__doc__,
-                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--pretrained_min_coverage", type=float, default=0.9,
-                        help="least share of backbone tensors --pretrained_model must provide")
-    parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
-    parser.add_argument("--skip_eval", action="store_true", help="no evaluation after training")
-    args = parser.parse_args(argv)
-    splits = ("train",) if args.skip_eval else ("train", "test")  # the final evaluation reads the test split
-    try:
-        if args.preflight_only:
-            check_training_inputs(args, REPO, splits=splits)
-            return 0
-        run = prepare_training(args, REPO, min_backbone_coverage=args.pretrained_min_coverage, splits=splits)
-    except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run.logger.info("training %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
-    train_model(run)
-    if run.info.is_main and not args.skip_eval:
-        _, test_loader, _ = build_test_loader(run.cfg, args.batch_size or run.cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU,
-                                              args.workers, run.logger)
-        evaluate(run.cfg, run.model, test_loader, run.total_epochs, run.logger,
-                 run.output_dir / "eval" / "eval_with_train" / f"epoch_{run.total_epochs}")
-    run.finish()
-    return 0
-
+from pcdet_ext.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(repo=Path(__file__).resolve().parents[1]))

@@ -1,0 +1,102 @@
+"""R-MAE + CMAE Phase 1 pretraining of a sparse-voxel backbone (OpenPCDet flags and output layout).
+
+    python tools/train_rmae_cmae_phase1.py \\
+        --cfg_file cfgs/custom_models/rmae_cmae_isarc_4class_pretraining_phase1.yaml \\
+        --batch_size 8 --epochs 30 --extra_tag rmae_cmae_pretraining_phase1
+    torchrun --nproc_per_node 4 tools/train_rmae_cmae_phase1.py --launcher pytorch --cfg_file ...
+
+Checkpoints: output/<cfg group>/<cfg stem>/<extra_tag>/ckpt/checkpoint_epoch_N.pth (OpenPCDet
+format; the --pretrained_model of the fine-tuning run). Re-running the command resumes from the
+latest one; a checkpoint of a different config is refused. After every --val_interval epochs the
+main process logs the masked-occupancy AP on the test split (fixed masks) beside grow-visible.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from pcdet_ext.openpcdet.locator import REPO_ROOT
+from pcdet_ext.config import ConfigError
+from pcdet_ext.engine.checkpointing import ResumeError, unwrap
+from pcdet_ext.engine.cli import add_train_args
+from pcdet_ext.engine.occupancy_eval import GROW_VISIBLE, masked_occupancy_ap
+from pcdet_ext.engine.preflight import check_dataset_files
+from pcdet_ext.engine.pretrained import PretrainedWeightsError
+from pcdet_ext.engine.run import check_training_inputs, prepare_training
+from pcdet_ext.engine.train_loop import train_model, train_one_epoch
+from pcdet_ext.utils.checkpoint import CheckpointError
+from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
+
+
+def check_pretraining(cfg) -> None:
+    if cfg.MODEL.get("NAME") != "RMAECMAEDetectorPhase1" or not cfg.MODEL.BACKBONE_3D.get("PRETRAINING", False):
+        raise ConfigError("MODEL: this tool pretrains; expected NAME RMAECMAEDetectorPhase1 with "
+                          "BACKBONE_3D.PRETRAINING: True (fine-tune with tools/train.py)")
+
+
+def train_one_epoch_phase1(model, optimizer, loader, scheduler, accumulated_iter: int, epoch: int, optim_cfg, info,
+                           tb_log=None, max_iters=None) -> int:
+    """One pretraining epoch (OpenPCDet's iteration loop, every loss term and the mask / occupancy /
+    teacher statistics to tensorboard); the EMA teacher steps after every optimizer step."""
+    return train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter, epoch, optim_cfg, info, tb_log,
+                           after_step=unwrap(model).update_teacher, max_iters=max_iters)
+
+
+def validation_loader(run):
+    """OpenPCDet's test-split loader (no augmentation), or None with the reason logged when the split
+    has no info files; only the main process validates."""
+    from pcdet.datasets import build_dataloader
+    if not run.info.is_main or run.args.val_interval <= 0:
+        return None
+    try:
+        check_dataset_files(run.cfg.DATA_CONFIG, ("test",))
+    except ConfigError as exc:
+        run.logger.info("no occupancy validation: %s", exc)
+        return None
+    dataset, loader, _ = build_dataloader(dataset_cfg=run.cfg.DATA_CONFIG, class_names=run.cfg.CLASS_NAMES,
+                                          batch_size=1, dist=False, workers=run.args.workers, logger=run.logger,
+                                          training=False)
+    allow_unlabelled(dataset)
+    return loader if len(dataset) else None
+
+
+def validate(run, loader, epoch: int, accumulated_iter: int) -> None:
+    """Masked-occupancy AP on the test split (fixed masks) with the grow-visible baseline, to the log
+    and tensorboard (``val/occ_ap*``, ``val/grow_visible_occ_ap*``)."""
+    ap = masked_occupancy_ap({"model": run.model}, loader)
+    run.logger.info("epoch %d validation, AP of masked-only cells vs ray-cast free space: model %s | grow-visible %s",
+                    epoch, " ".join(f"{k}={v:.3f}" for k, v in ap["model"].items()),
+                    " ".join(f"{k}={v:.3f}" for k, v in ap[GROW_VISIBLE].items()))
+    if run.tb_log is not None:
+        for prefix, row in (("val/", ap["model"]), ("val/grow_visible_", ap[GROW_VISIBLE])):
+            for key, val in row.items():
+                run.tb_log.add_scalar(prefix + key, val, accumulated_iter)
+
+
+def main(argv=None, repo: Path = REPO_ROOT) -> int:
+    parser = add_train_args(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
+    parser.add_argument("--val_interval", type=int, default=1,
+                        help="validate masked-occupancy AP on the test split every N epochs (0: never)")
+    args = parser.parse_args(argv)
+    try:
+        if args.preflight_only:
+            check_training_inputs(args, repo, check_pretraining)
+            return 0
+        run = prepare_training(args, repo, check_cfg=check_pretraining, dataset_hook=allow_unlabelled)
+    except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run.logger.info("pretraining %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
+    val_loader = validation_loader(run)
+
+    def one_epoch(model, optimizer, loader, scheduler, accumulated_iter, epoch, *rest, **kw):
+        it = train_one_epoch_phase1(model, optimizer, loader, scheduler, accumulated_iter, epoch, *rest, **kw)
+        if val_loader is not None and (epoch + 1) % args.val_interval == 0:
+            validate(run, val_loader, epoch + 1, it)
+        return it
+    train_model(run, one_epoch=one_epoch)
+    run.logger.info("done: checkpoints in %s", run.ckpt_dir)
+    run.finish()
+    return 0
+
