@@ -212,3 +212,69 @@ def test_users_keys_still_checked(tmp_path, sections, match):
         schema.validate(raw(tmp_path, **sections))
     with pytest.raises(schema.ConfigError, match=r"unknown key\(s\) 'sed' \(did you mean 'seed'\?\)"):
         schema.validate({**raw(tmp_path), "sed": 1})
+
+
+def _needs_openpcdet_cfgs():
+    from pcdet_ext.openpcdet.locator import pcdet_tools_dir
+    if pcdet_tools_dir() is None:
+        pytest.skip("the RQ model config's _BASE_CONFIG_ is OpenPCDet's tools/cfgs: needs an OpenPCDet checkout")
+
+
+def _exp_file(tmp_path, **sections):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw(tmp_path, **sections)))
+    return path
+
+
+def test_rq_keys_of_the_model_config_set_the_experiment_value(tmp_path):
+    """--set MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS 3 used to be overwritten by model.n_codebook: one value now."""
+    from pcdet_ext.engine.progressive_rq import experiment
+    _needs_openpcdet_cfgs()
+    exp, pcdet_set, _ = experiment.load_experiment(_exp_file(tmp_path), [
+        "MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS", "3", "MODEL.RQ_BOTTLENECK.DECAY", "0.95",
+        "MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS", "{VQ: 0.5}", "DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -40, -3, 70.4, 40, 1]"])
+    assert exp.model.n_codebook == 3 and exp.rq_model.decay == 0.95 and exp.loss_weights.vq_weight == 0.5
+    assert pcdet_set == ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -40, -3, 70.4, 40, 1]"]
+    assert len(schema.stage_plan(exp)) == 3 * 5  # the plan follows the one value
+    cfg = experiment.build_model_cfg(exp, pcdet_set)
+    rq = cfg.MODEL.RQ_BOTTLENECK
+    assert rq.NUM_CODEBOOKS == 3 and rq.DECAY == 0.95 and rq.LOSS_WEIGHTS.VQ == 0.5 and rq.LOSS_WEIGHTS.DET == 0.8
+
+
+def test_rq_alias_and_experiment_key_disagreeing_on_the_command_line_name_both(tmp_path):
+    from pcdet_ext.engine.progressive_rq import experiment
+    with pytest.raises(schema.ConfigError, match=r"--set model.n_codebook=4 conflicts with "
+                                                 r"--set MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS=3"):
+        experiment.load_experiment(_exp_file(tmp_path), ["model.n_codebook", "4",
+                                                         "MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS", "3"])
+    exp, _, _ = experiment.load_experiment(_exp_file(tmp_path), ["model.n_codebook", "3",
+                                                                 "MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS", "3"])
+    assert exp.model.n_codebook == 3
+
+
+def test_derived_codebook_size_refused_when_it_disagrees(tmp_path):
+    from pcdet_ext.engine.progressive_rq import experiment
+    _needs_openpcdet_cfgs()
+    exp, pcdet_set, _ = experiment.load_experiment(_exp_file(tmp_path), ["MODEL.RQ_BOTTLENECK.CODEBOOK_SIZE", "128"])
+    with pytest.raises(schema.ConfigError, match=r"CODEBOOK_SIZE 128 conflicts with 256 entries from the largest "
+                                                 r"size of progressive_learning.embedding_schedule"):
+        experiment.build_model_cfg(exp, pcdet_set)
+    exp, pcdet_set, _ = experiment.load_experiment(_exp_file(tmp_path), ["MODEL.RQ_BOTTLENECK.CODEBOOK_SIZE", "256"])
+    assert experiment.build_model_cfg(exp, pcdet_set).MODEL.RQ_BOTTLENECK.CODEBOOK_SIZE == 256
+    with pytest.raises(schema.ConfigError, match="progressive_learning.enabled is false"):
+        experiment.load_experiment(_exp_file(tmp_path, progressive_learning={"enabled": False}),
+                                   ["MODEL.RQ_BOTTLENECK.EMBEDDING_SCHEDULE", "[16, 64]"])
+
+
+@pytest.mark.parametrize("sections,match", [
+    ({"rq_model": {"code_shape": [496, 432, 2]}}, r"rq_model.code_shape: \[496, 432, 2\].*is \[496, 432, 1\]"),
+    ({"model": {"pre_trained_model": "second"}}, r"model.pre_trained_model: 'second'; only 'pointpillar'"),
+])
+def test_formerly_unread_schema_keys_are_checked(tmp_path, sections, match):
+    with pytest.raises(schema.ConfigError, match=match):
+        schema.validate(raw(tmp_path, **sections))
+
+
+def test_evaluation_enabled_is_noted_as_accepted(tmp_path):
+    r = raw(tmp_path, evaluation={"enabled": True})
+    assert any("evaluation.enabled accepted" in n for n in schema.notes(r, schema.validate(r)))

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.launch import init_dist
@@ -56,35 +55,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def experiment_config(args):
-    """The raw YAML with command-line overrides, validated (errors before any work)."""
-    if not args.config.is_file():
-        raise schema.ConfigError(f"--config: {args.config} does not exist")
-    raw = yaml.safe_load(args.config.read_text()) or {}
-    if len(args.set_cfgs) % 2:
-        raise schema.ConfigError(f"--set takes KEY VALUE pairs, got {args.set_cfgs}")
-    pairs = list(zip(args.set_cfgs[0::2], args.set_cfgs[1::2]))
-    ours = [x for key, val in pairs if not key[:1].isupper() for x in (key, val)]  # experiment schema
-    pcdet_set = [x for key, val in pairs if key[:1].isupper() for x in (key, val)]  # OpenPCDet model cfg
-    raw = schema.set_overrides(raw, ours)
-    cli = {("training", "mode"): args.mode, ("training", "batch_size"): args.batch_size,
-           ("training", "num_workers"): args.workers, ("hardware", "gpu"): args.gpu,
-           ("evaluation", "use_num_codebook"): args.eval_num_codebooks,
-           ("evaluation", "use_num_embedding"): args.eval_num_embeddings,
-           ("evaluation", "rq_ckpt"): str(args.rq_ckpt) if args.rq_ckpt else None}
-    for (section, key), val in cli.items():
-        if val is not None:
-            raw.setdefault(section, {})[key] = val
-    if args.no_wandb:
-        raw.setdefault("logging", {})["use_wandb"] = False
-    exp = schema.validate(raw)
-    return exp, pcdet_set, schema.notes(raw, exp)
+def cli_values(args) -> dict:
+    """The flags that set an experiment key: ``{(section, key): value}`` (None: not given)."""
+    return {("training", "mode"): args.mode, ("training", "batch_size"): args.batch_size,
+            ("training", "num_workers"): args.workers, ("hardware", "gpu"): args.gpu,
+            ("evaluation", "use_num_codebook"): args.eval_num_codebooks,
+            ("evaluation", "use_num_embedding"): args.eval_num_embeddings,
+            ("evaluation", "rq_ckpt"): str(args.rq_ckpt) if args.rq_ckpt else None}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        exp, pcdet_set, notes = experiment_config(args)
+        exp, pcdet_set, notes = experiment.load_experiment(
+            args.config, args.set_cfgs, cli_values(args), no_wandb=args.no_wandb)
         cfg = experiment.build_model_cfg(exp, pcdet_set)
         if exp.evaluation.rq_ckpt:  # before any data or model is built
             rq_checkpoint(exp.evaluation.rq_ckpt, "--rq_ckpt")

@@ -3,24 +3,105 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
 from easydict import EasyDict
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
 from pcdet_ext.engine.preflight import check_dataset_files
 from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.config import agree
 from pcdet_ext.engine.progressive_rq.schema import ConfigError
+
+RQ = "MODEL.RQ_BOTTLENECK."
+# RQ_BOTTLENECK keys of the model config that are experiment settings under another name: a --set of
+# either name sets the one value (the experiment's), so ``--set MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS 3`` is
+# ``--set model.n_codebook 3``
+RQ_ALIASES: Dict[str, str] = {
+    RQ + "NUM_CODEBOOKS": "model.n_codebook",
+    RQ + "EMBEDDING_SCHEDULE": "progressive_learning.embedding_schedule",
+    RQ + "DECAY": "rq_model.decay",
+    RQ + "LOSS_WEIGHTS.DET": "loss_weights.det_weight",
+    RQ + "LOSS_WEIGHTS.VQ": "loss_weights.vq_weight",
+    RQ + "LOSS_WEIGHTS.CODEBOOK": "loss_weights.codebook_weight",
+}
+# derived from the experiment, never set on its own: a --set that disagrees is refused
+RQ_DERIVED = RQ + "CODEBOOK_SIZE"
+
+
+def split_overrides(pairs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``--set`` KEY VALUE pairs -> (experiment-schema pairs, OpenPCDet model-config pairs). Lower-case
+    ``section.key`` is the experiment's, UPPER-CASE the model config's; the aliases of :data:`RQ_ALIASES`
+    become their experiment key. One setting given twice with different values is a ConfigError
+    naming both."""
+    if len(pairs) % 2:
+        raise ConfigError(f"--set takes KEY VALUE pairs, got an odd number of items: {list(pairs)}")
+    ours: List[str] = []
+    theirs: List[str] = []
+    given: Dict[str, Tuple[str, Any]] = {}
+    for key, raw in zip(pairs[0::2], pairs[1::2]):
+        if key == RQ + "LOSS_WEIGHTS":  # a whole dict: one alias per term
+            value = yaml.safe_load(raw)
+            if not isinstance(value, dict) or not set(value) <= {"DET", "VQ", "CODEBOOK"}:
+                raise ConfigError(f"--set {key}: expected a mapping with keys DET, VQ, CODEBOOK, got {raw!r}")
+            items = [(f"{key}.{k}", yaml.safe_dump(v).strip().removesuffix("...").strip()) for k, v in value.items()]
+        else:
+            items = [(key, raw)]
+        for name, val in items:
+            target = RQ_ALIASES.get(name, name)
+            if target[:1].isupper():
+                theirs += [name, val]
+                continue
+            if target in given:
+                agree(f"--set {given[target][0]}", given[target][1], f"--set {name}", yaml.safe_load(val))
+            given[target] = (name, yaml.safe_load(val))
+            ours += [target, val]
+    return ours, theirs
+
+
+def load_experiment(path: Path, set_pairs: Sequence[str] = (), cli: Optional[Dict[Tuple[str, str], Any]] = None,
+                    no_wandb: bool = False) -> Tuple[EasyDict, List[str], List[str]]:
+    """The experiment YAML with ``--set`` pairs and flag values (``{(section, key): value}``, None: not
+    given) applied and validated, before any work. Returns ``(experiment, model-config --set pairs,
+    notes to print)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    ours, pcdet_set = split_overrides(list(set_pairs))
+    raw = schema.set_overrides(raw, ours)
+    for (section, key), val in (cli or {}).items():
+        if val is not None:
+            raw.setdefault(section, {})[key] = val
+    if no_wandb:
+        raw.setdefault("logging", {})["use_wandb"] = False
+    exp = schema.validate(raw)
+    if not exp.progressive_learning.enabled and "progressive_learning.embedding_schedule" in ours[0::2]:
+        raise ConfigError(f"--set {RQ}EMBEDDING_SCHEDULE: progressive_learning.enabled is false, so the schedule "
+                          f"is not used; the legacy mode trains rq_model.codebook_size "
+                          f"({exp.rq_model.codebook_size}) entries")
+    return exp, pcdet_set, schema.notes(raw, exp)
 
 DATASET_CLASSES = {"kitti": "KittiDataset", "custom": "CustomDataset"}
 
 
 def build_model_cfg(exp: EasyDict, pcdet_set: Sequence[str] = ()) -> EasyDict:
     """The OpenPCDet config of ``model.cfg_file`` with ``--set`` overrides, and its RQ_BOTTLENECK
-    filled from the experiment schema; mismatches are ConfigErrors naming the key."""
+    filled from the experiment (the one source of the RQ parameters: the model file's values are
+    defaults, the aliases of :func:`split_overrides` already set the experiment); mismatches are
+    ConfigErrors naming the key."""
     cfg = cfg_from_yaml_file(find_config(exp.model.cfg_file))
     cfg_from_list(list(pcdet_set), cfg)
+    if RQ_DERIVED in list(pcdet_set)[0::2]:
+        asked = cfg.MODEL.RQ_BOTTLENECK.CODEBOOK_SIZE
+        if asked != schema.allocated_entries(exp):
+            source = ("the largest size of progressive_learning.embedding_schedule "
+                      f"{list(exp.progressive_learning.embedding_schedule)}") if exp.progressive_learning.enabled \
+                else "rq_model.codebook_size"
+            raise ConfigError(f"--set {RQ_DERIVED} {asked} conflicts with {schema.allocated_entries(exp)} entries "
+                              f"from {source}; set that instead")
     if cfg.MODEL.NAME != "PointPillarRQ":
         raise ConfigError(f"model.cfg_file: {exp.model.cfg_file} builds {cfg.MODEL.NAME}, expected PointPillarRQ")
     expected = DATASET_CLASSES.get(exp.dataset.name.lower(), exp.dataset.name)

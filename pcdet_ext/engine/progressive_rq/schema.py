@@ -69,6 +69,7 @@ NOT_APPLIED = {
     "evaluation.eval_compression_analysis": "the rate table (fixed-length / entropy KB per frame) is always printed",
     "evaluation.visualize_codebook_hierarchy": "not produced; the sweep writes sweep.png (rate vs accuracy)",
     "logging.save_detailed_results": "the sweep always writes sweep.csv and sweep.json",
+    "evaluation.enabled": "evaluation runs with --mode eval, or with --eval_sweep after training",
 }
 
 
@@ -179,6 +180,13 @@ def _check_values(cfg: EasyDict) -> None:
         shape = cfg.rq_model[key]
         if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
             raise ConfigError(f"rq_model.{key}: expected 3 positive ints [H, W, C], got {shape}")
+    latent, code = cfg.rq_model.latent_shape, cfg.rq_model.code_shape
+    if list(code) != [latent[0], latent[1], 1]:
+        raise ConfigError(f"rq_model.code_shape: {list(code)}, but one code per BEV cell and codebook of "
+                          f"rq_model.latent_shape {list(latent)} is {[latent[0], latent[1], 1]}")
+    if cfg.model.pre_trained_model.lower() not in ("pointpillar", "pointpillars"):
+        raise ConfigError(f"model.pre_trained_model: {cfg.model.pre_trained_model!r}; only 'pointpillar' is "
+                          "supported (the PointPillars head and tail around the bottleneck)")
     for key, val in cfg.loss_weights.items():
         if val < 0:
             raise ConfigError(f"loss_weights.{key}: expected >= 0, got {val}")
