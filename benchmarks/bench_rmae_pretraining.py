@@ -67,22 +67,19 @@ def first_batch(cfg, root, batch_size=2):
 def step_time(cfg, ds, batch, reps):
     import copy
 
-    from pcdet.models import model_fn_decorator
     from pcdet_ext.engine import loop
+    from pcdet_ext.engine.hooks import CallbackHook
     from pcdet_ext.engine.optimization import build_optimizer
+    from pcdet_ext.engine.runner import Runner
     model = loop.build_model(cfg, ds)
     opt = build_optimizer(model, cfg.OPTIMIZATION)
-    fn, times = model_fn_decorator(), []
+    runner = Runner(model, opt, hooks=[CallbackHook(model.update_teacher)] if hasattr(model, "update_teacher") else [])
     model.train()
+    times = []
     for i in range(reps + 1):
         b = copy.deepcopy(batch)
         t = time.perf_counter()
-        opt.zero_grad()
-        loss, _, _ = fn(model, b)
-        loss.backward()
-        opt.step()
-        if hasattr(model, "update_teacher"):
-            model.update_teacher()
+        runner.step(b)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i:
@@ -241,8 +238,9 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     opt = build_optimizer(model, cfg.OPTIMIZATION)
     sched, _ = build_scheduler(opt, iters, 1, -1, cfg.OPTIMIZATION)
     t0 = time.time()
+    from pcdet_ext.engine.hooks import CallbackHook
     losses, _ = loop.train_steps(model, loader, opt, steps=iters, scheduler=sched, progress=True,
-                                 on_step=lambda i: model.update_teacher() if i else None)
+                                 hooks=[CallbackHook(model.update_teacher)])
     print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> "
           f"{statistics.mean(losses[-10:]):.3f}", file=sys.stderr)
     return model

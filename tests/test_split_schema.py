@@ -103,16 +103,23 @@ def test_checkpoint_names():
 
 
 def test_run_dir_resume_and_refusal(tmp_path):
+    """The engine's one resume rule: same run-defining config, or an error listing the differing keys."""
+    from pcdet_ext.engine.checkpointing import ResumeError
+    from pcdet_ext.utils.checkpoint import plain
+    a = plain(schema.validate(raw(tmp_path)))
+    b = plain(schema.validate(raw(tmp_path, training={"num_workers": 0}, logging={"use_wandb": False})))
+    c = plain(schema.validate(raw(tmp_path, training={"init_lr": 0.01})))
     run = ck.RunDir(tmp_path / "run")
-    assert run.check_reusable("abc") is None
-    run.save_resume({"fingerprint": "abc", "stage_state": {"stage_index": 2, "next_epoch": 3}})
-    assert run.check_reusable("abc")["stage_state"] == {"stage_index": 2, "next_epoch": 3}
-    with pytest.raises(FileExistsError, match="different config"):
-        run.check_reusable("xyz")
+    assert run.check_reusable(a) is None
+    run.save_resume({"config": a, "stage_state": {"stage_index": 2, "next_epoch": 3}})
+    assert run.check_reusable(b)["stage_state"] == {"stage_index": 2, "next_epoch": 3}  # workers, logging: free
+    with pytest.raises(ResumeError, match=r"different config \(use another --extra_tag.*\n  training.init_lr: "
+                                          r"checkpoint 0.001, config 0.01"):
+        run.check_reusable(c)
     other = ck.RunDir(tmp_path / "other")
     other.save(ck.best_name(1, 1), {"model_state": {}})
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        other.check_reusable("abc")
+        other.check_reusable(a)
 
 
 def test_fingerprint_ignores_logging_and_workers(tmp_path):

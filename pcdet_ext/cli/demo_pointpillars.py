@@ -18,6 +18,7 @@ from pcdet_ext.openpcdet.datasets import create_infos
 from pcdet_ext.openpcdet.datasets import synthetic
 from pcdet_ext.openpcdet.datasets import synthetic_writer
 from pcdet_ext.engine import loop
+from pcdet_ext.engine.evaluation import evaluate_model
 from pcdet_ext.utils.checkpoint import atomic_save
 
 LAYOUTS = {
@@ -73,7 +74,7 @@ def run(args) -> tuple:
     k = max(1, len(losses) // 10)
     print(f"trained {args.iters} iterations in {train_s:.0f} s: loss {sum(losses[:k]) / k:.3f} (first {k}) -> "
           f"{sum(losses[-k:]) / k:.3f} (last {k})")
-    _, result_str, result = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    _, result_str, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     print(result_str)
     ckpt = atomic_save({"epoch": 1, "it": args.iters, "model_state": model.state_dict(),
                         "optimizer_state": optimizer.state_dict(), "version": f"pcdet_ext+{pcdet_ext.__version__}"},

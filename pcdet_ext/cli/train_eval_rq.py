@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pcdet_ext.config import ConfigError
+from pcdet_ext.engine.checkpointing import ResumeError
 from pcdet_ext.engine.launch import init_dist
 from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.engine.progressive_rq import checkpoints as ck
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
     run = ck.RunDir(root)
     if exp.training.mode == "train" and info.is_main:
         try:  # before any work: never continue another config's run in this folder
-            run.check_reusable(ck.fingerprint(plain(exp)))
-        except FileExistsError as exc:
+            run.check_reusable(plain(exp))
+        except (FileExistsError, ResumeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     root.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from pcdet_ext.engine.occupancy_eval import GROW_VISIBLE, masked_occupancy_ap
 from pcdet_ext.engine.preflight import check_dataset_files
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.run import check_training_inputs, prepare_training
-from pcdet_ext.engine.train_loop import train_model, train_one_epoch
+from pcdet_ext.engine.hooks import CallbackHook, EveryEpochs
+from pcdet_ext.engine.train_loop import train_model
 from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
 
@@ -31,14 +32,6 @@ def check_pretraining(cfg) -> None:
     if cfg.MODEL.get("NAME") != "RMAECMAEDetectorPhase1" or not cfg.MODEL.BACKBONE_3D.get("PRETRAINING", False):
         raise ConfigError("MODEL: this tool pretrains; expected NAME RMAECMAEDetectorPhase1 with "
                           "BACKBONE_3D.PRETRAINING: True (fine-tune with tools/train.py)")
-
-
-def train_one_epoch_phase1(model, optimizer, loader, scheduler, accumulated_iter: int, epoch: int, optim_cfg, info,
-                           tb_log=None, max_iters=None) -> int:
-    """One pretraining epoch (OpenPCDet's iteration loop, every loss term and the mask / occupancy /
-    teacher statistics to tensorboard); the EMA teacher steps after every optimizer step."""
-    return train_one_epoch(model, optimizer, loader, scheduler, accumulated_iter, epoch, optim_cfg, info, tb_log,
-                           after_step=unwrap(model).update_teacher, max_iters=max_iters)
 
 
 def validation_loader(run):
@@ -59,17 +52,15 @@ def validation_loader(run):
     return loader if len(dataset) else None
 
 
-def validate(run, loader, epoch: int, accumulated_iter: int) -> None:
+def validate(run, loader, epoch: int, iteration: int) -> None:
     """Masked-occupancy AP on the test split (fixed masks) with the grow-visible baseline, to the log
     and tensorboard (``val/occ_ap*``, ``val/grow_visible_occ_ap*``)."""
     ap = masked_occupancy_ap({"model": run.model}, loader)
     run.logger.info("epoch %d validation, AP of masked-only cells vs ray-cast free space: model %s | grow-visible %s",
                     epoch, " ".join(f"{k}={v:.3f}" for k, v in ap["model"].items()),
                     " ".join(f"{k}={v:.3f}" for k, v in ap[GROW_VISIBLE].items()))
-    if run.tb_log is not None:
-        for prefix, row in (("val/", ap["model"]), ("val/grow_visible_", ap[GROW_VISIBLE])):
-            for key, val in row.items():
-                run.tb_log.add_scalar(prefix + key, val, accumulated_iter)
+    run.writer.scalars({prefix + key: val for prefix, row in (("val/", ap["model"]), ("val/grow_visible_", ap[GROW_VISIBLE]))
+                        for key, val in row.items()}, iteration)
 
 
 def main(argv=None, repo: Path = REPO_ROOT) -> int:
@@ -90,12 +81,11 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     run.logger.info("pretraining %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
     val_loader = validation_loader(run)
 
-    def one_epoch(model, optimizer, loader, scheduler, accumulated_iter, epoch, *rest, **kw):
-        it = train_one_epoch_phase1(model, optimizer, loader, scheduler, accumulated_iter, epoch, *rest, **kw)
-        if val_loader is not None and (epoch + 1) % args.val_interval == 0:
-            validate(run, val_loader, epoch + 1, it)
-        return it
-    train_model(run, one_epoch=one_epoch)
+    hooks = [CallbackHook(unwrap(run.model).update_teacher)]  # the EMA teacher steps after every optimizer step
+    if val_loader is not None:
+        hooks.append(EveryEpochs(args.val_interval, lambda runner, epoch: validate(run, val_loader, epoch,
+                                                                                    runner.iteration)))
+    train_model(run, hooks)
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)
     run.finish()
     return 0

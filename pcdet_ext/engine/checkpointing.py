@@ -45,6 +45,15 @@ def config_diff(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
+def check_same_run(saved: Dict[str, Any], current: Dict[str, Any], where: str, hint: str = "") -> None:
+    """The one resume rule, for OpenPCDet-style epoch checkpoints and progressive RQ run folders alike:
+    a checkpoint continues a run only under the config that defines it; otherwise a ResumeError
+    listing every differing key."""
+    diff = config_diff(saved, current)
+    if diff:
+        raise ResumeError(f"{where} was written by a different config{hint}; differing keys:\n  " + "\n  ".join(diff))
+
+
 def checkpoint_state(model: nn.Module, optimizer, epoch: int, it: int, cfg) -> Dict[str, Any]:
     import pcdet
     model_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
@@ -87,9 +96,7 @@ def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[loggin
         raise ResumeError(f"--ckpt {path}: not an OpenPCDet training checkpoint (no model_state)")
     saved = (state.get("pcdet_ext") or {}).get("config")
     if saved is not None:
-        diff = config_diff(saved, run_config(cfg))
-        if diff:
-            raise ResumeError(f"--ckpt {path} was written by a different config; differing keys:\n  " + "\n  ".join(diff))
+        check_same_run(saved, run_config(cfg), f"--ckpt {path}")
     elif logger:
         logger.warning("%s has no pcdet_ext config record (written by another tool); cannot check it matches", path)
     missing, unexpected = unwrap(model).load_state_dict(state["model_state"], strict=False)

@@ -16,6 +16,7 @@ from pcdet_ext.engine import checkpointing as ck
 from pcdet_ext.config import find_config
 from pcdet_ext.utils.checkpoint import load_checkpoint, model_state_of
 from pcdet_ext.engine.cli import load_config, output_dir
+from pcdet_ext.engine.hooks import ScalarWriter
 from pcdet_ext.engine.launch import DistInfo, init_dist
 from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.engine.preflight import check_dataset_files, check_not_empty
@@ -30,7 +31,7 @@ class TrainingRun:
     output_dir: Path
     ckpt_dir: Path
     logger: Any
-    tb_log: Any
+    writer: Any
     train_set: Any
     train_loader: Any
     sampler: Any
@@ -45,8 +46,7 @@ class TrainingRun:
 
     def finish(self) -> None:
         """Close tensorboard; under torchrun wait for every rank and leave the process group."""
-        if self.tb_log is not None:
-            self.tb_log.close()
+        self.writer.close()
         if self.info.distributed:
             import torch.distributed as dist
             dist.barrier()
@@ -101,11 +101,9 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     for key, val in vars(args).items():
         logger.info("%-20s %s", key, val)
     log_config_to_file(cfg, logger=logger)
-    tb_log = None
     if info.is_main:
         shutil.copy(find_config(args.cfg_file, what="--cfg_file"), out / Path(args.cfg_file).name)
-        from tensorboardX import SummaryWriter
-        tb_log = SummaryWriter(log_dir=str(out / "tensorboard"))
+    writer = ScalarWriter(out / "tensorboard", main=info.is_main)
     train_set, train_loader, sampler = build_dataloader(
         dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=info.distributed,
         workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
@@ -133,5 +131,5 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank % torch.cuda.device_count()] if torch.cuda.is_available() else None)
     scheduler, warmup = build_scheduler(optimizer, len(train_loader), total_epochs, -1, cfg.OPTIMIZATION)
-    return TrainingRun(args, cfg, info, out, ckpt_dir, logger, tb_log, train_set, train_loader, sampler, model,
+    return TrainingRun(args, cfg, info, out, ckpt_dir, logger, writer, train_set, train_loader, sampler, model,
                        optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded)

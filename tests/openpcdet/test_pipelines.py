@@ -8,6 +8,7 @@ import torch
 from tier2 import REPO, seed_everything, set_voxelization
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
 from pcdet_ext.engine import loop
+from pcdet_ext.engine.evaluation import evaluate_model
 
 
 def pcdet_cfg(rel: str):
@@ -34,7 +35,7 @@ def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, pcdet_to
     assert np.isfinite(losses[0]) and losses[0] > 0 and "rpn_loss_cls" in tb_dict
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone_2d") for k in changed) and any(k.startswith("dense_head") for k in changed)
-    det_annos, result_str, result_dict = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    det_annos, result_str, result_dict = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert len(det_annos) == len(test_set) == 2
     assert "Car AP@0.70, 0.70, 0.70" in result_str and "Car_3d/moderate_R40" in result_dict
     assert all(0 <= v <= 100 for v in result_dict.values())
@@ -53,7 +54,7 @@ def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, 
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
     losses, _ = loop.train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and losses[0] > 0
-    det_annos, result_str, result_dict = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    det_annos, result_str, result_dict = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert len(det_annos) == 2
     for name, kitti_name in (("dumptruck", "Truck"), ("excavator", "Car"), ("grader", "Cyclist"),
                              ("roller", "Pedestrian")):  # scored under MAP_CLASS_TO_KITTI, reported as its own

@@ -5,6 +5,7 @@ import torch
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
 from pcdet_ext.engine import loop
+from pcdet_ext.engine.evaluation import evaluate_model
 from pcdet_ext.utils.checkpoint import atomic_save
 from tier2 import REPO, seed_everything, set_voxelization
 
@@ -61,7 +62,7 @@ def test_trains_only_the_bottleneck_and_evaluates(synthetic_kitti, pretrained, m
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [], changed  # weights and BN statistics bit-identical
     assert not torch.equal(cb_before, model.quantizer.codebooks[0].detach())
-    _, result_str, result = loop.evaluate(model, test_set, test_loader, cfg.CLASS_NAMES)
+    _, result_str, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert "Car AP@0.70" in result_str
 
 

@@ -142,12 +142,15 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
     scheduler, _ = build_scheduler(optimizer, steps, 1, -1, cfg.OPTIMIZATION)
 
-    def ratios_hold(step):
-        lrs = group_lrs(optimizer)
-        assert lrs["backbone_3d"] / lrs["dense_head"] == pytest.approx(0.05)
-        assert all(lr / lrs["dense_head"] == pytest.approx(0.5) for g, lr in lrs.items() if g == "default")
+    from pcdet_ext.engine.runner import Hook
 
-    losses, _ = loop.train_steps(model, train_loader, optimizer, steps, scheduler, on_step=ratios_hold)
+    class RatiosHold(Hook):  # runs before every step, after the schedule has set that step's LRs
+        def before_step(self, runner):
+            lrs = group_lrs(optimizer)
+            assert lrs["backbone_3d"] / lrs["dense_head"] == pytest.approx(0.05)
+            assert all(lr / lrs["dense_head"] == pytest.approx(0.5) for g, lr in lrs.items() if g == "default")
+
+    losses, _ = loop.train_steps(model, train_loader, optimizer, steps, scheduler, hooks=[RatiosHold()])
     assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 

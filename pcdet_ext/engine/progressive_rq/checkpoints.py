@@ -1,4 +1,4 @@
-"""Checkpoint names and the run folder of a progressive RQ run (pure python)."""
+"""Checkpoint names and the run folder of a progressive RQ run."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from pcdet_ext.engine.checkpointing import ResumeError, check_same_run
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
 
 
@@ -25,12 +26,17 @@ GLOBAL_BEST = "global_best.pth"
 RESUME = "resume_state.pth"
 
 
-def fingerprint(cfg: Dict[str, Any]) -> str:
-    """Identifies a run's training-relevant config; a different one must not reuse the folder."""
+def run_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of an experiment config that defines a training run (not evaluation, logging,
+    hardware, workers or mode): a resumed run must have the same."""
     relevant = {k: v for k, v in cfg.items() if k not in ("evaluation", "logging", "hardware")}
     relevant["training"] = {k: v for k, v in dict(cfg["training"]).items() if k not in ("num_workers", "mode")}
-    blob = json.dumps(relevant, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    return json.loads(json.dumps(relevant, sort_keys=True, default=str))
+
+
+def fingerprint(cfg: Dict[str, Any]) -> str:
+    """A short hash of :func:`run_config` (written into the resume state, for people reading it)."""
+    return hashlib.sha1(json.dumps(run_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -64,15 +70,16 @@ class RunDir:
     def save_resume(self, state: Dict[str, Any]) -> Path:
         return atomic_save(state, self.root / RESUME)
 
-    def check_reusable(self, fp: str) -> Optional[Dict[str, Any]]:
-        """The resume state when this folder holds the same run; an error when it holds another
-        run's checkpoints; None when it is fresh."""
+    def check_reusable(self, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The resume state when this folder holds the run of experiment config ``cfg``; a ResumeError
+        (the engine's one resume rule, differing keys listed) when it holds another config's run, a
+        FileExistsError when it holds checkpoints without a resume state; None when it is fresh."""
         state = self.resume_state()
         if state is not None:
-            if state.get("fingerprint") != fp:
-                raise FileExistsError(
-                    f"{self.root} holds a run with a different config (fingerprint {state.get('fingerprint')} "
-                    f"!= {fp}); use another --extra_tag or logging.saved_path instead of overwriting it")
+            hint = " (use another --extra_tag or logging.saved_path instead of overwriting it)"
+            if state.get("config") is None:
+                raise ResumeError(f"{self.root / RESUME} has no config record, so it cannot be continued{hint}")
+            check_same_run(run_config(state["config"]), run_config(cfg), str(self.root / RESUME), hint)
             return state
         existing = sorted(self.checkpoints.glob("*.pth")) if self.checkpoints.is_dir() else []
         if existing:

@@ -92,7 +92,7 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     mean detection loss on these frames (quantizer in eval mode: no EMA update). ``rate_lambda`` > 0
     chooses the codes rate-aware under ``bitstream`` (:func:`rate_aware`).
     """
-    from pcdet_ext.engine.loop import evaluate
+    from pcdet_ext.engine.evaluation import evaluate_model
     grid = dataset.grid_size
     meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
     measured = None
@@ -120,7 +120,7 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
             stack.enter_context(rate_aware(model.quantizer, rate_lambda, bitstream, n, k))
         else:
             stack.enter_context(bypassed(model))
-        _, result_str, result_dict = evaluate(model, dataset, loader, class_names, on_batch=on_batch)
+        _, result_str, result_dict = evaluate_model(model, dataset, loader, class_names, on_batch=on_batch)
     out = {"mAP": mean_moderate_ap(result_dict), "result_str": result_str, "result_dict": result_dict,
            "rate_lambda": rate_lambda}
     if meter is not None:

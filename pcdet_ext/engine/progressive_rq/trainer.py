@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import time
 from typing import Any, Dict, List
 
 import numpy as np
@@ -20,46 +18,14 @@ import torch
 import torch.distributed as dist
 
 from pcdet_ext import __version__
+from pcdet_ext.engine.hooks import ScalarLogHook, ScalarWriter
 from pcdet_ext.engine.launch import DistInfo
 from pcdet_ext.utils.checkpoint import load_checkpoint, plain
+from pcdet_ext.engine.runner import Hook, Runner
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.progressive_rq import schema
 from pcdet_ext.engine.progressive_rq.evaluate import run_eval
-
-
-class Logger:
-    """tensorboardX always (rank 0), wandb when asked for and installed."""
-
-    def __init__(self, run: ck.RunDir, exp, use_wandb: bool, main: bool, log: logging.Logger):
-        self.main, self.wandb, self.tb = main, None, None
-        if not main:
-            return
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(run.tensorboard))
-        if use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("logging.use_wandb is set but wandb is not installed; logging to tensorboard only")
-                return
-            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.wandb = wandb.init(project=exp.logging.wandb_project, name=exp.logging.wandb_name,
-                                    config=plain(exp), dir=str(run.root), mode=mode, resume="allow")
-
-    def scalars(self, values: Dict[str, float], step: int) -> None:
-        if not self.main:
-            return
-        for key, val in values.items():
-            self.tb.add_scalar(key, val, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 class ProgressiveTrainer:
@@ -71,7 +37,9 @@ class ProgressiveTrainer:
         (self.train_set, self.train_loader, self.train_sampler), (self.val_set, self.val_loader) = loaders
         self.plan = schema.stage_plan(exp)
         self.fingerprint = ck.fingerprint(plain(exp))
-        self.writer = Logger(run, exp, use_wandb, dist_info.is_main, log)
+        wandb_cfg = dict(project=exp.logging.wandb_project, name=exp.logging.wandb_name, config=plain(exp),
+                         dir=str(run.root)) if use_wandb else None
+        self.writer = ScalarWriter(run.tensorboard, dist_info.is_main, wandb_cfg, log)
         self.q = model.quantizer
         self.global_step = 0
         self.epochs_done = 0
@@ -108,7 +76,7 @@ class ProgressiveTrainer:
     def fit(self) -> None:
         if self.exp.seed is not None:  # the experiment's global seed (identical on every rank)
             seed_everything(int(self.exp.seed))
-        resume = self.run.check_reusable(self.fingerprint) if self.dist.is_main else None
+        resume = self.run.check_reusable(plain(self.exp)) if self.dist.is_main else None
         if self.dist.world_size > 1:
             obj = [resume]
             dist.broadcast_object_list(obj, 0)
@@ -151,106 +119,29 @@ class ProgressiveTrainer:
         st = self.plan[idx]
         if fresh:
             self._start(idx)
-        params = self._trainable()
-        optimizer = torch.optim.Adam(params, lr=self.exp.training.init_lr)
+        optimizer = torch.optim.Adam(self._trainable(), lr=self.exp.training.init_lr)
         if opt_state is not None:  # the learning rate (after any plateau cuts) is in the optimizer state
             optimizer.load_state_dict(opt_state)
         best_state = None
         best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
         if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
             best_state = load_checkpoint(best_file)["model_state"]
+        policy = StagePolicy(self, idx, optimizer, best, bad, best_state)
+        runner = Runner(self.model, optimizer, world_size=self.dist.world_size, is_main=self.dist.is_main,
+                        iteration=self.global_step,
+                        hooks=[policy, ScalarLogHook(self.writer, self.exp.logging.log_freq)])
+        limit = self.exp.progressive_learning.pretrain_ema_limit  # batches per EMA warm-up epoch
         bar = progress(range(first_epoch, st.epochs), main=self.dist.is_main,
                        desc=f"codebook {st.codebook} stage {st.stage} k={st.num_embeddings}")
         for epoch in bar:
-            phase = "ema" if epoch < st.warmup_epochs else "gradient"
-            self.q.set_mode(phase)
-            train_loss = self._train_epoch(st, epoch, phase, optimizer)
-            val = self._validate(st)
-            m = val["mAP"]
-            self.epochs_done += 1
-            improved = m > best
-            if improved:
-                best, bad = m, 0
-                best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-            elif phase == "gradient":
-                bad += 1
-            if phase == "gradient" and not improved and schema.plateau_cut(bad, self.exp.training.patience):
-                for group in optimizer.param_groups:
-                    group["lr"] *= 0.1
-                self.log.info("codebook %d stage %d: %d epochs without a new best mAP: LR -> %.2e", st.codebook,
-                              st.stage, bad, optimizer.param_groups[0]["lr"])
-            self.global_best = max(self.global_best, m)
-            self.writer.scalars({"val/mAP": m, "val/loss": val.get("loss", float("nan")), "val/best_mAP": best,
-                                 "val/global_best_mAP": self.global_best, "train/epoch_loss": train_loss,
-                                 "stage/codebook_idx": st.codebook, "stage/stage_idx": st.stage,
-                                 "stage/embed_size": st.num_embeddings}, self.global_step)
-            bar.set_postfix(phase=phase, mAP=f"{m:.2f}", best=f"{best:.2f}")
-            stop = phase == "gradient" and bad >= self.exp.training.early_stopping_patience
-            if self.dist.is_main:
-                state = self._state(optimizer, idx, epoch + 1, best, bad)
-                if (epoch + 1) % self.exp.training.ckpt_freq_epoch == 0:
-                    self.run.save(ck.epoch_name(st.codebook, st.stage, epoch + 1), state)
-                if improved:
-                    self.run.save(ck.best_name(st.codebook, st.stage), state)
-                if improved and m >= self.global_best:
-                    self.run.save(ck.GLOBAL_BEST, state)
-                if stop or epoch + 1 == st.epochs:
-                    if self.exp.logging.save_stage_weights:
-                        self.run.save(ck.final_name(st.codebook, st.stage), state)
-                    nxt = self._state(None, idx + 1, 0, -math.inf, 0) if idx + 1 < len(self.plan) else None
-                    if best_state is not None:  # the next stage starts from this stage's best weights
-                        self.model.load_state_dict(best_state)
-                        if nxt is not None:
-                            nxt["model_state"] = self.model.state_dict()
-                    if nxt is not None:
-                        self.run.save_resume(nxt)
-                else:
-                    self.run.save_resume(state)
-            self._barrier()
-            if stop:
-                self.log.info("early stop: codebook %d stage %d after epoch %d (best mAP %.2f)",
-                              st.codebook, st.stage, epoch + 1, best)
+            ema = epoch < st.warmup_epochs
+            runner.run_epoch(self.train_loader, epoch, max_iters=limit if ema else None,
+                             desc=f"epoch {epoch + 1}/{st.epochs} ({'ema' if ema else 'gradient'})")
+            bar.set_postfix(phase="ema" if ema else "gradient", mAP=f"{policy.last_map:.2f}", best=f"{policy.best:.2f}")
+            if runner.stop:
                 break
-        if best_state is not None and not self.dist.is_main:
-            self.model.load_state_dict(best_state)
-
-    def _train_epoch(self, st, epoch: int, phase: str, optimizer) -> float:
-        from pcdet.models import load_data_to_gpu
-        if self.train_sampler is not None:
-            self.train_sampler.set_epoch(self.epochs_done)
-        self.model.train()
-        total, count = 0.0, 0
-        bar = progress(self.train_loader, main=self.dist.is_main, desc=f"epoch {epoch + 1}/{st.epochs} ({phase})",
-                       leave=False)
-        limit = self.exp.progressive_learning.pretrain_ema_limit if phase == "ema" else None
-        for i, batch in enumerate(bar):
-            if limit is not None and i >= limit:  # pretrain_ema_limit: batches per EMA warm-up epoch
-                break
-            t0 = time.time()
-            load_data_to_gpu(batch)
-            if phase == "ema":  # EMA updates happen in the forward; nothing to backpropagate
-                with torch.no_grad():
-                    ret, tb, _ = self.model(batch)
-            else:
-                ret, tb, _ = self.model(batch)
-                optimizer.zero_grad()
-                ret["loss"].backward()
-                params = [p for p in self._trainable() if p.grad is not None]
-                if self.dist.world_size > 1:
-                    for p in params:
-                        dist.all_reduce(p.grad)
-                        p.grad /= self.dist.world_size
-                torch.nn.utils.clip_grad_norm_(params, 10.0)
-                optimizer.step()
-            self.global_step += 1
-            loss = float(ret["loss"].detach())
-            total, count = total + loss, count + 1
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if self.global_step % self.exp.logging.log_freq == 0:
-                values = {f"train/{k}": v for k, v in tb.items() if isinstance(v, (int, float))}
-                values.update({"train/lr": optimizer.param_groups[0]["lr"], "train/iter_time": time.time() - t0})
-                self.writer.scalars(values, self.global_step)
-        return total / max(count, 1)
+        if policy.best_state is not None and not self.dist.is_main:
+            self.model.load_state_dict(policy.best_state)
 
     def _validate(self, st) -> Dict[str, float]:
         """Validation at the stage's operating point (n = codebook, k = entries) on rank 0."""
@@ -263,6 +154,79 @@ class ProgressiveTrainer:
                           val["kb_per_frame_fixed"])
         val["mAP"] = self._broadcast(val["mAP"])
         return val
+
+
+class StagePolicy(Hook):
+    """One stage's epochs over the runner: EMA warm-up epochs (forward only) then gradient epochs;
+    after each, validation at the stage's operating point, the plateau LR cut, early stopping
+    (``runner.stop``), the stage's best / final / periodic checkpoints and the resume state; at the
+    end, the stage's best weights carry into the next stage."""
+
+    def __init__(self, trainer: "ProgressiveTrainer", idx: int, optimizer, best: float, bad: int, best_state):
+        self.t, self.idx, self.optimizer = trainer, idx, optimizer
+        self.st = trainer.plan[idx]
+        self.best, self.bad, self.best_state, self.last_map = best, bad, best_state, -math.inf
+        self.phase = "ema"
+
+    def before_epoch(self, runner: Runner, epoch: int) -> None:
+        self.phase = "ema" if epoch < self.st.warmup_epochs else "gradient"
+        self.t.q.set_mode(self.phase)
+        runner.train = self.phase == "gradient"  # EMA updates happen in the forward: nothing to backpropagate
+        if self.t.train_sampler is not None:
+            self.t.train_sampler.set_epoch(self.t.epochs_done)
+
+    def after_epoch(self, runner: Runner, epoch: int, train_loss: float) -> None:
+        t, st, optimizer = self.t, self.st, self.optimizer
+        t.global_step = runner.iteration
+        val = t._validate(st)
+        m = self.last_map = val["mAP"]
+        t.epochs_done += 1
+        improved = m > self.best
+        if improved:
+            self.best, self.bad = m, 0
+            self.best_state = {k: v.clone() for k, v in t.model.state_dict().items()}
+        elif self.phase == "gradient":
+            self.bad += 1
+        if self.phase == "gradient" and not improved and schema.plateau_cut(self.bad, t.exp.training.patience):
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+            t.log.info("codebook %d stage %d: %d epochs without a new best mAP: LR -> %.2e", st.codebook,
+                       st.stage, self.bad, optimizer.param_groups[0]["lr"])
+        t.global_best = max(t.global_best, m)
+        t.writer.scalars({"val/mAP": m, "val/loss": val.get("loss", float("nan")), "val/best_mAP": self.best,
+                          "val/global_best_mAP": t.global_best, "train/epoch_loss": train_loss,
+                          "stage/codebook_idx": st.codebook, "stage/stage_idx": st.stage,
+                          "stage/embed_size": st.num_embeddings}, t.global_step)
+        stop = self.phase == "gradient" and self.bad >= t.exp.training.early_stopping_patience
+        if t.dist.is_main:
+            self._save(epoch, improved, m, stop or epoch + 1 == st.epochs)
+        t._barrier()
+        if stop:
+            t.log.info("early stop: codebook %d stage %d after epoch %d (best mAP %.2f)",
+                       st.codebook, st.stage, epoch + 1, self.best)
+            runner.stop = True
+
+    def _save(self, epoch: int, improved: bool, m: float, last: bool) -> None:
+        t, st, idx = self.t, self.st, self.idx
+        state = t._state(self.optimizer, idx, epoch + 1, self.best, self.bad)
+        if (epoch + 1) % t.exp.training.ckpt_freq_epoch == 0:
+            t.run.save(ck.epoch_name(st.codebook, st.stage, epoch + 1), state)
+        if improved:
+            t.run.save(ck.best_name(st.codebook, st.stage), state)
+        if improved and m >= t.global_best:
+            t.run.save(ck.GLOBAL_BEST, state)
+        if not last:
+            t.run.save_resume(state)
+            return
+        if t.exp.logging.save_stage_weights:
+            t.run.save(ck.final_name(st.codebook, st.stage), state)
+        nxt = t._state(None, idx + 1, 0, -math.inf, 0) if idx + 1 < len(t.plan) else None
+        if self.best_state is not None:  # the next stage starts from this stage's best weights
+            t.model.load_state_dict(self.best_state)
+            if nxt is not None:
+                nxt["model_state"] = t.model.state_dict()
+        if nxt is not None:
+            t.run.save_resume(nxt)
 
 
 def seed_everything(seed: int) -> None:
