@@ -53,7 +53,7 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
     from pcdet_ext.engine.progressive_rq.evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
-    depth = q.trained_depth or q.max_codebooks
+    depth = q.trained_depth or q.num_codebooks
     sparse = model.rq_cfg.MODE == "sparse"
     models = ProbabilityModels.empty(geo, depth, sizes, context=context)
     model.eval()
@@ -133,7 +133,7 @@ class ServerRuntime(_Side):
     @torch.no_grad()
     def decode(self, data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
         t0 = time.perf_counter()
-        frame = decode_frame(data, self.models, self.model_id, self.q.max_codebooks, self.q.max_entries)
+        frame = decode_frame(data, self.models, self.model_id, self.q.num_codebooks, self.q.codebook_size)
         feats = self.q.decode(torch.from_numpy(frame.codes))
         t1 = time.perf_counter()
         if frame.dense:

@@ -1,4 +1,4 @@
-"""Phase 1 checkpoint weights -> encoder weights for fine-tuning (pure torch)."""
+"""Phase 1 checkpoint weights -> encoder weights for fine-tuning (tools/convert_pretrain_ckpt.py)."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple

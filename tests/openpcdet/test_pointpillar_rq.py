@@ -107,7 +107,7 @@ def test_4class_config_builds(synthetic_isarc):
     set_voxelization(cfg, [0.32, 0.32, 16], 6000)
     (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
     model = loop.build_model(cfg, train_set)
-    assert model.quantizer.max_codebooks == 5 and model.quantizer.max_entries == 256
+    assert model.quantizer.num_codebooks == 5 and model.quantizer.codebook_size == 256
     assert model.dense_head.num_class == 4
 
 

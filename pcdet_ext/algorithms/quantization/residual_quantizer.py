@@ -80,7 +80,7 @@ class ResidualQuantizer(nn.Module):
         if not 0.0 <= dead_threshold < 1.0:
             raise ValueError(f"dead_threshold is a share of the expected count per entry: expected [0, 1), "
                              f"got {dead_threshold}")
-        self.dim, self.max_codebooks, self.max_entries = dim, num_codebooks, codebook_size
+        self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
         self.code_dim = adapter_dim or dim
         self.decay, self.eps, self.dead_threshold = decay, eps, dead_threshold
         self.schedule = schedule
@@ -127,14 +127,14 @@ class ResidualQuantizer(nn.Module):
             self.ema_sum[c].copy_(book.detach() * self.ema_count[c].unsqueeze(1))
 
     def _check_n_k(self, num_codebooks: int, num_embeddings: Union[int, Sequence[int]]) -> List[int]:
-        if not 1 <= num_codebooks <= self.max_codebooks:
-            raise ValueError(f"num_codebooks must be in 1..{self.max_codebooks}, got {num_codebooks}")
+        if not 1 <= num_codebooks <= self.num_codebooks:
+            raise ValueError(f"num_codebooks must be in 1..{self.num_codebooks}, got {num_codebooks}")
         sizes = [int(num_embeddings)] * num_codebooks if isinstance(num_embeddings, int) else [int(k) for k in num_embeddings]
         if len(sizes) != num_codebooks:
             raise ValueError(f"num_embeddings: expected {num_codebooks} sizes, got {len(sizes)}")
         for k in sizes:
-            if not 1 <= k <= self.max_entries:
-                raise ValueError(f"num_embeddings must be in 1..{self.max_entries}, got {k}")
+            if not 1 <= k <= self.codebook_size:
+                raise ValueError(f"num_embeddings must be in 1..{self.codebook_size}, got {k}")
         return sizes
 
     def set_active(self, num_codebooks: int, num_embeddings: Union[int, Sequence[int]]) -> None:
@@ -153,9 +153,9 @@ class ResidualQuantizer(nn.Module):
         ``data`` they are initialised on the first training batch. Dead-entry restarts will only
         touch ``[k_prev, k)``.
         """
-        if not 0 <= codebook < self.max_codebooks:
-            raise ValueError(f"codebook must be in 0..{self.max_codebooks - 1}, got {codebook}")
-        if num_embeddings not in self.schedule and num_embeddings != self.max_entries:
+        if not 0 <= codebook < self.num_codebooks:
+            raise ValueError(f"codebook must be in 0..{self.num_codebooks - 1}, got {codebook}")
+        if num_embeddings not in self.schedule and num_embeddings != self.codebook_size:
             raise ValueError(f"num_embeddings {num_embeddings} is not in the schedule {self.schedule}")
         prev = int(self.trained_size[codebook])
         self.stage_start[codebook] = min(prev, num_embeddings)
@@ -242,11 +242,11 @@ class ResidualQuantizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Vectors [N, dim] from codes [N, n] of the first n codebooks (any prefix); the same
         arithmetic as the forward pass, so a decoded frame equals the in-process one bit for bit."""
-        if codes.dim() != 2 or not 1 <= codes.shape[1] <= self.max_codebooks:
-            raise ValueError(f"codes must be [N, n] with 1 <= n <= {self.max_codebooks}, got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.max_entries):
-            raise ValueError(f"code indices must lie in 0..{self.max_entries - 1}")
-        out = self._gather_sum(codes.to(self.codebooks[0].device), [self.max_entries] * codes.shape[1])
+        if codes.dim() != 2 or not 1 <= codes.shape[1] <= self.num_codebooks:
+            raise ValueError(f"codes must be [N, n] with 1 <= n <= {self.num_codebooks}, got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"code indices must lie in 0..{self.codebook_size - 1}")
+        out = self._gather_sum(codes.to(self.codebooks[0].device), [self.codebook_size] * codes.shape[1])
         return self.adapter_out(out) if self.adapter_out is not None else out
 
     def active_sizes(self) -> List[int]:
