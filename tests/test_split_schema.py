@@ -45,7 +45,8 @@ def test_defaults_filled(tmp_path):
     ({"training": {"max_epoch": 20}}, "training.max_epoch: 20 epochs over 25 stages leaves 0 per stage"),
     ({"training": {"mode": "test"}}, "training.mode"),
     ({"rq_model": {"decay": 1.5}}, "rq_model.decay"),
-    ({"loss_weights": {"det_weight": -1}}, "loss_weights.det_weight: expected >= 0"),
+    ({"loss_weights": {"det_weight": -1}}, r"loss_weights.det_weight: expected a value in \[0, inf\), got -1"),
+    ({"training": {"batch_size": 0}}, r"training.batch_size: expected a value in \(0, inf\), got 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, sections, match):
     with pytest.raises(schema.ConfigError, match=match):
@@ -275,7 +276,7 @@ def test_derived_codebook_size_refused_when_it_disagrees(tmp_path):
 
 @pytest.mark.parametrize("sections,match", [
     ({"rq_model": {"code_shape": [496, 432, 2]}}, r"rq_model.code_shape: \[496, 432, 2\].*is \[496, 432, 1\]"),
-    ({"model": {"pre_trained_model": "second"}}, r"model.pre_trained_model: 'second'; only 'pointpillar'"),
+    ({"model": {"pre_trained_model": "second"}}, r"model.pre_trained_model: expected one of \['pointpillar', 'pointpillars'\], got 'second'"),
 ])
 def test_formerly_unread_schema_keys_are_checked(tmp_path, sections, match):
     with pytest.raises(schema.ConfigError, match=match):

@@ -24,53 +24,58 @@ from easydict import EasyDict
 
 from pcdet_ext.config import ConfigError, NoneType, Opt, agree, from_cfg, unknown_keys_error
 
-# section -> key -> Opt (default, allowed types); range checks in _check_values
+POS = dict(lo=0, lo_open=True)   # > 0
+NONNEG = dict(lo=0)              # >= 0
+# accepted keys that change nothing here: Opt.note says what the tool does instead (printed by notes())
+FIXED = "the final model (the last stage's best checkpoint) is what is evaluated"
+SWEEP = "--eval_sweep evaluates every trained cell of the final model"
+
+# section -> key -> Opt: default, types, choices and bounds in one place; cross-key rules in _check_values
 SCHEMA: Dict[str, Dict[str, Opt]] = {
-    "dataset": {"name": Opt("KITTI", (str,)), "dir": Opt(types=(str,), required=True), "num_classes": Opt(3, (int,))},
-    "model": {"pre_trained_model": Opt("pointpillar", (str,)), "n_codebook": Opt(5, (int,)),
-              "pretrained_weight": Opt(None, (str, NoneType)),
+    "dataset": {"name": Opt("KITTI", (str,)), "dir": Opt(types=(str,), required=True),
+                "num_classes": Opt(3, (int,), **POS)},
+    "model": {"pre_trained_model": Opt("pointpillar", (str,), choices=("pointpillar", "pointpillars")),
+              "n_codebook": Opt(5, (int,), **POS), "pretrained_weight": Opt(None, (str, NoneType)),
               "cfg_file": Opt("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},
     "progressive_learning": {"enabled": Opt(True, (bool,)), "embedding_schedule": Opt([16, 32, 64, 128, 256], (list,)),
-                             "embedding_stage_epochs": Opt(20, (int,)), "warmup_epochs": Opt(2, (int,)),
+                             "embedding_stage_epochs": Opt(20, (int,), **POS), "warmup_epochs": Opt(2, (int,), **NONNEG),
                              "pretrain_ema_limit": Opt(None, (int, NoneType), lo=1)},
-    "training": {"mode": Opt("train", (str,)), "batch_size": Opt(6, (int,)), "num_workers": Opt(4, (int,)),
-                 "max_epoch": Opt(100, (int,)), "init_lr": Opt(0.001, (float,)), "ckpt_freq_epoch": Opt(20, (int,)),
-                 "patience": Opt(5, (int,)), "early_stopping_patience": Opt(5, (int,))},
+    "training": {"mode": Opt("train", (str,), choices=("train", "eval")), "batch_size": Opt(6, (int,), **POS),
+                 "num_workers": Opt(4, (int,), **NONNEG), "max_epoch": Opt(100, (int,), **POS),
+                 "init_lr": Opt(0.001, (float,), **POS), "ckpt_freq_epoch": Opt(20, (int,), **POS),
+                 "patience": Opt(5, (int,), **POS), "early_stopping_patience": Opt(5, (int,), **POS)},
     "rq_model": {"latent_shape": Opt([496, 432, 64], (list,)), "code_shape": Opt([496, 432, 1], (list,)),
-                 "codebook_size": Opt(64, (int,)), "decay": Opt(0.99, (float,)),
+                 "codebook_size": Opt(64, (int,), **POS), "decay": Opt(0.99, (float,), lo=0, hi=1, lo_open=True, hi_open=True),
                  "codebook_update_mode": Opt("loss", (str,), choices=("loss", "ema"))},
-    "loss_weights": {"vq_weight": Opt(0.25, (float,)), "codebook_weight": Opt(0.1, (float,)), "det_weight": Opt(0.8, (float,))},
-    "evaluation": {"enabled": Opt(False, (bool,)), "use_num_codebook": Opt(None, (int, NoneType)),
-                   "use_num_embedding": Opt(None, (int, NoneType)), "rq_ckpt": Opt(None, (str, NoneType)),
-                   "test_combinations": Opt(None, (list, NoneType)), "specific_evaluations": Opt(None, (list, NoneType)),
-                   "weights_path": Opt(None, (str, NoneType)), "rate_lambdas": Opt(None, (list, NoneType)),
-                   **{k: Opt(None, (str, bool, NoneType)) for k in (
-                       "use_full_kitti_eval", "checkpoint_dir", "eval_all_codebook_stages", "eval_stage_models",
-                       "eval_final_model", "use_final_checkpoints_only", "use_last_stage_for_all",
-                       "eval_compression_analysis", "visualize_codebook_hierarchy")}},
+    "loss_weights": {"vq_weight": Opt(0.25, (float,), **NONNEG), "codebook_weight": Opt(0.1, (float,), **NONNEG),
+                     "det_weight": Opt(0.8, (float,), **NONNEG)},
+    "evaluation": {
+        "enabled": Opt(False, (bool,), note="evaluation runs with --mode eval, or with --eval_sweep after training"),
+        "use_num_codebook": Opt(None, (int, NoneType), lo=1), "use_num_embedding": Opt(None, (int, NoneType), lo=1),
+        "rq_ckpt": Opt(None, (str, NoneType)), "test_combinations": Opt(None, (list, NoneType)),
+        "specific_evaluations": Opt(None, (list, NoneType)), "weights_path": Opt(None, (str, NoneType)),
+        "rate_lambdas": Opt(None, (list, NoneType)),
+        "use_full_kitti_eval": Opt(None, (str, bool, NoneType), note="the tool always runs OpenPCDet's full KITTI evaluation"),
+        "checkpoint_dir": Opt(None, (str, bool, NoneType), note="checkpoints are read from <logging.saved_path>/checkpoints"),
+        "eval_all_codebook_stages": Opt(None, (str, bool, NoneType), note=SWEEP),
+        "eval_stage_models": Opt(None, (str, bool, NoneType), note=SWEEP),
+        "eval_final_model": Opt(None, (str, bool, NoneType), note=FIXED),
+        "use_final_checkpoints_only": Opt(None, (str, bool, NoneType), note=FIXED),
+        "use_last_stage_for_all": Opt(None, (str, bool, NoneType),
+                                      note="every cell is evaluated from the last stage's best checkpoint"),
+        "eval_compression_analysis": Opt(None, (str, bool, NoneType),
+                                         note="the rate table (fixed-length / entropy KB per frame) is always printed"),
+        "visualize_codebook_hierarchy": Opt(None, (str, bool, NoneType),
+                                            note="not produced; the sweep writes sweep.png (rate vs accuracy)")},
     "logging": {"use_wandb": Opt(True, (bool,)), "wandb_project": Opt("pcdet_ext_rq", (str,)),
-                "wandb_name": Opt(None, (str, NoneType)), "log_freq": Opt(8, (int,)),
+                "wandb_name": Opt(None, (str, NoneType)), "log_freq": Opt(8, (int,), **POS),
                 "saved_path": Opt("progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,)),
-                "save_detailed_results": Opt(None, (bool, NoneType))},
+                "save_detailed_results": Opt(None, (bool, NoneType), note="the sweep always writes sweep.csv and sweep.json")},
     "hardware": {"gpu": Opt(0, (int, NoneType))},
 }
 # users' experiment and evaluation files: top-level keys, and free-form sections accepted and reported
 TOP_LEVEL = {"seed": Opt(None, (int, NoneType)), "save_stage_weights": Opt(None, (bool, NoneType))}
 FREE_SECTIONS = ("hyperparameters", "pre-trained_model", "wandb")
-# accepted keys that change nothing here, with what the tool does instead
-NOT_APPLIED = {
-    "evaluation.use_full_kitti_eval": "the tool always runs OpenPCDet's full KITTI evaluation",
-    "evaluation.checkpoint_dir": "checkpoints are read from <logging.saved_path>/checkpoints",
-    "evaluation.eval_all_codebook_stages": "--eval_sweep evaluates every trained cell of the final model",
-    "evaluation.eval_stage_models": "--eval_sweep evaluates every trained cell of the final model",
-    "evaluation.eval_final_model": "the final model (the last stage's best checkpoint) is what is evaluated",
-    "evaluation.use_final_checkpoints_only": "the final model (the last stage's best checkpoint) is what is evaluated",
-    "evaluation.use_last_stage_for_all": "every cell is evaluated from the last stage's best checkpoint",
-    "evaluation.eval_compression_analysis": "the rate table (fixed-length / entropy KB per frame) is always printed",
-    "evaluation.visualize_codebook_hierarchy": "not produced; the sweep writes sweep.png (rate vs accuracy)",
-    "logging.save_detailed_results": "the sweep always writes sweep.csv and sweep.json",
-    "evaluation.enabled": "evaluation runs with --mode eval, or with --eval_sweep after training",
-}
 
 
 def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[Path] = None) -> EasyDict:
@@ -134,10 +139,10 @@ def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:
     """One line per accepted key that changes nothing here (what the tool does instead), per free-form
     section, and for a max_epoch that shortens the stages."""
     out = [f"note: section {s!r} accepted; not used by this tool" for s in FREE_SECTIONS if s in raw]
-    for name, what in NOT_APPLIED.items():
-        section, key = name.split(".")
-        if (raw.get(section) or {}).get(key) is not None:
-            out.append(f"note: {name} accepted: {what}")
+    for section, keys in SCHEMA.items():
+        for key, opt in keys.items():
+            if opt.note and (raw.get(section) or {}).get(key) is not None:
+                out.append(f"note: {section}.{key} accepted: {opt.note}")
     pl = cfg.progressive_learning
     if pl.enabled and stage_epochs(cfg) < pl.embedding_stage_epochs:
         out.append(f"note: training.max_epoch {cfg.training.max_epoch} over {num_stages(cfg)} stages leaves "
@@ -146,22 +151,8 @@ def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:
     return out
 
 
-def _positive(cfg, *names):
-    for name in names:
-        section, key = name.split(".")
-        if cfg[section][key] <= 0:
-            raise ConfigError(f"{name}: expected > 0, got {cfg[section][key]}")
-
-
 def _check_values(cfg: EasyDict) -> None:
-    _positive(cfg, "dataset.num_classes", "model.n_codebook", "training.batch_size", "training.max_epoch",
-              "training.init_lr", "training.ckpt_freq_epoch", "training.patience",
-              "training.early_stopping_patience", "progressive_learning.embedding_stage_epochs",
-              "rq_model.codebook_size", "logging.log_freq")
-    if cfg.training.num_workers < 0:
-        raise ConfigError(f"training.num_workers: expected >= 0, got {cfg.training.num_workers}")
-    if cfg.training.mode not in ("train", "eval"):
-        raise ConfigError(f"training.mode: expected 'train' or 'eval', got {cfg.training.mode!r}")
+    """The rules between keys (each key's own type and range are its Opt's)."""
     sched = cfg.progressive_learning.embedding_schedule
     if not sched or not all(isinstance(s, int) and not isinstance(s, bool) for s in sched):
         raise ConfigError(f"progressive_learning.embedding_schedule: expected a list of ints, got {sched!r}")
@@ -171,11 +162,9 @@ def _check_values(cfg: EasyDict) -> None:
         raise ConfigError(f"progressive_learning.embedding_schedule: sizes above 256 are not supported, got {sched}")
     pl = cfg.progressive_learning
     ema_only = cfg.rq_model.codebook_update_mode == "ema"
-    if pl.warmup_epochs < 0 or (pl.warmup_epochs >= pl.embedding_stage_epochs and not ema_only):
+    if pl.warmup_epochs >= pl.embedding_stage_epochs and not ema_only:
         raise ConfigError(f"progressive_learning.warmup_epochs: expected 0 <= warmup_epochs < embedding_stage_epochs "
                           f"({pl.embedding_stage_epochs}), got {pl.warmup_epochs}")
-    if not 0 < cfg.rq_model.decay < 1:
-        raise ConfigError(f"rq_model.decay: expected 0 < decay < 1, got {cfg.rq_model.decay}")
     for key in ("latent_shape", "code_shape"):
         shape = cfg.rq_model[key]
         if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
@@ -184,19 +173,9 @@ def _check_values(cfg: EasyDict) -> None:
     if list(code) != [latent[0], latent[1], 1]:
         raise ConfigError(f"rq_model.code_shape: {list(code)}, but one code per BEV cell and codebook of "
                           f"rq_model.latent_shape {list(latent)} is {[latent[0], latent[1], 1]}")
-    if cfg.model.pre_trained_model.lower() not in ("pointpillar", "pointpillars"):
-        raise ConfigError(f"model.pre_trained_model: {cfg.model.pre_trained_model!r}; only 'pointpillar' is "
-                          "supported (the PointPillars head and tail around the bottleneck)")
-    for key, val in cfg.loss_weights.items():
-        if val < 0:
-            raise ConfigError(f"loss_weights.{key}: expected >= 0, got {val}")
     if stage_epochs(cfg) < pl.warmup_epochs + 1 and pl.enabled and not ema_only:
         raise ConfigError(f"training.max_epoch: {cfg.training.max_epoch} epochs over {num_stages(cfg)} stages leaves "
                           f"{stage_epochs(cfg)} per stage, fewer than warmup_epochs + 1 = {pl.warmup_epochs + 1}")
-    ev = cfg.evaluation
-    for key in ("use_num_codebook", "use_num_embedding"):
-        if ev[key] is not None and ev[key] < 1:
-            raise ConfigError(f"evaluation.{key}: expected >= 1, got {ev[key]}")
 
 
 def _check_paths(cfg: EasyDict, base: Path) -> None:
