@@ -16,7 +16,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import pcdet_ext  # noqa: F401

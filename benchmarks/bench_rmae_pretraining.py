@@ -19,7 +19,6 @@ masking: the shipped masking on real scans (ratio, whole-group share, per-band r
 ray-cast targets' cost per frame, at the shipped config's full resolution.
 """
 import argparse
-import glob
 import json
 import statistics
 import subprocess
@@ -325,7 +324,7 @@ def cmd_masking(args):
     times = []
     for i, (c, pts) in enumerate(frames):
         masked = mask_voxels(c, 1, voxel, pc_range, mcfg, seed=i).masked
-        geo = CellGeometry.of(1, grid[::-1].tolist(), voxel, pc_range, occ, mcfg.sensor_origin,
+        geo = CellGeometry.of(1, grid[::-1].tolist(), voxel, pc_range, occ, mcfg.sensor_xyz,
                               mcfg.distance_thresholds)
         t0 = time.perf_counter()
         occupancy_targets(c, masked, pts, geo, occ, torch.Generator().manual_seed(i))

@@ -225,3 +225,11 @@ def test_feature_regression_matches_coordinates_and_trains_student_only():
     assert teacher_feat.grad is None  # the target is detached
     other = reg({"x": (s, -t)})  # (a constant shift would vanish in the layer norm)
     assert other.item() != pytest.approx(loss.item())
+
+
+def test_sensor_origin_padded_once_by_the_masking_config():
+    from pcdet_ext.algorithms.masking import MaskingConfig
+    assert MaskingConfig(sensor_origin=(1.0, 2.0)).sensor_xyz == (1.0, 2.0, 0.0)
+    assert MaskingConfig(sensor_origin=(1.0, 2.0, 1.7)).sensor_xyz == (1.0, 2.0, 1.7)
+    with pytest.raises(ValueError, match=r"sensor: expected \(x, y, z\)"):
+        CellGeometry.of(1, FULL, VOXEL, PC_RANGE, OccupancyConfig(), sensor=(1.0, 2.0))

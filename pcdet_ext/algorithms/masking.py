@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +61,12 @@ class MaskingConfig:
     two_stage: bool = True
     whole_group_min_share: float = 0.6
     sensor_origin: Sequence[float] = (0.0, 0.0, 0.0)   # metres; (x, y) masking angles, (x, y, z) the rays
+
+    @property
+    def sensor_xyz(self) -> Tuple[float, float, float]:
+        """SENSOR_ORIGIN as (x, y, z); a given (x, y) has z = 0."""
+        xyz = tuple(float(v) for v in self.sensor_origin) + (0.0,) * (3 - len(self.sensor_origin))
+        return xyz[0], xyz[1], xyz[2]
 
     @classmethod
     def from_cfg(cls, cfg, where: str = "MODEL.BACKBONE_3D") -> "MaskingConfig":

@@ -163,7 +163,9 @@ class CellGeometry:
            bands: Sequence[float] = (10.0, 30.0)) -> "CellGeometry":
         s_xy, s_z = cfg.target_stride_xy, cfg.target_stride_z
         cell = (voxel_size[0] * s_xy, voxel_size[1] * s_xy, voxel_size[2] * s_z)
-        sensor = tuple(float(v) for v in sensor) + (0.0,) * (3 - len(sensor))
+        if len(sensor) != 3:
+            raise ValueError(f"sensor: expected (x, y, z) in metres, got {tuple(sensor)}")
+        sensor = tuple(float(v) for v in sensor)
         return cls(tuple(float(v) for v in pc_range[:3]), cell,
                    (batch_size, *target_shape(full_shape, s_z, s_xy)), sensor, tuple(float(b) for b in bands))
 

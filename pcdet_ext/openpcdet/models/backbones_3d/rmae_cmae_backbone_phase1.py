@@ -209,7 +209,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
 
     def _check_sensor_inside(self) -> None:
         """LiDAR rays start at SENSOR_ORIGIN: it must lie inside POINT_CLOUD_RANGE (else no ray is traced)."""
-        origin = list(self.mask_cfg.sensor_origin) + [0.0] * (3 - len(self.mask_cfg.sensor_origin))
+        origin = list(self.mask_cfg.sensor_xyz)
         lo, hi = self.point_cloud_range[:3], self.point_cloud_range[3:]
         if not all(a <= o <= b for o, a, b in zip(origin, lo, hi)):
             raise ConfigError(f"MODEL.BACKBONE_3D.SENSOR_ORIGIN {origin} lies outside DATA_CONFIG.POINT_CLOUD_RANGE "
@@ -280,7 +280,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
                 p.sum() for n, p in self.named_parameters() if n in self._encoder_params)
         gen = torch.Generator().manual_seed(seed + 29)
         geometry = CellGeometry.of(batch_size, self.full_shape, self.voxel_size, self.point_cloud_range,
-                                   self.occ_cfg, self.mask_cfg.sensor_origin, self.mask_cfg.distance_thresholds)
+                                   self.occ_cfg, self.mask_cfg.sensor_xyz, self.mask_cfg.distance_thresholds)
         targets = occupancy_targets(coords, masked, batch_dict["points"], geometry, self.occ_cfg, gen)
         loss_occ = occupancy_loss(logits, targets, self.occ_cfg)
         tb = {"loss_occupancy": loss_occ.item(), "visible_voxels": float(n_vis),
