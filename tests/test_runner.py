@@ -1,6 +1,7 @@
 """The engine's one training loop and its hooks, on a tiny model (no OpenPCDet: ``forward`` is given)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from pcdet_ext.engine.runner import Hook, Runner
 
 def forward(model, batch):
     loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
-    return loss, {"mse": float(loss.detach())}, {}
+    # the term types heads put in tb_dict: python floats, numpy scalars, one-element tensors
+    return loss, {"mse": float(loss.detach()), "np_term": np.float32(1.5), "t_term": loss.detach(), "tag": "x"}, {}
 
 
 def data(n=8, seed=0):
@@ -112,5 +114,5 @@ def test_scalar_log_hook_every_n_steps():
     runner.run_steps(data(), 5)
     assert [s for s, _ in writer.rows] == [2, 4]
     keys = set(writer.rows[0][1])
-    assert {"train/loss", "train/mse", "meta_data/learning_rate/0", "meta_data/grad_norm",
-            "meta_data/iter_time", "meta_data/data_time"} <= keys
+    assert {"train/loss", "train/mse", "train/np_term", "train/t_term", "meta_data/learning_rate/0",
+            "meta_data/grad_norm", "meta_data/iter_time", "meta_data/data_time"} <= keys and "train/tag" not in keys

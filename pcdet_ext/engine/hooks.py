@@ -3,9 +3,12 @@ callbacks (EMA teacher), periodic work (validation) and OpenPCDet-format epoch c
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
+
+import torch
 
 from pcdet_ext.engine.optimization import group_lrs, scheduler_step
 from pcdet_ext.engine.runner import Hook, Runner, Step
@@ -70,7 +73,8 @@ class ScalarLogHook(Hook):
         if step.index % self.every:
             return
         values = {"train/loss": step.loss}
-        values.update({f"train/{k}": float(v) for k, v in step.tb_dict.items() if isinstance(v, (int, float))})
+        values.update({f"train/{k}": float(v) for k, v in step.tb_dict.items()
+                       if isinstance(v, numbers.Number) or (torch.is_tensor(v) and v.numel() == 1)})
         if runner.optimizer is not None:
             values.update({f"meta_data/learning_rate/{k}": v for k, v in group_lrs(runner.optimizer).items()})
         if step.grad_norm is not None:

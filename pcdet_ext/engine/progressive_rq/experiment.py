@@ -46,7 +46,7 @@ def split_overrides(pairs: Sequence[str]) -> Tuple[List[str], List[str]]:
             value = yaml.safe_load(raw)
             if not isinstance(value, dict) or not set(value) <= {"DET", "VQ", "CODEBOOK"}:
                 raise ConfigError(f"--set {key}: expected a mapping with keys DET, VQ, CODEBOOK, got {raw!r}")
-            items = [(f"{key}.{k}", yaml.safe_dump(v).strip().removesuffix("...").strip()) for k, v in value.items()]
+            items = [(f"{key}.{k}", yaml.safe_dump(v)) for k, v in value.items()]
         else:
             items = [(key, raw)]
         for name, val in items:
@@ -54,9 +54,10 @@ def split_overrides(pairs: Sequence[str]) -> Tuple[List[str], List[str]]:
             if target[:1].isupper():
                 theirs += [name, val]
                 continue
+            value = yaml.safe_load(val)
             if target in given:
-                agree(f"--set {given[target][0]}", given[target][1], f"--set {name}", yaml.safe_load(val))
-            given[target] = (name, yaml.safe_load(val))
+                agree(f"--set {given[target][0]}", given[target][1], f"--set {name}", value)
+            given[target] = (name, value)
             ours += [target, val]
     return ours, theirs
 
