@@ -81,9 +81,9 @@ def main():
                 plain_bytes = len(plain.encode(pts)[0])
                 hdr = read_header(data)
                 with torch.no_grad():
-                    feats, _ = runtime.head_features(model, dataset, pts, server.geo)
+                    feats, cells = runtime.head_features(model, dataset, pts, server.geo)
                 codes = model.quantizer.encode(feats).numpy()
-                model_bits = code_bits(codes, k, models)
+                model_bits = code_bits(codes, k, models, cells=cells)
                 grid = server.geo.height * server.geo.width
                 occupied = t["pillars"] if mode == "sparse" else int((feats.abs().sum(1) > 0).sum())
                 iid = grid * binary_entropy(occupied / grid) / 8

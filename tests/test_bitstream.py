@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcdet_ext.algorithms.bitstream import BitstreamError, GridGeometry, ProbabilityModels, decode_frame, encode_frame, read_header
-from pcdet_ext.algorithms.bitstream.codec import HEADER
+from pcdet_ext.algorithms.bitstream.codec import HEADER, code_bits
 from pcdet_ext.algorithms.rate import binary_entropy
 
 GEO = GridGeometry(height=96, width=80, sensor_row=48.0, sensor_col=0.0, cell_m=0.32, levels=4)
@@ -210,9 +210,10 @@ def test_rare_contexts_escape_to_the_order_zero_model():
 
 def test_state_without_context_tables_still_decodes_with_order_zero():
     state = MODELS.to_state()
-    del state["pair_counts"]
+    for key in ("pair_counts", "spatial_counts", "spatial_codebooks"):
+        del state[key]
     old = ProbabilityModels.from_state(state)
-    assert old.pair_counts is None and old.context_probs(1, 64) is None
+    assert old.pair_counts is None and old.context_probs(1, 64) is None and not old.uses_spatial(64)
     mid = old.identifier(np.zeros((3, 64, 8)))
     cells, codes = frame()
     out = decode_frame(encode_frame(cells, codes, 64, old, mid), old, mid, 3, 64)
@@ -229,6 +230,11 @@ def _broken(edit):
     (lambda s: s["pair_counts"].__setitem__("64", np.zeros((3, 64, 32), dtype=int).tolist()),
      r"pair_counts\['64'\] has shape \(3, 64, 32\), expected \(3, 64, 64\)"),
     (lambda s: s["pair_counts"].pop("16"), r"pair_counts sizes \[64\] differ from code_counts sizes \[16, 64\]"),
+    (lambda s: s["spatial_counts"].__setitem__("16", np.zeros((3, 16, 16), dtype=int).tolist()),
+     r"spatial_counts\['16'\] has shape \(3, 16, 16\), expected \(3, 17, 16\)"),
+    (lambda s: s.pop("spatial_codebooks"), r"'spatial_codebooks' must map each size k"),
+    (lambda s: s["spatial_codebooks"].__setitem__("64", [0, 2, 1]), r"spatial_codebooks\['64'\] must hold 0/1"),
+    (lambda s: s["spatial_codebooks"].__setitem__("64", [0, 1]), r"spatial_codebooks\['64'\] has shape"),
     (lambda s: s["code_counts"].__setitem__("16", (-np.ones((3, 16), dtype=int)).tolist()),
      r"code_counts\['16'\] must hold non-negative integer counts"),
     (lambda s: s["code_counts"].__setitem__("16", np.full((3, 16), 0.5).tolist()),
@@ -241,3 +247,75 @@ def _broken(edit):
 def test_malformed_model_tables_are_refused_naming_the_key(edit, match):
     with pytest.raises(BitstreamError, match=match):
         ProbabilityModels.from_state(_broken(edit))
+
+
+def smooth_codes(rng, geo, n, k, follow=0.85):
+    """Codes of a dense grid where most cells repeat their neighbours' code (as neighbouring pillars
+    of real BEV features do), each codebook its own piecewise-constant field."""
+    rows, cols = np.indices((geo.height, geo.width))
+    codes = np.zeros((geo.height * geo.width, n), dtype=np.int64)
+    for c in range(n):
+        field = rng.integers(0, k, (geo.height // 8 + 1, geo.width // 8 + 1))[rows // 8, cols // 8].ravel()
+        codes[:, c] = np.where(rng.random(len(field)) < follow, field, rng.integers(0, k, len(field)))
+    return codes
+
+
+def spatial_and_plain(rng, n=3, sizes=SIZES, frames=8):
+    spatial = ProbabilityModels.empty(GEO, n, sizes)
+    plain = ProbabilityModels.empty(GEO, n, sizes, context=False)
+    for _ in range(frames):
+        occ = lidar_like_occupancy(rng)
+        cells = np.flatnonzero(occ.ravel())
+        by_k = {k: smooth_codes(rng, GEO, n, k)[cells] for k in sizes}
+        rng.shuffle(order := np.arange(len(cells)))  # rows in any order, matched by cells
+        for models in (spatial, plain):
+            models.observe(occ, {k: v[order] for k, v in by_k.items()}, cells=cells[order])
+    return spatial, plain
+
+
+def test_phase_neighbours_point_at_earlier_phases_only():
+    from pcdet_ext.algorithms.bitstream.codec import PHASE_NEIGHBOURS
+    for phase, offsets in enumerate(PHASE_NEIGHBOURS):
+        r, c = phase // 2, phase % 2
+        for dr, dc in offsets:
+            assert ((r + dr) % 2) * 2 + (c + dc) % 2 < phase, (phase, dr, dc)
+
+
+def test_spatial_contexts_cut_bytes_on_smooth_codes_and_stay_lossless():
+    rng = np.random.default_rng(11)
+    spatial, plain = spatial_and_plain(rng)
+    assert spatial.uses_spatial(64) and spatial.spatial_codebooks(64).all()
+    occ = lidar_like_occupancy(rng)
+    cells = np.flatnonzero(occ.ravel())
+    sizes = {}
+    for k in SIZES:
+        codes = smooth_codes(rng, GEO, 3, k)[cells]
+        for name, models in (("spatial", spatial), ("order-0", plain)):
+            mid = models.identifier(np.zeros((3, 64, 8)))
+            for n in (1, 3):
+                perm = rng.permutation(len(cells))
+                data = encode_frame(cells[perm], codes[perm, :n], k, models, mid)
+                out = decode_frame(data, models, mid, 3, 64)
+                assert np.array_equal(out.cells, cells) and np.array_equal(out.codes, codes[:, :n])  # bit-exact
+            hdr = read_header(data)
+            sizes[name, k] = 4 * hdr["code_words"]
+            ideal = code_bits(codes, k, models, cells=cells)
+            assert 4 * hdr["code_words"] * 8 <= ideal * 1.02 + 64  # the coder charges what the model says
+    for k in SIZES:
+        assert sizes["spatial", k] < 0.8 * sizes["order-0", k], sizes
+    # dense mode: every cell, the same contexts
+    codes = smooth_codes(rng, GEO, 2, 16)
+    mid = spatial.identifier(np.zeros((3, 64, 8)))
+    dense = encode_frame(np.arange(len(codes)), codes, 16, spatial, mid, dense=True)
+    assert np.array_equal(decode_frame(dense, spatial, mid, 3, 64).codes, codes)
+
+
+def test_spatial_tables_are_not_chosen_where_they_do_not_help():
+    rng = np.random.default_rng(4)
+    models = ProbabilityModels.empty(GEO, 3, (64,))
+    for _ in range(6):  # codebook 1 follows codebook 0, no spatial structure anywhere
+        occ = lidar_like_occupancy(rng)
+        models.observe(occ, {64: correlated_codes(rng, int(occ.sum()), 3, 64)})
+    assert not models.spatial_codebooks(64)[1]  # the previous-code context stays
+    again = ProbabilityModels.from_state(models.to_state())
+    assert np.array_equal(again.spatial_codebooks(64), models.spatial_codebooks(64))

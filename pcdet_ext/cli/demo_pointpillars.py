@@ -7,6 +7,7 @@ training -> KITTI-metric evaluation -> an OpenPCDet checkpoint.
 Every number it prints comes from this run.
 """
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -48,19 +49,30 @@ def overrides(layout: str) -> list:
             f"DATA_CONFIG.DATA_PROCESSOR.{voxel_index}.VOXEL_SIZE", str(LAYOUTS[layout]["voxel"])]
 
 
+def write_dataset(data: Path, layout: str, num_frames: int, seed: int) -> None:
+    """Frames and OpenPCDet infos, built beside ``data`` and renamed into place only when complete,
+    so an interrupted or failed run (e.g. OpenPCDet not importable) leaves nothing a rerun would
+    take for a finished set."""
+    spec = LAYOUTS[layout]
+    partial = data.with_name(data.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if layout == "kitti":
+        synthetic_writer.write_kitti(partial, num_frames, seed, spec=spec["scene"])
+        create_infos.create_kitti(partial, workers=1)
+    else:
+        synthetic_writer.write_custom(partial, num_frames, seed, spec=spec["scene"])
+        create_infos.create_custom(partial, synthetic_writer.CONSTRUCTION_CLASSES,
+                                   dataset_cfg=find_config("cfgs/dataset_configs/custom_dataset_isarc.yaml"), workers=1)
+    partial.rename(data)
+
+
 def run(args) -> tuple:
     """Data, infos, training, evaluation, checkpoint. Returns (data root, checkpoint path)."""
     torch.manual_seed(args.seed)
     spec = LAYOUTS[args.layout]
     data = args.out / f"synthetic_{args.layout}_{args.num_frames}f_s{args.seed}"
-    if not (data / "ImageSets").is_dir():
-        if args.layout == "kitti":
-            synthetic_writer.write_kitti(data, args.num_frames, args.seed, spec=spec["scene"])
-            create_infos.create_kitti(data, workers=1)
-        else:
-            synthetic_writer.write_custom(data, args.num_frames, args.seed, spec=spec["scene"])
-            create_infos.create_custom(data, synthetic_writer.CONSTRUCTION_CLASSES,
-                                       dataset_cfg=find_config("cfgs/dataset_configs/custom_dataset_isarc.yaml"), workers=1)
+    if not data.is_dir():
+        write_dataset(data, args.layout, args.num_frames, args.seed)
     cfg = cfg_from_yaml_file(find_config(spec["cfg"]))
     cfg_from_list(overrides(args.layout), cfg)
     (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(

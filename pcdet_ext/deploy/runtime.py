@@ -48,8 +48,8 @@ def head_features(model, dataset, points: np.ndarray, geo: GridGeometry) -> Tupl
 def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: Sequence[int],
                            context: bool = True) -> ProbabilityModels:
     """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
-    trained codebooks; with ``context`` also given the previous codebook's code) from training
-    frames, on exactly what the edge codes."""
+    trained codebooks; with ``context`` also given the previous codebook's code and given a
+    neighbouring pillar's code) from training frames, on exactly what the edge codes."""
     from pcdet_ext.engine.progressive_rq.evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
@@ -68,7 +68,7 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
         for k in sizes:
             with operating_point(q, depth, k):
                 by_k[int(k)] = q.encode(feats).cpu().numpy()
-        models.observe(occ, by_k)
+        models.observe(occ, by_k, cells=cells)
     return models
 
 

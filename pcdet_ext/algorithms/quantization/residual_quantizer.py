@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pcdet_ext.algorithms.quantization.nn_search import DEFAULT_CHUNK, kmeans_pp, lloyd, nearest
+from pcdet_ext.algorithms.quantization.nn_search import kmeans_pp, lloyd, nearest
 
 MODES = ("ema", "gradient")
 
@@ -63,7 +63,7 @@ class ResidualQuantizer(nn.Module):
     def __init__(self, dim: int = 64, num_codebooks: int = 5, codebook_size: int = 256, decay: float = 0.99,
                  schedule: Sequence[int] = (16, 32, 64, 128, 256), adapter_dim: Optional[int] = None,
                  operating_point_training: bool = True, freeze_earlier: bool = True,
-                 dead_threshold: float = 0.01, eps: float = 1e-5, chunk_size: int = DEFAULT_CHUNK,
+                 dead_threshold: float = 0.01, eps: float = 1e-5, chunk_size: Optional[int] = None,
                  lloyd_iterations: int = 4):
         super().__init__()
         if num_codebooks < 1:

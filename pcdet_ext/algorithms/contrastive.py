@@ -1,0 +1,133 @@
+"""Voxel- and frame-level contrastive losses of CMAE-3D style pretraining (pure torch).
+
+Voxel level: student and EMA-teacher projections of the same sites are positives; the other
+sampled sites of the batch are negatives, softened by relational targets (teacher-teacher
+similarities) so that look-alike sites (ground next to ground) are not pushed apart as hard
+negatives. Frame level: pooled frame embeddings against a queue of earlier teacher embeddings,
+with negatives from the same drive sequence masked out (consecutive frames are near-duplicates).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _check_temperature(name: str, t: float) -> None:
+    if not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"{name}: expected a temperature > 0, got {t!r}")
+
+
+def sample_sites(num: int, max_samples: int, generator: Optional[torch.Generator] = None,
+                 device=None) -> torch.Tensor:
+    """Indices of at most ``max_samples`` of ``num`` sites, uniformly without replacement."""
+    if num <= max_samples:
+        return torch.arange(num, device=device)
+    return torch.randperm(num, generator=generator, device="cpu")[:max_samples].to(device)
+
+
+def relational_targets(teacher: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+    """[N, N] soft targets: ``(1 - weight) x identity + weight x softmax(t t^T / temperature)``."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"relational target weight: expected [0, 1], got {weight}")
+    eye = torch.eye(len(teacher), device=teacher.device, dtype=teacher.dtype)
+    if weight == 0.0:
+        return eye
+    return (1.0 - weight) * eye + weight * torch.softmax(teacher @ teacher.t() / temperature, dim=1)
+
+
+def voxel_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.07,
+                  relational_weight: float = 0.2, relational_temperature: float = 0.1,
+                  hard_negative_ratio: Optional[float] = None) -> torch.Tensor:
+    """InfoNCE between L2-normalised student [N, D] and teacher [N, D] projections of the same N
+    sites (row i of each is one site). ``hard_negative_ratio``: keep only that share of each row's
+    negatives, the most similar ones (the positive always stays)."""
+    _check_temperature("CONTRASTIVE_TEMPERATURE", temperature)
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student and teacher projections must both be [N, D], got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.detach().float(), dim=1)
+    logits = s @ t.t() / temperature
+    target = relational_targets(t, relational_temperature, relational_weight)
+    if hard_negative_ratio is not None and len(s) > 2:
+        if not 0.0 < hard_negative_ratio <= 1.0:
+            raise ValueError(f"HARD_NEGATIVE_RATIO: expected (0, 1], got {hard_negative_ratio}")
+        keep = max(1, int(round(hard_negative_ratio * (len(s) - 1))))
+        eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+        neg = logits.detach().masked_fill(eye, float("-inf"))
+        thresh = neg.topk(keep, dim=1).values[:, -1:]
+        drop = (neg < thresh) & ~eye
+        logits = logits.masked_fill(drop, float("-inf"))
+        target = target.masked_fill(drop, 0.0)
+        target = target / target.sum(1, keepdim=True)
+    log_p = torch.log_softmax(logits, dim=1)
+    return -(target * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(1).mean()
+
+
+@torch.no_grad()
+def top1_retrieval(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Share of sites whose nearest teacher projection (cosine) is their own."""
+    s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
+    return float(((s @ t.t()).argmax(1) == torch.arange(len(s), device=s.device)).float().mean())
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class FrameQueue(nn.Module):
+    """FIFO memory of teacher frame embeddings and their sequence ids (MoCo), shared by all ranks:
+    each step every rank enqueues the gathered global batch, so the queues stay identical."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"MEMORY_BANK_SIZE: expected >= 1, got {size}")
+        self.size = size
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("sequence", torch.full((size,), -1, dtype=torch.long))  # -1: never filled
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, sequence: torch.Tensor) -> None:
+        keys, sequence = F.normalize(keys.detach().float(), dim=1), sequence.long()
+        if _world() > 1:
+            keys, sequence = _gather(keys), _gather(sequence)
+        n = len(keys)
+        if self.size % n:
+            raise ValueError(f"MEMORY_BANK_SIZE {self.size} must be a multiple of the global batch size {n}")
+        p = int(self.pointer)
+        self.keys[p:p + n] = keys
+        self.sequence[p:p + n] = sequence
+        self.pointer.fill_((p + n) % self.size)
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    out = [torch.empty_like(x) for _ in range(_world())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def frame_infonce(student: torch.Tensor, teacher: torch.Tensor, sequence: torch.Tensor, queue: FrameQueue,
+                  temperature: float = 0.1, max_negatives: Optional[int] = None) -> torch.Tensor:
+    """InfoNCE of frame embeddings: student [B, D] against its own teacher embedding (positive), the
+    other frames of the batch and the queue (negatives), leaving out negatives of the same drive
+    sequence (``sequence`` [B] ids; near-duplicates, not negatives) and never-filled queue slots."""
+    _check_temperature("FRAME_TEMPERATURE", temperature)
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.detach().float(), dim=1)
+    bank, bank_seq = queue.keys, queue.sequence
+    if max_negatives is not None and len(bank) > max_negatives:
+        bank, bank_seq = bank[-max_negatives:], bank_seq[-max_negatives:]
+    pos = (s * t).sum(1, keepdim=True)
+    in_batch = s @ t.t()
+    same = sequence[:, None] == sequence[None, :]  # includes the diagonal (the positive itself)
+    in_batch = in_batch.masked_fill(same, float("-inf"))
+    from_bank = (s @ bank.t()).masked_fill((bank_seq[None, :] == sequence[:, None]) | (bank_seq[None, :] < 0),
+                                           float("-inf"))
+    logits = torch.cat([pos, in_batch, from_bank], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long, device=s.device))
