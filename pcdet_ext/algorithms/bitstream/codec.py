@@ -239,22 +239,9 @@ class ProbabilityModels:
         depth = {t.shape[0] for t in codes.values()}
         if len(depth) > 1:
             raise BitstreamError(f"bitstream models: code_counts tables hold different numbers of codebooks {sorted(depth)}")
-        pairs = None
-        if "pair_counts" in state:
-            pairs = {int(k): _counts(v, f"pair_counts['{k}']") for k, v in _mapping(state, "pair_counts").items()}
-            if set(pairs) != set(codes):
-                raise BitstreamError(f"bitstream models: pair_counts sizes {sorted(pairs)} differ from code_counts "
-                                     f"sizes {sorted(codes)}")
-            for k, t in pairs.items():
-                _shape(t, (codes[k].shape[0], k, k), f"pair_counts['{k}']")
-        spatial = None
-        if "spatial_counts" in state:
-            spatial = {int(k): _counts(v, f"spatial_counts['{k}']") for k, v in _mapping(state, "spatial_counts").items()}
-            if set(spatial) != set(codes):
-                raise BitstreamError(f"bitstream models: spatial_counts sizes {sorted(spatial)} differ from "
-                                     f"code_counts sizes {sorted(codes)}")
-            for k, t in spatial.items():
-                _shape(t, (codes[k].shape[0], k + 1, k), f"spatial_counts['{k}']")
+        pairs = _sized_tables(state, "pair_counts", codes, lambda k: (codes[k].shape[0], k, k))
+        spatial = _sized_tables(state, "spatial_counts", codes, lambda k: (codes[k].shape[0], k + 1, k))
+        if spatial is not None:
             choice = {int(k): _counts(v, f"spatial_codebooks['{k}']") for k, v in
                       _mapping(state, "spatial_codebooks").items()}
             for k in spatial:
@@ -297,6 +284,20 @@ def _held_out_bits(counts: np.ndarray, prior: np.ndarray, alpha: float, min_coun
     p = (counts - 1 + alpha * prior) / np.maximum(n - 1 + alpha, 1e-12)
     p = np.where(n >= min_count, p, prior)
     return float(-(counts * np.log2(np.where(counts > 0, p, 1.0))).sum() / total)
+
+
+def _sized_tables(state: Dict[str, object], key: str, codes: Dict[int, np.ndarray], shape) -> Optional[Dict]:
+    """The optional per-size count tables under ``key`` (None if absent), each of ``shape(k)``,
+    for exactly the sizes of ``codes``."""
+    if key not in state:
+        return None
+    tables = {int(k): _counts(v, f"{key}['{k}']") for k, v in _mapping(state, key).items()}
+    if set(tables) != set(codes):
+        raise BitstreamError(f"bitstream models: {key} sizes {sorted(tables)} differ from code_counts sizes "
+                             f"{sorted(codes)}")
+    for k, t in tables.items():
+        _shape(t, shape(k), f"{key}['{k}']")
+    return tables
 
 
 def _mapping(state: Dict[str, object], key: str) -> Dict:
