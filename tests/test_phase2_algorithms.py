@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from pcdet_ext.algorithms.contrastive import FrameQueue, frame_infonce, top1_retrieval, voxel_infonce
+from pcdet_ext.algorithms.contrastive import (FrameQueue, ProjectionHead, check_queue_size, frame_infonce,
+                                             top1_retrieval, voxel_infonce)
 from pcdet_ext.algorithms.loss_balancing import LossBalancer
 from pcdet_ext.algorithms.mlfr import (nearest_visible_baseline, reconstruction_loss, sinusoidal_position,
                                        teacher_site_inputs)
@@ -104,7 +105,18 @@ def test_frame_queue_and_sequence_aware_negatives():
     other = frame_infonce(s, t, seq, q3)
     assert other > same
     with pytest.raises(ValueError, match="multiple of the global batch"):
-        FrameQueue(6, 16).enqueue(torch.randn(4, 16), seq)
+        check_queue_size(6, 4)
+    short = FrameQueue(6, 16)  # a short last batch of an epoch wraps around
+    short.enqueue(torch.randn(4, 16), seq), short.enqueue(torch.randn(4, 16), seq + 10)
+    assert int(short.pointer) == 2 and short.sequence.tolist() == [11, 12, 1, 2, 10, 10]
+    # a window: only frames at most `window` indices apart in one sequence are near-duplicates
+    idx = torch.tensor([0, 50, 0, 0])
+    q4 = FrameQueue(4, 16)
+    q4.enqueue(torch.stack([s.detach()[0]] * 4), torch.tensor([0, 0, 0, 0]), torch.tensor([1, 2, 3, 100]))
+    windowed = frame_infonce(s, t, seq, q4, index=idx, window=10)
+    whole = frame_infonce(s, t, seq, q4, index=idx)
+    assert windowed > whole  # frame index 100 is a negative again under the window
+    assert frame_infonce(s, t, seq, q4, index=idx, window=10, max_negatives=3) < windowed  # the newest three only
     with pytest.raises(ValueError, match="FRAME_TEMPERATURE"):
         frame_infonce(s, t, seq, q, temperature=-1)
 
@@ -134,3 +146,8 @@ def test_loss_balancer_fixed_and_uncertainty():
     with pytest.raises(KeyError, match="no weight"):
         LossBalancer({"mlfr": 1.0})({"other": torch.tensor(1.0)})
     assert math.isfinite(eff["mlfr"])
+
+
+def test_projection_head_any_number_of_rows():
+    head = ProjectionHead(16, 8).train()
+    assert head(torch.randn(1, 16)).shape == (1, 8) and head(torch.randn(0, 16)).shape == (0, 8)

@@ -8,7 +8,9 @@ with negatives from the same drive sequence masked out (consecutive frames are n
 """
 from __future__ import annotations
 
-from typing import Optional
+import re
+import zlib
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,8 +82,10 @@ def _world() -> int:
 
 
 class FrameQueue(nn.Module):
-    """FIFO memory of teacher frame embeddings and their sequence ids (MoCo), shared by all ranks:
-    each step every rank enqueues the gathered global batch, so the queues stay identical."""
+    """FIFO memory of teacher frame embeddings with their drive-sequence ids and frame indices
+    (MoCo), shared by all ranks: each step every rank enqueues the gathered global batch, so the
+    queues stay identical. The tools check up front that ``size`` is a multiple of the global batch;
+    a shorter last batch of an epoch wraps around."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -90,20 +94,31 @@ class FrameQueue(nn.Module):
         self.size = size
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("sequence", torch.full((size,), -1, dtype=torch.long))  # -1: never filled
+        self.register_buffer("index", torch.zeros(size, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, sequence: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, sequence: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+        """Add ``keys`` [B, D] of frames ``sequence`` [B] (ids >= 0), ``index`` [B] (frame numbers)."""
         keys, sequence = F.normalize(keys.detach().float(), dim=1), sequence.long()
+        index = torch.zeros_like(sequence) if index is None else index.long()
         if _world() > 1:
-            keys, sequence = _gather(keys), _gather(sequence)
+            keys, sequence, index = _gather(keys), _gather(sequence), _gather(index)
         n = len(keys)
-        if self.size % n:
-            raise ValueError(f"MEMORY_BANK_SIZE {self.size} must be a multiple of the global batch size {n}")
-        p = int(self.pointer)
-        self.keys[p:p + n] = keys
-        self.sequence[p:p + n] = sequence
-        self.pointer.fill_((p + n) % self.size)
+        if n > self.size:
+            raise ValueError(f"MEMORY_BANK_SIZE {self.size} is smaller than the global batch size {n}")
+        slots = (int(self.pointer) + torch.arange(n, device=self.keys.device)) % self.size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.sequence[slots] = sequence
+        self.index[slots] = index
+        self.pointer.fill_((int(self.pointer) + n) % self.size)
+
+
+def check_queue_size(size: int, global_batch: int) -> None:
+    """MoCo's rule: the queue holds a whole number of global batches."""
+    if global_batch < 1 or size % global_batch:
+        raise ValueError(f"FRAME_CONTRASTIVE_CONFIG.MEMORY_BANK_SIZE {size} must be a multiple of the global batch "
+                         f"size {global_batch} (batch size per process x processes)")
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -112,22 +127,66 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _near_duplicates(seq_a: torch.Tensor, idx_a: torch.Tensor, seq_b: torch.Tensor, idx_b: torch.Tensor,
+                     window: Optional[int]) -> torch.Tensor:
+    """[A, B] True where frame a and frame b are of one sequence and (``window`` given) at most
+    ``window`` frames apart."""
+    same = seq_a[:, None] == seq_b[None, :]
+    if window is not None:
+        same &= (idx_a[:, None] - idx_b[None, :]).abs() <= window
+    return same
+
+
 def frame_infonce(student: torch.Tensor, teacher: torch.Tensor, sequence: torch.Tensor, queue: FrameQueue,
-                  temperature: float = 0.1, max_negatives: Optional[int] = None) -> torch.Tensor:
+                  temperature: float = 0.1, max_negatives: Optional[int] = None,
+                  index: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
     """InfoNCE of frame embeddings: student [B, D] against its own teacher embedding (positive), the
-    other frames of the batch and the queue (negatives), leaving out negatives of the same drive
-    sequence (``sequence`` [B] ids; near-duplicates, not negatives) and never-filled queue slots."""
+    other frames of the batch and the newest ``max_negatives`` of the queue (negatives), leaving out
+    near-duplicates (same ``sequence`` id and, with ``window``, at most ``window`` frame ``index``
+    numbers apart: consecutive frames of a drive are not negatives) and never-filled queue slots."""
     _check_temperature("FRAME_TEMPERATURE", temperature)
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
-    bank, bank_seq = queue.keys, queue.sequence
-    if max_negatives is not None and len(bank) > max_negatives:
-        bank, bank_seq = bank[-max_negatives:], bank_seq[-max_negatives:]
+    index = torch.zeros_like(sequence) if index is None else index
+    order = (int(queue.pointer) - 1 - torch.arange(queue.size, device=s.device)) % queue.size  # newest first
+    if max_negatives is not None:
+        order = order[:max_negatives]
+    bank, bank_seq, bank_idx = queue.keys[order], queue.sequence[order], queue.index[order]
     pos = (s * t).sum(1, keepdim=True)
-    in_batch = s @ t.t()
-    same = sequence[:, None] == sequence[None, :]  # includes the diagonal (the positive itself)
-    in_batch = in_batch.masked_fill(same, float("-inf"))
-    from_bank = (s @ bank.t()).masked_fill((bank_seq[None, :] == sequence[:, None]) | (bank_seq[None, :] < 0),
-                                           float("-inf"))
+    in_batch = (s @ t.t()).masked_fill(_near_duplicates(sequence, index, sequence, index, window)
+                                       | torch.eye(len(s), dtype=torch.bool, device=s.device), float("-inf"))
+    from_bank = (s @ bank.t()).masked_fill(_near_duplicates(sequence, index, bank_seq, bank_idx, window)
+                                           | (bank_seq[None, :] < 0), float("-inf"))
     logits = torch.cat([pos, in_batch, from_bank], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long, device=s.device))
+
+
+class ProjectionHead(nn.Module):
+    """Linear-LayerNorm-ReLU-Linear projection of features [N, C] to [N, D] (SimCLR / MoCo v2 with
+    LayerNorm: any N, no cross-rank statistics)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = hidden or max(in_dim, out_dim)
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+def frame_sequence_ids(frame_ids: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sequence id [B], frame index [B]) from dataset frame ids: the trailing number is the frame
+    index, what precedes it names the drive (``segment-123_with_camera_labels_042`` -> sequence
+    ``segment-123_with_camera_labels_``, index 42; KITTI's ``000123`` -> one unnamed sequence, 123);
+    sequence ids are stable across processes (CRC32 of the name)."""
+    seqs, idx = [], []
+    for fid in frame_ids:
+        m = _TRAILING_NUMBER.match(str(fid))
+        name, number = (m.group(1), int(m.group(2))) if m else (str(fid), 0)
+        seqs.append(zlib.crc32(name.encode()) & 0x7FFFFFFF)
+        idx.append(number)
+    return torch.tensor(seqs, dtype=torch.long), torch.tensor(idx, dtype=torch.long)

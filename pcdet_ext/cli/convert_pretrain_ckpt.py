@@ -1,6 +1,6 @@
-"""Phase 1 pretraining checkpoint -> fine-tuning weights: keep the student (or the EMA teacher)
-encoder as ``backbone_3d.*`` (plus the VFE), drop decoder / teacher / projection / masking state,
-and report coverage against a fine-tune config.
+"""Phase 1 or Phase 2 pretraining checkpoint -> fine-tuning weights: keep the student (or the EMA
+teacher) encoder as ``backbone_3d.*`` (plus the VFE), drop decoders / mask tokens / teacher /
+projection heads / frame queue / masking state, and report coverage against a fine-tune config.
 
     python tools/convert_pretrain_ckpt.py --ckpt output/.../ckpt/checkpoint_epoch_30.pth \\
         --out pretrained_backbone.pth [--use teacher] \\
@@ -13,13 +13,13 @@ from pathlib import Path
 from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
                                         read_weights)
-from pcdet_ext.engine.convert import convert_phase1
+from pcdet_ext.engine.convert import convert_pretrain
 from pcdet_ext.utils.checkpoint import atomic_save
 
 
 def main(argv=None, repo: Path = REPO_ROOT) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="Phase 1 pretraining checkpoint")
+    p.add_argument("--ckpt", required=True, help="Phase 1 or Phase 2 pretraining checkpoint")
     p.add_argument("--out", required=True, help="output .pth (OpenPCDet format, model_state only)")
     p.add_argument("--use", choices=["student", "teacher"], default="student")
     p.add_argument("--cfg_file", default=None, help="fine-tune config to report coverage against")
@@ -27,7 +27,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     args = p.parse_args(argv)
     try:
         weights = read_weights(args.ckpt)
-        kept, dropped = convert_phase1(weights, args.use)
+        kept, dropped = convert_pretrain(weights, args.use)
     except (PretrainedWeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

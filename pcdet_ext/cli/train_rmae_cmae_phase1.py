@@ -13,6 +13,7 @@ main process logs the masked-occupancy AP on the test split (fixed masks) beside
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.config import ConfigError
@@ -28,10 +29,13 @@ from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
 
 
-def check_pretraining(cfg) -> None:
-    if cfg.MODEL.get("NAME") != "RMAECMAEDetectorPhase1" or not cfg.MODEL.BACKBONE_3D.get("PRETRAINING", False):
-        raise ConfigError("MODEL: this tool pretrains; expected NAME RMAECMAEDetectorPhase1 with "
-                          "BACKBONE_3D.PRETRAINING: True (fine-tune with tools/train.py)")
+def pretraining_check(detector: str) -> Callable:
+    """The config check of a pretraining tool: ``MODEL.NAME`` ``detector`` with ``PRETRAINING: True``."""
+    def check(cfg) -> None:
+        if cfg.MODEL.get("NAME") != detector or not cfg.MODEL.BACKBONE_3D.get("PRETRAINING", False):
+            raise ConfigError(f"MODEL: this tool pretrains; expected NAME {detector} with "
+                              "BACKBONE_3D.PRETRAINING: True (fine-tune with tools/train.py)")
+    return check
 
 
 def validation_loader(run):
@@ -63,18 +67,25 @@ def validate(run, loader, epoch: int, iteration: int) -> None:
                         for key, val in row.items()}, iteration)
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
-    parser = add_train_args(argparse.ArgumentParser(description=__doc__,
-                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable] = None,
+             new_modules: Sequence[str] = ()) -> int:
+    """The pretraining tool of ``detector``: OpenPCDet's flags, checks, resume, the EMA teacher step
+    after every optimizer step, occupancy validation. ``setup(run)`` runs before the first step
+    (a ConfigError there is reported like any other); ``new_modules``: backbone parts a
+    ``--pretrained_model`` need not hold."""
+    parser = add_train_args(argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
     parser.add_argument("--val_interval", type=int, default=1,
                         help="validate masked-occupancy AP on the test split every N epochs (0: never)")
     args = parser.parse_args(argv)
+    check = pretraining_check(detector)
     try:
         if args.preflight_only:
-            check_training_inputs(args, repo, check_pretraining)
+            check_training_inputs(args, repo, check)
             return 0
-        run = prepare_training(args, repo, check_cfg=check_pretraining, dataset_hook=allow_unlabelled)
+        run = prepare_training(args, repo, check_cfg=check, dataset_hook=allow_unlabelled, new_modules=new_modules)
+        if setup is not None:
+            setup(run)
     except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,3 +101,6 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     run.finish()
     return 0
 
+
+def main(argv=None, repo: Path = REPO_ROOT) -> int:
+    return pretrain(argv, repo, "RMAECMAEDetectorPhase1", __doc__)

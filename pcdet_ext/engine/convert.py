@@ -1,4 +1,5 @@
-"""Phase 1 checkpoint weights -> encoder weights for fine-tuning (tools/convert_pretrain_ckpt.py)."""
+"""Phase 1 / Phase 2 pretraining checkpoint weights -> encoder weights for fine-tuning
+(tools/convert_pretrain_ckpt.py)."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -6,18 +7,20 @@ from typing import Dict, List, Tuple
 import torch
 
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ADDED_MODULES
+from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase2 import PHASE2_ADDED_MODULES
 
 PRETRAIN_STATE = ("backbone_3d.mask_step", "global_step")
 
 
-def convert_phase1(weights: Dict[str, torch.Tensor], use: str = "student"
-                   ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+def convert_pretrain(weights: Dict[str, torch.Tensor], use: str = "student"
+                     ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Keep ``backbone_3d.<encoder>`` from the student, or from ``backbone_3d.teacher`` renamed onto
-    the student's names, plus every non-backbone module (e.g. ``vfe``); drop the decoder, teacher,
-    projection heads, masking state and the pretraining step counter. Returns ``(kept, dropped_keys)``."""
+    the student's names, plus every non-backbone module (e.g. ``vfe``); drop the decoders (occupancy,
+    MLFR with its mask tokens), teacher, projection heads, frame queue, loss balancer, masking state and
+    the pretraining step counter. Returns ``(kept, dropped_keys)``."""
     if use not in ("student", "teacher"):
         raise ValueError(f"--use: expected 'student' or 'teacher', got {use!r}")
-    extra = tuple(f"backbone_3d.{m}." for m in ADDED_MODULES) + PRETRAIN_STATE
+    extra = tuple(f"backbone_3d.{m}." for m in ADDED_MODULES + PHASE2_ADDED_MODULES) + PRETRAIN_STATE
     teacher = {k[len("backbone_3d.teacher."):]: v for k, v in weights.items() if k.startswith("backbone_3d.teacher.")}
     if use == "teacher" and not teacher:
         raise ValueError("--use teacher: the checkpoint has no backbone_3d.teacher.* (ENABLE_TEACHER_STUDENT was off)")
@@ -33,5 +36,5 @@ def convert_phase1(weights: Dict[str, torch.Tensor], use: str = "student"
         else:
             kept[key] = val
     if not any(k.startswith("backbone_3d.") for k in kept):
-        raise ValueError("no backbone_3d.* weights in the checkpoint: not a Phase 1 pretraining checkpoint")
+        raise ValueError("no backbone_3d.* weights in the checkpoint: not an R-MAE pretraining checkpoint")
     return kept, dropped

@@ -36,8 +36,20 @@ def apply_loss_config(cfg) -> None:
     backbone = (cfg.get("MODEL") or {}).get("BACKBONE_3D")
     if backbone is None:
         raise ConfigError("LOSS_CONFIG: given, but the model has no MODEL.BACKBONE_3D to apply it to")
-    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import apply_loss_config as fold
-    fold(cfg.LOSS_CONFIG, backbone)
+    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
+    (_rmae_backbone(backbone) or RMAECMAEBackbonePhase1).fold_loss_config(cfg.LOSS_CONFIG, backbone)
+
+
+def _rmae_backbone(backbone) -> Optional[type]:
+    """The R-MAE backbone class a ``MODEL.BACKBONE_3D`` names, or None for any other backbone."""
+    name = backbone.get("NAME")
+    if name == "RMAECMAEBackbonePhase1":
+        from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
+        return RMAECMAEBackbonePhase1
+    if name == "RMAECMAEBackbonePhase2":
+        from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase2 import RMAECMAEBackbonePhase2
+        return RMAECMAEBackbonePhase2
+    return None
 
 
 def check_model(cfg) -> None:
@@ -182,8 +194,7 @@ def check_config(cfg) -> None:
     if model.get("NAME") == "PointPillarRQ":
         from pcdet_ext.openpcdet.models.bottlenecks.rq_bottleneck import parse_rq_config
         parse_rq_config(model.get("RQ_BOTTLENECK"))
-    backbone = model.get("BACKBONE_3D") or {}
-    if backbone.get("NAME") == "RMAECMAEBackbonePhase1":
-        from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import parse_backbone_cfg
-        parse_backbone_cfg(backbone)
+    backbone_cls = _rmae_backbone(model.get("BACKBONE_3D") or {})
+    if backbone_cls is not None:
+        backbone_cls.check_config(model.BACKBONE_3D)
     check_model(cfg)

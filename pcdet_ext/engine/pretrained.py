@@ -35,14 +35,24 @@ def read_weights(path) -> Dict[str, torch.Tensor]:
     return dict(state)
 
 
-def coverage(model_state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
-             ) -> Tuple[Dict[str, Tuple[int, int]], Set[str]]:
-    """Per top-level module ``(loaded, total)`` over the model's keys, and the loadable key set
-    (same name and shape)."""
+RUN_STATE = {"mask_step", "frame_queue"}  # pretraining step counter and memory: state of a run, not weights
+
+
+def _is_run_state(key: str) -> bool:
+    return not RUN_STATE.isdisjoint(key.split("."))
+
+
+def coverage(model_state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+             new_modules: Sequence[str] = ()) -> Tuple[Dict[str, Tuple[int, int]], Set[str]]:
+    """Per top-level module ``(loaded, total)`` over the model's keys (keys under a ``new_modules``
+    prefix in a row of their own), and the loadable key set (same name and shape; never the
+    run state of :data:`RUN_STATE`)."""
     table: Dict[str, Tuple[int, int]] = {}
     ok: Set[str] = set()
     for key, val in model_state.items():
-        module = key.split(".", 1)[0]
+        if _is_run_state(key):
+            continue
+        module = next((m for m in new_modules if key.startswith(f"{m}.")), key.split(".", 1)[0])
         hit = key in weights and tuple(weights[key].shape) == tuple(val.shape)
         loaded, total = table.get(module, (0, 0))
         table[module] = (loaded + hit, total + 1)
@@ -57,14 +67,17 @@ def format_coverage(table: Mapping[str, Tuple[int, int]]) -> str:
 
 def load_pretrained(model: nn.Module, path, min_backbone_coverage: float = 0.9,
                     backbone_modules: Sequence[str] = BACKBONE_MODULES,
-                    logger: Optional[logging.Logger] = None) -> Set[str]:
+                    logger: Optional[logging.Logger] = None, new_modules: Sequence[str] = ()) -> Set[str]:
     """Copy every weight whose name and shape match; log the coverage per module; refuse (before
     anything is copied) when the checkpoint holds no backbone module of the model, or when a backbone
     module it holds (e.g. ``backbone_3d`` of a 3D pretraining; a SECOND's ``backbone_2d`` may be
-    absent) matches below ``min_backbone_coverage``. Returns the names of the loaded parameters."""
+    absent) matches below ``min_backbone_coverage``. ``new_modules``: key prefixes of parts new to
+    this model (e.g. Phase 2's heads when starting from a Phase 1 checkpoint), reported in rows of
+    their own and not counted in the backbone coverage. Pretraining run state (step counters, the
+    frame queue) is never loaded. Returns the names of the loaded parameters."""
     weights = read_weights(path)
     own = model.state_dict()
-    table, ok = coverage(own, weights)
+    table, ok = coverage(own, weights, new_modules)
     provided = {k.split(".", 1)[0] for k in weights}
     checked = [m for m in backbone_modules if m in table and m in provided]  # what the checkpoint claims to hold
     report = format_coverage(table)

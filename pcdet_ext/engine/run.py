@@ -77,9 +77,11 @@ def check_training_inputs(args: argparse.Namespace, repo_root: Path,
 def prepare_training(args: argparse.Namespace, repo_root: Path,
                      check_cfg: Optional[Callable[[Any], None]] = None,
                      dataset_hook: Optional[Callable[[Any], None]] = None,
-                     min_backbone_coverage: float = 0.9, splits: Sequence[str] = ("train",)) -> TrainingRun:
+                     min_backbone_coverage: float = 0.9, splits: Sequence[str] = ("train",),
+                     new_modules: Sequence[str] = ()) -> TrainingRun:
     """Everything up to the first iteration; every config / checkpoint error is raised before
-    anything is trained or written into an existing run."""
+    anything is trained or written into an existing run. ``new_modules``: model parts (key
+    prefixes) a ``--pretrained_model`` need not hold (see :func:`load_pretrained`)."""
     from pcdet.datasets import build_dataloader
     from pcdet.models import build_network
     from pcdet.config import log_config_to_file
@@ -118,7 +120,8 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     model.to(device)
     loaded = None
     if args.pretrained_model:
-        loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger)
+        loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger,
+                                 new_modules=new_modules)
     optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
     describe(optimizer, logger)
     start_epoch = start_iter = 0

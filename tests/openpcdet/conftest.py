@@ -7,7 +7,7 @@ import pytest
 import pcdet_ext
 from pcdet_ext.openpcdet.datasets import create_infos
 from pcdet_ext.openpcdet.datasets import synthetic_writer
-from tier2 import CUSTOM_TEST_SCENE, KITTI_TEST_SCENE, REPO
+from tier2 import CUSTOM_TEST_SCENE, KITTI_TEST_SCENE, REPO, SMALL, phase_cfgs, tool
 
 
 def _why_no_openpcdet():
@@ -53,3 +53,21 @@ def synthetic_isarc(tmp_path_factory) -> Path:
                                          seed=7, val_fraction=0.34, spec=CUSTOM_TEST_SCENE)
     return create_infos.create_custom(root, synthetic_writer.CONSTRUCTION_CLASSES,
                                       dataset_cfg=REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml", workers=1)
+
+
+@pytest.fixture(scope="session")
+def cfgs():
+    """Phase 1 (pretraining, fine-tune) configs: VoxelNeXt where OpenPCDet has it, else SECOND."""
+    return phase_cfgs(1)
+
+
+@pytest.fixture(scope="session")
+def pretrained(cfgs, synthetic_isarc, tmp_path_factory):
+    """A 2-epoch Phase 1 pretraining run on the synthetic 4-class set: (ckpt dir, output root)."""
+    out = tmp_path_factory.mktemp("pretrain_out")
+    res = tool("train_rmae_cmae_phase1.py", "--cfg_file", cfgs[0], "--batch_size", "2", "--epochs", "2",
+               "--workers", "0", "--extra_tag", "t", "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL,
+               out_root=out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt_dir = out / "output/custom_models" / Path(cfgs[0]).stem / "t/ckpt"
+    return ckpt_dir, out

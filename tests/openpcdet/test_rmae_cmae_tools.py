@@ -1,5 +1,4 @@
 """Tier 2: R-MAE + CMAE pretraining tool, conversion, fine-tuning with differential LR, torchrun/gloo."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,58 +8,10 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
+from pcdet_ext.config import cfg_from_yaml_file
 from pcdet_ext.engine import loop
 from pcdet_ext.utils.checkpoint import load_checkpoint
-from tier2 import REPO, seed_everything, set_voxelization
-
-CONFIGS = {  # the shipped 4-class configs per encoder; VoxelNeXt needs OpenPCDet master (v0.6.0 lacks it)
-    "voxelnext": ("cfgs/custom_models/rmae_cmae_isarc_4class_pretraining_phase1.yaml",
-                  "cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml"),
-    "second": ("cfgs/custom_models/rmae_cmae_second_isarc_4class_pretraining_phase1.yaml",
-               "cfgs/custom_models/rmae_cmae_second_isarc_4class_finetune_phase1.yaml"),
-}
-SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[-25.6, -25.6, -4, 25.6, 25.6, 4]",
-         "DATA_CONFIG.DATA_PROCESSOR.2.VOXEL_SIZE", "[0.2, 0.2, 0.2]"]
-RAW = Path(__file__).resolve().parents[3] / "shared" / "data" / "kitti_raw_2011_09_26" / "velodyne"
-
-
-def has_voxelnext():
-    from pcdet.models import backbones_3d, dense_heads
-    return "VoxelResBackBone8xVoxelNeXt" in backbones_3d.__all__ and "VoxelNeXtHead" in dense_heads.__all__
-
-
-@pytest.fixture(scope="module")
-def cfgs():
-    """(pretraining, fine-tune) configs: VoxelNeXt where OpenPCDet has it, else SECOND."""
-    return CONFIGS["voxelnext" if has_voxelnext() else "second"]
-
-
-def tool(script, *args, out_root, timeout=600, launcher=None):
-    env = dict(os.environ, PCDET_EXT_OUTPUT_ROOT=str(out_root), OMP_NUM_THREADS="1")
-    if launcher and script:
-        env["TRAIN_SCRIPT"] = str(REPO / "tools" / script)
-    cmd = ["bash", str(REPO / "tools/scripts/dist_train.sh"), "2"] if launcher else [sys.executable, str(REPO / "tools" / script)]
-    return subprocess.run(cmd + list(args), cwd=REPO / "tools", env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def small_cfg(rel, data_path):
-    cfg = cfg_from_yaml_file(REPO / rel)
-    cfg_from_list(SMALL, cfg)
-    cfg.DATA_CONFIG.DATA_PATH = str(data_path)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def pretrained(cfgs, synthetic_isarc, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain_out")
-    res = tool("train_rmae_cmae_phase1.py", "--cfg_file", cfgs[0], "--batch_size", "2", "--epochs", "2",
-               "--workers", "0", "--extra_tag", "t", "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL,
-               out_root=out)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ckpt_dir = out / "output/custom_models" / Path(cfgs[0]).stem / "t/ckpt"
-    return ckpt_dir, out
-
+from tier2 import CONFIGS, RAW, REPO, SMALL, has_voxelnext, seed_everything, set_voxelization, small_cfg, tool
 
 def test_pretraining_checkpoints_and_resume_guard(cfgs, pretrained, synthetic_isarc):
     ckpt_dir, out = pretrained

@@ -78,22 +78,22 @@ def encoder_keys(encoder: type) -> Set[str]:
     return keys
 
 
-def parse_backbone_cfg(model_cfg) -> EasyDict:
-    """``MODEL.BACKBONE_3D`` checked against :data:`BACKBONE_SPEC` plus the keys its encoder reads: an
-    unknown key (e.g. ``MASKED_RATO``) is an error naming it and the known ones."""
-    encoder_name = BACKBONE_SPEC["ENCODER"].check("MODEL.BACKBONE_3D.ENCODER", (model_cfg or {}).get("ENCODER", DEFAULT_ENCODER))
-    cfg = from_cfg(model_cfg, BACKBONE_SPEC, "MODEL.BACKBONE_3D", passthrough=encoder_keys(resolve_encoder(encoder_name)))
+def parse_backbone_cfg(model_cfg, spec: Dict = BACKBONE_SPEC) -> EasyDict:
+    """``MODEL.BACKBONE_3D`` checked against ``spec`` (:data:`BACKBONE_SPEC`) plus the keys its encoder
+    reads: an unknown key (e.g. ``MASKED_RATO``) is an error naming it and the known ones."""
+    encoder_name = spec["ENCODER"].check("MODEL.BACKBONE_3D.ENCODER", (model_cfg or {}).get("ENCODER", DEFAULT_ENCODER))
+    cfg = from_cfg(model_cfg, spec, "MODEL.BACKBONE_3D", passthrough=encoder_keys(resolve_encoder(encoder_name)))
     MaskingConfig.from_cfg(cfg)
     OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
     return cfg
 
 
-def apply_loss_config(loss_cfg, backbone_cfg, where: str = "LOSS_CONFIG") -> None:
-    """Users' top-level ``LOSS_CONFIG: {RMAE_WEIGHT, TEACHER_STUDENT_WEIGHT}`` into ``backbone_cfg``
-    (where the backbone reads them); the same key in both places with different values is an error."""
+def apply_loss_config(loss_cfg, backbone_cfg, where: str, spec: Dict) -> None:
+    """Users' top-level ``LOSS_CONFIG`` (keys of ``spec``) into ``backbone_cfg`` (where the backbone
+    reads them); the same key in both places with different values is an error."""
     if loss_cfg is None:
         return
-    cfg = from_cfg(loss_cfg, {k: BACKBONE_SPEC[k] for k in LOSS_CONFIG_KEYS}, where)
+    cfg = from_cfg(loss_cfg, spec, where)
     for key in loss_cfg:
         backbone_cfg[key] = agree(f"MODEL.BACKBONE_3D.{key}", backbone_cfg.get(key), f"{where}.{key}", cfg[key])
 
@@ -132,7 +132,7 @@ def resolve_encoder(name: str) -> type:
     return cls
 
 
-_CONCRETE: Dict[type, type] = {}
+_CONCRETE: Dict[Tuple[type, type], type] = {}
 
 
 class RMAECMAEBackbonePhase1(nn.Module):
@@ -140,21 +140,22 @@ class RMAECMAEBackbonePhase1(nn.Module):
     ``batch_dict['teacher_multi_scale_3d_features']`` when the teacher runs."""
 
     encoder_cls: type = None  # set on the concrete subclass built for one encoder
+    CONFIG_SPEC: Dict = BACKBONE_SPEC
+    LOSS_KEYS: Tuple[str, ...] = LOSS_CONFIG_KEYS
 
     def __new__(cls, model_cfg=None, *args, **kwargs):
         if cls.encoder_cls is None:
             encoder = resolve_encoder((model_cfg or {}).get("ENCODER", DEFAULT_ENCODER))
-            if encoder not in _CONCRETE:
-                _CONCRETE[encoder] = type(f"RMAECMAEBackbonePhase1_{encoder.__name__}", (cls, encoder),
-                                          {"encoder_cls": encoder, "__module__": cls.__module__})
-            cls = _CONCRETE[encoder]
+            if (cls, encoder) not in _CONCRETE:
+                _CONCRETE[cls, encoder] = type(f"{cls.__name__}_{encoder.__name__}", (cls, encoder),
+                                               {"encoder_cls": encoder, "__module__": cls.__module__})
+            cls = _CONCRETE[cls, encoder]
         return super().__new__(cls)
 
     def __init__(self, model_cfg, input_channels, grid_size, voxel_size, point_cloud_range, **kwargs):
         enc_args = dict(model_cfg=model_cfg, input_channels=input_channels, grid_size=grid_size,
                         voxel_size=voxel_size, point_cloud_range=point_cloud_range, **kwargs)
-        apply_loss_config(_global_loss_config(model_cfg), model_cfg)
-        cfg = parse_backbone_cfg(model_cfg)
+        cfg = self._parse_cfg(model_cfg)
         super().__init__(**enc_args)  # the encoder class (next in the MRO)
         self.pretraining = cfg.PRETRAINING
         self.voxel_size = [float(v) for v in voxel_size]
@@ -206,6 +207,21 @@ class RMAECMAEBackbonePhase1(nn.Module):
             if self.ts_weight > 0:
                 self.ts_regression = FeatureRegression(self._scale_channels)
         self.forward_ret_dict: Dict = {}
+
+    @classmethod
+    def fold_loss_config(cls, loss_cfg, backbone_cfg, where: str = "LOSS_CONFIG") -> None:
+        """A top-level ``LOSS_CONFIG`` (keys :attr:`LOSS_KEYS`) into ``backbone_cfg``."""
+        apply_loss_config(loss_cfg, backbone_cfg, where, spec={k: cls.CONFIG_SPEC[k] for k in cls.LOSS_KEYS})
+
+    @classmethod
+    def check_config(cls, model_cfg) -> EasyDict:
+        """``MODEL.BACKBONE_3D`` validated (no model built)."""
+        return parse_backbone_cfg(model_cfg, cls.CONFIG_SPEC)
+
+    @classmethod
+    def _parse_cfg(cls, model_cfg) -> EasyDict:
+        cls.fold_loss_config(_global_loss_config(model_cfg), model_cfg)
+        return cls.check_config(model_cfg)
 
     def _check_sensor_inside(self) -> None:
         """LiDAR rays start at SENSOR_ORIGIN: it must lie inside POINT_CLOUD_RANGE (else no ray is traced)."""

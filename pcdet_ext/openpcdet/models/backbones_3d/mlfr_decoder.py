@@ -1,0 +1,36 @@
+"""Sparse MLFR decoder: submanifold blocks on the teacher's sites of one scale (spconv)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from pcdet_ext.algorithms.mlfr import sinusoidal_position, teacher_site_inputs
+
+
+class MLFRDecoder(nn.Module):
+    """Mask token + position where the student lacks a teacher site, the student's feature where it
+    has one; ``blocks`` submanifold 3x3x3 conv + BN + ReLU blocks, then a linear map to the
+    teacher's channels. Returns (prediction [Mt, C], masked [Mt])."""
+
+    def __init__(self, channels: int, blocks: int, key: str):
+        super().__init__()
+        import spconv.pytorch as spconv
+        self.mask_token = nn.Parameter(torch.zeros(channels))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.blocks = spconv.SparseSequential(*[
+            spconv.SparseSequential(spconv.SubMConv3d(channels, channels, 3, padding=1, bias=False,
+                                                      indice_key=f"mlfr_{key}"),
+                                    nn.BatchNorm1d(channels), nn.ReLU()) for _ in range(blocks)])
+        self.out = nn.Linear(channels, channels)
+        self.channels = channels
+
+    def forward(self, student, teacher, spatial_shape: Sequence[int], batch_size: int):
+        import spconv.pytorch as spconv
+        position = sinusoidal_position(teacher.indices, spatial_shape, self.channels)
+        feats, masked = teacher_site_inputs((student.features, student.indices) if student is not None else
+                                            (teacher.features[:0], teacher.indices[:0]),
+                                            teacher.indices, spatial_shape, self.mask_token, position)
+        x = spconv.SparseConvTensor(feats, teacher.indices.int(), list(spatial_shape), batch_size)
+        return self.out(self.blocks(x).features), masked
