@@ -222,13 +222,16 @@ def cmd_memory(args):
     print(f"ratio {peaks['ours'] / peaks['rmae']:.2f} (target <= 0.5)")
 
 
-def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"):
-    """``iters`` pretraining steps (OpenPCDet's model_fn, the shipped schedule); with ``freeze_encoder``
-    the encoder keeps its random initial weights and only the decoder learns (the random-encoder baseline)."""
+def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train", seed=0):
+    """``iters`` pretraining steps (OpenPCDet's model_fn, the shipped schedule) from ``seed``; with
+    ``freeze_encoder`` the encoder keeps its random initial weights and only the decoder learns (the
+    random-encoder baseline)."""
     from pcdet_ext.engine import loop
     from pcdet_ext.engine.optimization import build_optimizer, build_scheduler
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = loop.build_model(cfg, ds)
+    if hasattr(model, "set_total_steps"):  # Phase 2: the teacher momentum schedule spans the run
+        model.set_total_steps(iters)
     bb = model.backbone_3d
     if freeze_encoder:
         for name, p in bb.named_parameters():

@@ -25,9 +25,7 @@ def _check_temperature(name: str, t: float) -> None:
 
 def sample_sites(num: int, max_samples: int, generator: Optional[torch.Generator] = None,
                  device=None) -> torch.Tensor:
-    """Indices of at most ``max_samples`` of ``num`` sites, uniformly without replacement."""
-    if num <= max_samples:
-        return torch.arange(num, device=device)
+    """Indices of at most ``max_samples`` of ``num`` sites, uniformly without replacement, in random order."""
     return torch.randperm(num, generator=generator, device="cpu")[:max_samples].to(device)
 
 
@@ -38,42 +36,53 @@ def relational_targets(teacher: torch.Tensor, temperature: float, weight: float)
     eye = torch.eye(len(teacher), device=teacher.device, dtype=teacher.dtype)
     if weight == 0.0:
         return eye
-    return (1.0 - weight) * eye + weight * torch.softmax(teacher @ teacher.t() / temperature, dim=1)
+    return (1.0 - weight) * eye + weight * torch.softmax((teacher / temperature) @ teacher.t(), dim=1)
 
 
 def voxel_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.07,
                   relational_weight: float = 0.2, relational_temperature: float = 0.1,
                   hard_negative_ratio: Optional[float] = None) -> torch.Tensor:
     """InfoNCE between L2-normalised student [N, D] and teacher [N, D] projections of the same N
-    sites (row i of each is one site). ``hard_negative_ratio``: keep only that share of each row's
-    negatives, the most similar ones (the positive always stays)."""
+    sites (row i of each is one site), against the soft targets of :func:`relational_targets`.
+    ``hard_negative_ratio``: keep only that share of each row's negatives, the most similar ones
+    (the positive always stays)."""
     _check_temperature("CONTRASTIVE_TEMPERATURE", temperature)
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(f"student and teacher projections must both be [N, D], got {tuple(student.shape)} and "
                          f"{tuple(teacher.shape)}")
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
-    logits = s @ t.t() / temperature
+    logits = (s / temperature) @ t.t()  # scale N x D, not N x N
+    if hard_negative_ratio is None or len(s) <= 2:  # the common case without N x N masks: diagonal + soft part
+        log_p = torch.log_softmax(logits, dim=1)
+        loss = -log_p.diagonal().mean()
+        if relational_weight == 0.0:
+            return loss
+        if not 0.0 <= relational_weight <= 1.0:
+            raise ValueError(f"relational target weight: expected [0, 1], got {relational_weight}")
+        soft = torch.softmax((t / relational_temperature) @ t.t(), dim=1)
+        return (1.0 - relational_weight) * loss - relational_weight * (soft * log_p).sum(1).mean()
+    if not 0.0 < hard_negative_ratio <= 1.0:
+        raise ValueError(f"HARD_NEGATIVE_RATIO: expected (0, 1], got {hard_negative_ratio}")
     target = relational_targets(t, relational_temperature, relational_weight)
-    if hard_negative_ratio is not None and len(s) > 2:
-        if not 0.0 < hard_negative_ratio <= 1.0:
-            raise ValueError(f"HARD_NEGATIVE_RATIO: expected (0, 1], got {hard_negative_ratio}")
-        keep = max(1, int(round(hard_negative_ratio * (len(s) - 1))))
-        eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
-        neg = logits.detach().masked_fill(eye, float("-inf"))
-        thresh = neg.topk(keep, dim=1).values[:, -1:]
-        drop = (neg < thresh) & ~eye
-        logits = logits.masked_fill(drop, float("-inf"))
-        target = target.masked_fill(drop, 0.0)
-        target = target / target.sum(1, keepdim=True)
+    keep = max(1, int(round(hard_negative_ratio * (len(s) - 1))))
+    eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+    neg = logits.detach().masked_fill(eye, float("-inf"))
+    thresh = neg.topk(keep, dim=1).values[:, -1:]
+    drop = (neg < thresh) & ~eye
+    logits = logits.masked_fill(drop, float("-inf"))
+    target = target.masked_fill(drop, 0.0)
+    target = target / target.sum(1, keepdim=True)
     log_p = torch.log_softmax(logits, dim=1)
-    return -(target * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(1).mean()
+    return -(target * log_p.masked_fill(drop, 0.0)).sum(1).mean()
 
 
 @torch.no_grad()
-def top1_retrieval(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """Share of sites whose nearest teacher projection (cosine) is their own."""
+def top1_retrieval(student: torch.Tensor, teacher: torch.Tensor, rows: Optional[int] = None) -> float:
+    """Share of sites whose nearest teacher projection (cosine, among all N) is their own; over the
+    first ``rows`` sites only when given (a cheaper estimate; chance stays 1 / N)."""
     s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
+    s = s[:rows] if rows is not None else s
     return float(((s @ t.t()).argmax(1) == torch.arange(len(s), device=s.device)).float().mean())
 
 

@@ -31,6 +31,7 @@ from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import (PHA
 PHASE2_ADDED_MODULES = ("mlfr", "voxel_head", "voxel_head_teacher", "frame_head", "frame_head_teacher",
                         "frame_queue", "balancer")
 TEACHER_HEADS = ("voxel_head_teacher", "frame_head_teacher")
+TOP1_ROWS = 512  # sampled sites (a random order) whose retrieval among all is logged
 
 
 def _zero(module: nn.Module) -> torch.Tensor:
@@ -67,7 +68,8 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
             if missing:
                 raise ConfigError(f"MODEL.BACKBONE_3D.MLFR_CONFIG.MLFR_SCALES: {missing} not among the encoder's "
                                   f"multi_scale_3d_features {sorted(multi)}")
-            self.mlfr = nn.ModuleDict({s: MLFRDecoder(channels[s], sec.MLFR.DECODER_BLOCKS, s)
+            self.mlfr = nn.ModuleDict({s: MLFRDecoder(channels[s], sec.MLFR.DECODER_BLOCKS, s,
+                                                      min(channels[s], sec.MLFR.DECODER_CHANNELS))
                                        for s in sec.MLFR.SCALES})
         if self.use_voxel or self.use_frame:
             scale = sec.VOXEL.SCALE or max(multi, key=lambda s: (int(strides.get(s, 0)), s))
@@ -179,7 +181,7 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
         loss = voxel_infonce(proj_s, proj_t, cfg.CONTRASTIVE_TEMPERATURE, cfg.RELATIONAL_WEIGHT,
                              cfg.RELATIONAL_TEMPERATURE,
                              cfg.HARD_NEGATIVE_RATIO if cfg.ENABLE_HARD_NEGATIVE_MINING else None)
-        tb.update(loss_voxel_contrast=loss.item(), voxel_top1=top1_retrieval(proj_s, proj_t),
+        tb.update(loss_voxel_contrast=loss.item(), voxel_top1=top1_retrieval(proj_s, proj_t, rows=TOP1_ROWS),
                   voxel_top1_chance=1.0 / len(pick), voxel_sites=float(len(pick)))
         return loss
 

@@ -28,6 +28,7 @@ MLFR_SPEC = {
     "LOSS": Opt("smooth_l1", (str,), choices=LOSSES),
     "VISIBLE_WEIGHT": Opt(0.0, **_WEIGHT),
     "DECODER_BLOCKS": Opt(1, (int,), lo=0),
+    "DECODER_CHANNELS": Opt(32, (int,), lo=1),  # at most; a scale with fewer channels keeps its own
 }
 VOXEL_CONTRASTIVE_SPEC = {
     "CONTRASTIVE_TEMPERATURE": Opt(0.07, (float,), lo=0.0, lo_open=True),
