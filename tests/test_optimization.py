@@ -1,4 +1,6 @@
 """Differential-LR optimizer builder: grouping rules, wrapper maths, bad input (pure torch)."""
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -148,6 +150,26 @@ def test_pretrained_coverage_report_and_refusals(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="none of this model's backbone modules"):
         load_pretrained(model, head_only)
 
+
+
+def test_pretrained_rows_for_new_modules_and_run_state_never_loaded(tmp_path):
+    model = Detector()
+    model.backbone_3d.head = nn.Linear(3, 3)  # new to this model (a Phase 2 head on a Phase 1 checkpoint)
+    model.backbone_3d.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
+    old = {k: v + 1 for k, v in Detector().state_dict().items()}
+    old["backbone_3d.mask_step"] = torch.tensor(7)
+    path = tmp_path / "old.pth"
+    torch.save({"model_state": old}, path)
+    with pytest.raises(PretrainedWeightsError, match="backbone_3d has only 8/10"):  # the head counts against coverage
+        load_pretrained(model, path)
+    records = []
+    logger = logging.getLogger("pretrained_rows")
+    logger.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+    logger.setLevel(logging.INFO)
+    loaded = load_pretrained(model, path, logger=logger, new_modules=["backbone_3d.head"])
+    assert "backbone_3d.scale" in loaded and int(model.backbone_3d.mask_step) == 0
+    table = {line.split()[0]: line for line in records[0].splitlines()[1:]}
+    assert "(100.0 %)" in table["backbone_3d"] and "0/2" in table["backbone_3d.head"]
 
 def test_fork_drop_in_file_serves_the_same_builder():
     import importlib.util
