@@ -235,3 +235,13 @@ def test_queue_is_identical_on_two_gloo_ranks_and_holds_both_ranks_frames():
     assert all(torch.equal(r[0][k], r[1][k]) for k in r[0])
     assert int(r[0]["pointer"]) == (3 * 4) % 8
     assert sorted(r[0]["sequence"].tolist()) == [10, 10, 11, 11, 20, 20, 21, 21]
+
+
+def test_builds_with_stock_spconv_as_on_a_cuda_machine():
+    """Built on the CPU before .cuda(), where the CPU runtime's spconv fix is off (see Phase 1's test)."""
+    from pcdet_ext.openpcdet.cpu.spconv_patch import stock_conv_forward
+    with stock_conv_forward():
+        bb = make(USE_BIAS=True)
+    assert set(bb.mlfr) == {"x_conv1", "x_conv2"}
+    bn = next(m for m in bb.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert int(bn.num_batches_tracked) == 0
