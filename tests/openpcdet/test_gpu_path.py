@@ -18,7 +18,7 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("rel", SHIPPED)
 def test_shipped_rmae_configs_build_their_backbone_with_stock_spconv(rel):
     from pcdet.models import backbones_3d
-    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
+    from pcdet_ext.openpcdet.models.backbones_3d import __all__ as ours
     encoder = cfg_from_yaml_file(REPO / rel).MODEL.BACKBONE_3D.get("ENCODER", "VoxelResBackBone8xVoxelNeXt")
     if encoder not in backbones_3d.__all__:
         pytest.skip(f"this OpenPCDet has no {encoder} (v0.6.0 predates VoxelNeXt)")
@@ -29,7 +29,7 @@ def test_shipped_rmae_configs_build_their_backbone_with_stock_spconv(rel):
     pc_range = np.array(data.POINT_CLOUD_RANGE, dtype=np.float64)
     grid = np.round((pc_range[3:] - pc_range[:3]) / np.array(voxel)).astype(np.int64)
     with stock_conv_forward():
-        bb = RMAECMAEBackbonePhase1(model_cfg=bb_cfg, input_channels=len(data.POINT_FEATURE_ENCODING.used_feature_list),
-                                    grid_size=grid, voxel_size=voxel, point_cloud_range=list(pc_range))
+        bb = ours[bb_cfg.NAME](model_cfg=bb_cfg, input_channels=len(data.POINT_FEATURE_ENCODING.used_feature_list),
+                               grid_size=grid, voxel_size=voxel, point_cloud_range=list(pc_range))
     if bb_cfg.PRETRAINING:
         assert bb.occ_decoder is not None and len(bb._encoded_shape) in (2, 3)
