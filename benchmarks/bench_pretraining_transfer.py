@@ -103,7 +103,7 @@ def finetune(args, cfg, loaders, init, weights, labels: str, seed: int) -> float
         for m in model.backbone_3d.modules():
             if isinstance(m, torch.nn.modules.batchnorm._NormBase):
                 m.momentum = 0.0  # statistics frozen too
-    if "uniform" in labels:
+    if "uniform" in labels or labels == "probe":  # a probe trains only the head: one LR
         optim = EasyDict(dict(optim, DIFFERENTIAL_LR=False))
     loader = subset_loader(train_set, train_loader, 0.1, seed) if labels == "10 %" else train_loader
     opt = build_optimizer(model, optim, loaded)
