@@ -7,7 +7,9 @@ features of real unlabelled scans (--train_dir, kitti_raw_2011_09_26), and the b
 probability models fitted on the same scans. Measured on the real frames of --test_dir
 (kitti_mini): bytes per frame (occupancy + codes) with the context code models and with order-0
 models fitted on the same scans, codes against their entropy under the stored model, occupancy
-against its i.i.d. entropy bound, edge quantize+encode and server decode times (context models).
+against its i.i.d. entropy bound, edge quantize+encode and server decode times (context models);
+then, sparse, the rate-aware curve at --lambda_cell: bytes and the decoded features' normalised MSE
+at each of --lambdas (one trained model, no retraining).
 
     python benchmarks/bench_bitstream.py --ckpt output/demo/ckpt/pointpillar_kitti_demo.pth
 """
@@ -18,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 import pcdet_ext  # noqa: F401
 from pcdet_ext.algorithms.bitstream import read_header
-from pcdet_ext.algorithms.bitstream.codec import code_bits
+from pcdet_ext.algorithms.bitstream.contexts import code_bits
 from pcdet_ext.deploy import runtime
 from pcdet_ext.algorithms.rate import binary_entropy
 from pcdet_ext.algorithms.quantization.fit import fit_progressive
@@ -43,6 +47,32 @@ def features(model, dataset, frames):
     return torch.cat([model.vfe(runtime._batch(dataset, f))["pillar_features"] for f in frames])
 
 
+@torch.no_grad()
+def rate_curve(model, dataset, models, server, frames, n, k, lambdas):
+    """Rate-aware coding at (n, k): median bytes and the decoded features' MSE / mean ||z||^2 per lambda."""
+    print(f"\nrate-aware at {(n, k)}: {'lambda':>8} {'bytes':>8} {'vs 0':>6} {'NMSE':>8} {'edge ms':>7}")
+    base = None
+    for lam in lambdas:
+        edge = runtime.EdgeRuntime(model, dataset, models, n, k, rate_lambda=lam)
+        rows = []
+        for pts in frames:
+            data, t = edge.encode(pts)
+            feats, cells = runtime.head_features(model, dataset, pts, server.geo)
+            decoded = model.quantizer.decode(torch.from_numpy(server_codes(server, data)))
+            z = feats[torch.from_numpy(np.argsort(cells, kind="stable"))]
+            rows.append((len(data), float((decoded - z).pow(2).sum(1).mean() / z.pow(2).sum(1).mean()),
+                         t["quantize_encode_ms"]))
+        size, nmse, ms = (statistics.median(col) for col in zip(*rows))
+        base = base or size
+        print(f"{'':>22} {lam:8g} {size:8.0f} {size / base:6.3f} {nmse:8.4f} {ms:7.1f}")
+    model.quantizer.set_rate(0.0)
+
+
+def server_codes(server, data):
+    return runtime.decode_frame(data, server.models, server.model_id, server.q.num_codebooks,
+                                server.q.codebook_size).codes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
@@ -51,6 +81,8 @@ def main():
     p.add_argument("--train_frames", type=int, default=30)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lambda_cell", type=int, nargs=2, default=[3, 64], metavar=("N", "K"))
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.2, 1.0])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train = [runtime.read_points(f, 4) for f in sorted(Path(args.train_dir).glob("*.bin"))[: args.train_frames]]
@@ -96,6 +128,8 @@ def main():
             med = [statistics.median(col) for col in zip(*rows)]
             print(f"{'':>6} {str((n, k)):>9} {med[0]:8.0f} {med[1]:8.0f} {med[2]:6.3f} {med[3]:9.0f} {med[4]:9.0f} "
                   f"{med[5]:8.0f} {med[6]:8.0f} {med[5] / med[6]:7.3f} {med[7]:7.1f} {med[8]:9.1f}")
+        if mode == "sparse":
+            rate_curve(model, dataset, models, server, test, *args.lambda_cell, args.lambdas)
     print("\nmedians over frames; bytes: whole frame with the context code models (order-0: the same frame "
           "with order-0 code models; ratio: context / order-0), coded occupancy, its i.i.d. entropy bound, coded "
           "indices, their entropy under the stored model (codes/H: coded / model entropy); edge ms: quantize + "

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcdet_ext.algorithms.bitstream import BitstreamError, GridGeometry, ProbabilityModels, decode_frame, encode_frame, read_header
-from pcdet_ext.algorithms.bitstream.codec import HEADER, code_bits
+from pcdet_ext.algorithms.bitstream.codec import HEADER
+from pcdet_ext.algorithms.bitstream.contexts import code_bits
 from pcdet_ext.algorithms.rate import binary_entropy
 
 GEO = GridGeometry(height=96, width=80, sensor_row=48.0, sensor_col=0.0, cell_m=0.32, levels=4)
@@ -197,7 +198,7 @@ def test_context_models_code_fewer_bytes_and_stay_lossless():
 
 
 def test_rare_contexts_escape_to_the_order_zero_model():
-    from pcdet_ext.algorithms.bitstream.codec import CONTEXT_MIN
+    from pcdet_ext.algorithms.bitstream.models import CONTEXT_MIN
     models = ProbabilityModels.empty(GEO, 2, (16,))
     codes = np.zeros((100, 2), dtype=np.int64)
     codes[:CONTEXT_MIN - 1, 0] = 5  # previous code 5 seen too rarely, 0 often
@@ -274,7 +275,7 @@ def spatial_and_plain(rng, n=3, sizes=SIZES, frames=8):
 
 
 def test_phase_neighbours_point_at_earlier_phases_only():
-    from pcdet_ext.algorithms.bitstream.codec import PHASE_NEIGHBOURS
+    from pcdet_ext.algorithms.bitstream.contexts import PHASE_NEIGHBOURS
     for phase, offsets in enumerate(PHASE_NEIGHBOURS):
         r, c = phase // 2, phase % 2
         for dr, dc in offsets:

@@ -386,37 +386,3 @@ def test_lloyd_refinement_lowers_held_out_error_at_small_and_large_k():
                 q.start_stage(c, k, x)
             errors[iters, k] = mse(q, held)
     assert errors[4, 16] < errors[0, 16] and errors[4, 64] < errors[0, 64]
-
-
-def test_rate_aware_codes_spend_fewer_bits_for_more_distortion():
-    from pcdet_ext.algorithms.quantization.residual_quantizer import ResidualQuantizer
-    torch.manual_seed(0)
-    q = ResidualQuantizer(dim=8, num_codebooks=2, codebook_size=16, schedule=(16,))
-    x = torch.randn(2000, 8)
-    q.set_active(2, 16)
-    q.eval()
-    plain = q.encode(x)
-    bits = [torch.linspace(0.5, 8.0, 16), torch.linspace(0.5, 8.0, 16).repeat(16, 1)]  # [k] and [k, k] tables
-
-    def cost(codes):
-        return float(bits[0][codes[:, 0]].sum() + bits[1][codes[:, 0], codes[:, 1]].sum())
-
-    def err(codes):
-        with torch.no_grad():
-            return float((q.decode(codes) - x).pow(2).sum())
-    q.set_rate(0.05, bits)
-    mild = q.encode(x)
-    q.set_rate(10.0, bits)
-    strong = q.encode(x)
-    assert cost(strong) < cost(mild) < cost(plain) and err(plain) < err(mild) < err(strong)
-    assert (strong == 0).all()  # at a huge lambda every code is the cheapest entry
-    q.set_rate(0.0)
-    assert torch.equal(q.encode(x), plain)
-    q.set_rate(10.0, bits)
-    q.train()
-    assert q._penalty(0, 16, [], torch.tensor(1.0)) is None  # training ignores the rate term
-    q.eval()
-    assert q._penalty(0, 16, [], torch.tensor(1.0)) is not None
-    for bad in (-0.1, float("nan")):
-        with pytest.raises(ValueError, match="rate lambda must be a number >= 0"):
-            q.set_rate(bad, bits)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from pcdet_ext.algorithms.bitstream import GridGeometry, ProbabilityModels, decode_frame, encode_frame
-from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, bit_cost_tensors, codebook_array
+from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positions
+from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, model_state_of
 
 def grid_geometry(dataset, levels: int = 4) -> GridGeometry:
@@ -106,22 +107,22 @@ class _Side:
 
 class EdgeRuntime(_Side):
     """Points -> bytes at (n, k); with ``rate_lambda`` > 0 the codes are chosen rate-aware under the
-    stored models (``ResidualQuantizer.set_rate``)."""
+    stored models, in their coding contexts (``ResidualQuantizer.set_rate``)."""
 
     def __init__(self, model, dataset, models: ProbabilityModels, num_codebooks: int, num_embeddings: int,
                  rate_lambda: float = 0.0):
         super().__init__(model, dataset, models)
         self.q.set_active(num_codebooks, num_embeddings)
         self.n, self.k = num_codebooks, num_embeddings
-        self.q.set_rate(rate_lambda, bit_cost_tensors(models, num_codebooks, num_embeddings) if rate_lambda > 0
-                        else None)
+        self.q.set_rate(rate_lambda, ContextRate(models) if rate_lambda > 0 else None)
 
     @torch.no_grad()
     def encode(self, points: np.ndarray) -> Tuple[bytes, Dict[str, float]]:
         t0 = time.perf_counter()
         feats, cells = head_features(self.model, self.dataset, points, self.geo)
         t1 = time.perf_counter()
-        codes = self.q.encode(feats).cpu().numpy()
+        codes = self.q.encode(feats, cell_positions(cells, self.geo.width) if self.q.rate_active else None)
+        codes = codes.cpu().numpy()
         data = encode_frame(cells, codes, self.k, self.models, self.model_id, dense=self.dense)
         t2 = time.perf_counter()
         return data, {"head_ms": (t1 - t0) * 1e3, "quantize_encode_ms": (t2 - t1) * 1e3, "pillars": len(cells)}

@@ -46,7 +46,7 @@ def pyramid(occ: np.ndarray, geo: GridGeometry) -> List[np.ndarray]:
     out = [base]
     for _ in range(geo.levels):
         b = out[-1]
-        out.append(b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2).any(axis=(1, 3)))
+        out.append(b[0::2, 0::2] | b[0::2, 1::2] | b[1::2, 0::2] | b[1::2, 1::2])
     return out
 
 

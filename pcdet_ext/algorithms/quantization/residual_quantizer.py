@@ -14,7 +14,7 @@ exists; without one it is not computed or reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,23 @@ class RQOutput:
     stats: Dict[str, float] = field(default_factory=dict)
     num_codebooks: int = 0                   # the (n, k) this output was computed at
     num_embeddings: List[int] = field(default_factory=list)
+
+
+class RateChoice(Protocol):
+    """Rate-aware code choice for the rows of one call (what :meth:`RateModel.bind` returns)."""
+
+    def choose(self, c: int, k: int, residual: torch.Tensor, book: torch.Tensor, rate_lambda: float
+               ) -> torch.Tensor:
+        """Codes [N] of codebook ``c`` (its first ``k`` entries ``book``) for ``residual`` [N, D]:
+        ``argmin ||r - e||^2 / mean||z||^2 + rate_lambda x bits(e | context)``, the mean over the
+        row's frame (``residual`` at c = 0 is z); called for c = 0, 1, ... in order."""
+
+
+class RateModel(Protocol):
+    """Bit costs of codes in their coding contexts (e.g. ``bitstream.rate.ContextRate``)."""
+
+    def bind(self, positions: torch.Tensor) -> RateChoice:
+        """The choice for rows at ``positions`` [N, 3] (sample, row, column of the BEV grid)."""
 
 
 def _dist_world() -> int:
@@ -88,7 +105,7 @@ class ResidualQuantizer(nn.Module):
         self.freeze_earlier = freeze_earlier
         self.chunk_size = chunk_size
         self.lloyd_iterations = lloyd_iterations
-        self._rate: Optional[tuple] = None  # (lambda, bit costs per codebook): see set_rate
+        self._rate: Optional[tuple] = None  # (lambda, RateModel): see set_rate
         self.codebooks = nn.ParameterList(
             [nn.Parameter(torch.randn(codebook_size, self.code_dim) * 0.01) for _ in range(num_codebooks)])
         self.adapter_in = nn.Linear(dim, adapter_dim) if adapter_dim else None
@@ -190,8 +207,8 @@ class ResidualQuantizer(nn.Module):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features of shape [N, {self.dim}], got {tuple(x.shape)}")
-        bad = ~torch.isfinite(x).all(1)
-        if bad.any():
+        bad = ~torch.isfinite(x).all(1) if not torch.isfinite(x.sum()) else None  # one reduction when all is finite
+        if bad is not None and bad.any():
             raise ValueError(f"{int(bad.sum())} of {x.shape[0]} input vectors contain NaN/inf; "
                              "refusing to quantize (it would corrupt the codebooks)")
         x = x.float()
@@ -200,43 +217,48 @@ class ResidualQuantizer(nn.Module):
     def _codebook(self, c: int, k: int) -> torch.Tensor:
         return self.codebooks[c][:k]
 
-    def set_rate(self, rate_lambda: float, bits: Optional[Sequence[torch.Tensor]] = None) -> None:
-        """Rate-aware (entropy-constrained) code choice outside training: each codebook c picks
-        ``argmin ||r - e||^2 / mean||z||^2 + rate_lambda x bits``, with ``bits[c]`` the cost of each
-        entry in bits, [k] or [k, k] given codebook c - 1's code (row). 0 (or no tables) turns it off."""
+    def set_rate(self, rate_lambda: float, model: Optional[RateModel] = None) -> None:
+        """Rate-aware (entropy-constrained) code choice outside training: each code minimises
+        ``||r - e||^2 / mean||z||^2 + rate_lambda x bits(e | its coding context)`` under ``model``,
+        which needs the rows' ``positions`` (:meth:`encode`, :meth:`forward`). 0 (or no model) turns
+        it off."""
         if not isinstance(rate_lambda, (int, float)) or rate_lambda < 0 or rate_lambda != rate_lambda:
             raise ValueError(f"rate lambda must be a number >= 0, got {rate_lambda!r}")
-        self._rate = (float(rate_lambda), list(bits)) if rate_lambda > 0 and bits else None
+        self._rate = (float(rate_lambda), model) if rate_lambda > 0 and model is not None else None
 
-    def _penalty(self, c: int, k: int, codes: List[torch.Tensor], scale: torch.Tensor) -> Optional[torch.Tensor]:
-        if self._rate is None or self.training:
-            return None
-        lam, bits = self._rate
-        if c >= len(bits) or bits[c].shape[-1] != k:
-            raise ValueError(f"rate-aware coding: no bit costs for codebook {c} at {k} entries")
-        table = bits[c].to(scale.device)
-        return lam * scale * (table if table.dim() == 1 else table[codes[-1]])
+    @property
+    def rate_active(self) -> bool:
+        """Whether codes are chosen rate-aware (set, and not training): then calls need ``positions``."""
+        return self._rate is not None and not self.training
 
-    def _residual_codes(self, z: torch.Tensor, sizes: Sequence[int]):
+    def _residual_codes(self, z: torch.Tensor, sizes: Sequence[int], positions: Optional[torch.Tensor] = None,
+                        keep: bool = True):
         """Greedy residual assignment (rate-aware with :meth:`set_rate`); returns codes [N, n] and the
-        residual at each codebook."""
-        residual = z.detach()
+        residual at each codebook (without ``keep`` only the last one: the residual is updated in place)."""
+        residual = z.detach() if keep else z.detach().clone()
+        choice = None
+        if self.rate_active:
+            if positions is None:
+                raise ValueError("rate-aware coding needs the rows' positions [N, 3] (sample, row, column)")
+            choice = self._rate[1].bind(positions)
         codes, residuals = [], []
-        scale = residual.pow(2).sum(1).mean().clamp_min(1e-12)  # distortion unit of the rate term
         for c, k in enumerate(sizes):
             book = self._codebook(c, k).detach()
-            idx = nearest(residual, book, self.chunk_size, self._penalty(c, k, codes, scale))
+            idx = nearest(residual, book, self.chunk_size) if choice is None else \
+                choice.choose(c, k, residual, book, self._rate[0])
             codes.append(idx)
             residuals.append(residual)
-            residual = residual - book[idx]
+            if c + 1 < len(sizes):
+                step = book.index_select(0, idx)
+                residual = residual - step if keep else residual.sub_(step)
         return torch.stack(codes, 1) if codes else z.new_zeros((z.shape[0], 0), dtype=torch.long), residuals
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes [N, n] at the active (n, k)."""
+    def encode(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Codes [N, n] at the active (n, k); ``positions`` [N, 3] only for rate-aware coding."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = self._prepare(x)
-            codes, _ = self._residual_codes(z, self.active_sizes())
+            codes, _ = self._residual_codes(z, self.active_sizes(), positions, keep=False)
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -268,13 +290,14 @@ class ResidualQuantizer(nn.Module):
             n, k = int(nk[0]), int(nk[1])
         return [min(s, k) for s in sizes[:n]]
 
-    def forward(self, x: torch.Tensor) -> RQOutput:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> RQOutput:
+        """Quantize ``x`` [N, dim]; ``positions`` [N, 3] (sample, row, column) only for rate-aware coding."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = self._prepare(x)
             sizes = self._sample_operating_point()
             if self.training:
                 self._lazy_init(z, sizes)
-            codes, residuals = self._residual_codes(z, sizes)
+            codes, residuals = self._residual_codes(z, sizes, positions)
             counts = [torch.bincount(codes[:, c], minlength=k)[:k].float() for c, k in enumerate(sizes)]
             sums = {}
             if self.training:

@@ -30,12 +30,12 @@ def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def rate_aware(quantizer, rate_lambda: float, models, n: int, k: int) -> Iterator[None]:
-    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``
-    (``set_rate`` refuses a negative lambda)."""
-    from pcdet_ext.engine.progressive_rq.measured import bit_cost_tensors
+    """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``,
+    in their coding contexts (``set_rate`` refuses a negative lambda)."""
+    from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate
     if rate_lambda > 0 and models is None:
         raise ValueError("rate-aware coding needs the checkpoint's bitstream models (split_infer.py --fit_models)")
-    quantizer.set_rate(rate_lambda, bit_cost_tensors(models, n, k) if rate_lambda > 0 else None)
+    quantizer.set_rate(rate_lambda, ContextRate(models) if rate_lambda > 0 else None)
     try:
         yield
     finally:

@@ -1,5 +1,5 @@
 """Rates measured, not estimated: frames of a batch serialised exactly as the edge sends them under a
-checkpoint's fitted bitstream models, and the models' bit costs for rate-aware coding."""
+checkpoint's fitted bitstream models."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -49,10 +49,3 @@ class FrameBytes:
             cells, sample = batch_cells(batch, self.models.geometry.width), batch["voxel_coords"][:, 0].long().cpu().numpy()
             frames = [(cells[sample == b], codes[sample == b]) for b in range(int(batch["batch_size"]))]
         self.sizes += [len(encode_frame(c, x, self.k, self.models, self.model_id, dense=self.dense)) for c, x in frames]
-
-
-def bit_cost_tensors(models: ProbabilityModels, num_codebooks: int, k: int) -> List[torch.Tensor]:
-    """``models.bit_costs`` as float32 tensors, what ``ResidualQuantizer.set_rate`` takes."""
-    return [torch.from_numpy(b).float() for b in models.bit_costs(num_codebooks, k)]
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
 import torch.nn as nn
 from easydict import EasyDict
 
@@ -66,14 +67,17 @@ class RQBottleneck(nn.Module):
     def forward(self, batch_dict: Dict) -> Dict:
         if self.bypass:
             return batch_dict
+        rate = self.quantizer.rate_active  # rate-aware coding needs each row's (sample, row, column)
         if self.mode == "sparse":
             feats = batch_dict["pillar_features"]
-            out = self.quantizer(feats)
+            out = self.quantizer(feats, batch_dict["voxel_coords"][:, [0, 2, 3]].long() if rate else None)
             batch_dict["pillar_features"] = out.quantized
         else:
             bev = batch_dict["spatial_features"]  # (B, C, H, W)
             b, c, h, w = bev.shape
-            out = self.quantizer(bev.permute(0, 2, 3, 1).reshape(-1, c))
+            positions = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(h), torch.arange(w), indexing="ij"),
+                                    -1).reshape(-1, 3) if rate else None
+            out = self.quantizer(bev.permute(0, 2, 3, 1).reshape(-1, c), positions)
             batch_dict["spatial_features"] = out.quantized.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
         batch_dict["rq_codes"] = out.codes
         batch_dict["rq_output"] = out

@@ -1,0 +1,102 @@
+"""Rate-aware code choice under the bitstream's context models: each code is charged what the coder
+spends on it, so measured bytes fall with lambda (pure torch / numpy)."""
+import numpy as np
+import pytest
+import torch
+
+from pcdet_ext.algorithms.bitstream import ProbabilityModels, decode_frame, encode_frame
+from pcdet_ext.algorithms.bitstream.contexts import code_bits
+from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positions
+from pcdet_ext.algorithms.quantization import ResidualQuantizer
+from test_bitstream import GEO, lidar_like_occupancy, smooth_codes
+
+K = 64
+
+
+def quantizer():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim=8, num_codebooks=2, codebook_size=K, schedule=(16, K))
+    with torch.no_grad():
+        q.codebooks[0].copy_(torch.randn(K, 8))
+        q.codebooks[1].copy_(0.3 * torch.randn(K, 8))
+    q.set_active(2, K)
+    return q.eval()
+
+
+def features(q, rng, cells):
+    """Spatially smooth features (pieces of one codebook-0 entry, as neighbouring pillars are) plus noise."""
+    field = smooth_codes(rng, GEO, 2, K)[cells]
+    with torch.no_grad():
+        x = q.codebooks[0][torch.from_numpy(field[:, 0])] + q.codebooks[1][torch.from_numpy(field[:, 1])]
+    return x + 0.15 * torch.randn(x.shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+
+
+def fitted(q, rng, frames=6):
+    models = ProbabilityModels.empty(GEO, 2, (16, K))
+    for _ in range(frames):
+        occ = lidar_like_occupancy(rng)
+        cells = np.flatnonzero(occ.ravel())
+        models.observe(occ, {K: q.encode(features(q, rng, cells)).numpy()}, cells=cells)
+    assert models.uses_spatial(K)
+    return models
+
+
+def test_measured_bytes_fall_and_distortion_rises_with_lambda():
+    rng = np.random.default_rng(3)
+    q = quantizer()
+    models = fitted(q, rng)
+    mid = models.identifier(np.zeros(3))
+    occ = lidar_like_occupancy(rng)
+    cells = rng.permutation(np.flatnonzero(occ.ravel()))  # rows in any order
+    x = features(q, rng, cells)
+    rate = ContextRate(models)
+    rows = []
+    for lam in (0.0, 0.05, 0.5, 4.0):
+        q.set_rate(lam, rate)
+        codes = q.encode(x, cell_positions(cells, GEO.width))
+        data = encode_frame(cells, codes.numpy(), K, models, mid)
+        out = decode_frame(data, models, mid, 2, K)
+        assert np.array_equal(out.codes, codes.numpy()[np.argsort(cells)])  # the decoder is unchanged
+        err = float((q.decode(codes).detach() - x).pow(2).mean())
+        rows.append((lam, len(data), code_bits(codes.numpy(), K, models, cells=cells), err))
+    q.set_rate(0.0)
+    sizes, bits, errors = zip(*[(b, ideal, e) for _, b, ideal, e in rows])
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), rows  # measured bytes, not only the model's bits
+    assert all(a > b for a, b in zip(bits, bits[1:])), rows
+    assert all(a < b for a, b in zip(errors, errors[1:])), rows
+    assert sizes[-1] < 0.8 * sizes[0], rows
+
+
+def test_a_batch_chooses_what_each_frame_chooses_alone():
+    rng = np.random.default_rng(5)
+    q = quantizer()
+    q.set_rate(0.5, ContextRate(fitted(q, rng)))
+    frames = [np.flatnonzero(lidar_like_occupancy(rng).ravel()) for _ in range(2)]
+    xs = [features(q, rng, c) for c in frames]
+    alone = [q.encode(x, cell_positions(c, GEO.width)) for x, c in zip(xs, frames)]
+    pos = [cell_positions(c, GEO.width) for c in frames]
+    pos[1][:, 0] = 1
+    batch = q.encode(torch.cat(xs), torch.cat(pos))
+    assert torch.equal(batch, torch.cat(alone))
+
+
+def test_rate_needs_positions_inside_the_grid_and_is_off_in_training():
+    rng = np.random.default_rng(6)
+    q = quantizer()
+    q.set_rate(1.0, ContextRate(fitted(q, rng, frames=2)))
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="needs the rows' positions"):
+        q.encode(x)
+    with pytest.raises(ValueError, match="outside the bitstream models' 96 x 80 grid"):
+        q.encode(x, torch.tensor([[0, 0, c] for c in range(78, 83)]))
+    with pytest.raises(ValueError, match="two rows of one sample at one cell"):
+        q.encode(x, torch.zeros(5, 3, dtype=torch.long))
+    q.train()
+    assert not q.rate_active
+    plain = q.encode(x)  # training ignores the rate term (no positions needed)
+    q.eval()
+    q.set_rate(0.0)
+    assert torch.equal(q.encode(x), plain)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="rate lambda must be a number >= 0"):
+            q.set_rate(bad, ContextRate(ProbabilityModels.empty(GEO, 2, (K,))))
