@@ -320,3 +320,34 @@ def test_spatial_tables_are_not_chosen_where_they_do_not_help():
     assert not models.spatial_codebooks(64)[1]  # the previous-code context stays
     again = ProbabilityModels.from_state(models.to_state())
     assert np.array_equal(again.spatial_codebooks(64), models.spatial_codebooks(64))
+
+
+def test_codebooks_with_and_without_the_spatial_context_in_one_frame():
+    """Codebook 0 spatially smooth, codebook 2 following codebook 1's code: the first is coded in
+    phases, the last in one pass; lossless, at the model's bits; a version-1 frame is refused."""
+    rng = np.random.default_rng(8)
+
+    def codes_of(cells):
+        codes = correlated_codes(rng, len(cells), 3, 64)  # 1 -> 2 follows; 1 is i.i.d. once 0 is replaced
+        codes[:, 1] = np.minimum(rng.geometric(0.1, size=len(cells)) - 1, 63)
+        codes[:, 2] = np.where(rng.random(len(cells)) < 0.6, (codes[:, 1] * 7 + 3) % 64, rng.integers(0, 64, len(cells)))
+        codes[:, 0] = smooth_codes(rng, GEO, 1, 64)[cells, 0]
+        return codes
+    models = ProbabilityModels.empty(GEO, 3, (64,))
+    for _ in range(8):
+        occ = lidar_like_occupancy(rng)
+        cells = np.flatnonzero(occ.ravel())
+        models.observe(occ, {64: codes_of(cells)}, cells=cells)
+    flags = models.spatial_codebooks(64).tolist()
+    assert flags[0] and not flags[2], flags
+    mid = models.identifier(np.zeros(3))
+    cells = np.flatnonzero(lidar_like_occupancy(rng).ravel())
+    codes = codes_of(cells)
+    data = encode_frame(cells, codes, 64, models, mid)
+    assert np.array_equal(decode_frame(data, models, mid, 3, 64).codes, codes)
+    assert 4 * read_header(data)["code_words"] * 8 <= code_bits(codes, 64, models, cells=cells) * 1.02 + 64
+    old = bytearray(data)
+    old[4] = 1  # format version 1 coded every codebook in phases
+    old[HEADER.size - 4:HEADER.size] = zlib.crc32(bytes(old[:HEADER.size - 4]) + bytes(old[HEADER.size:])).to_bytes(4, "little")
+    with pytest.raises(BitstreamError, match="unsupported format version 1"):
+        decode_frame(bytes(old), models, mid, 3, 64)
