@@ -100,3 +100,39 @@ def test_rate_needs_positions_inside_the_grid_and_is_off_in_training():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="rate lambda must be a number >= 0"):
             q.set_rate(bad, ContextRate(ProbabilityModels.empty(GEO, 2, (K,))))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_the_bottleneck_passes_each_rows_position(mode):
+    """PointPillarRQ's bottleneck in eval with a rate set: the codes of a batch of two frames equal
+    the quantizer's own choice per frame with explicit positions (sparse pillars or every BEV cell)."""
+    from easydict import EasyDict
+
+    from pcdet_ext.openpcdet.models.bottlenecks.rq_bottleneck import RQBottleneck
+    rng = np.random.default_rng(9)
+    torch.manual_seed(0)
+    bottleneck = RQBottleneck(EasyDict(NUM_CODEBOOKS=2, CODEBOOK_SIZE=K, EMBEDDING_SCHEDULE=[16, K], MODE=mode),
+                              input_channels=8)
+    q = bottleneck.quantizer
+    with torch.no_grad():
+        q.codebooks[0].copy_(torch.randn(K, 8))
+        q.codebooks[1].copy_(0.3 * torch.randn(K, 8))
+    q.set_active(2, K)
+    bottleneck.eval()
+    q.set_rate(0.5, ContextRate(fitted(q, rng, frames=3)))
+    frames = [np.flatnonzero(lidar_like_occupancy(rng).ravel()) for _ in range(2)]
+    if mode == "dense":
+        frames = [np.arange(GEO.height * GEO.width)] * 2
+    xs = [features(q, rng, cells) for cells in frames]
+    alone = torch.cat([q.encode(x, cell_positions(c, GEO.width)) for x, c in zip(xs, frames)])
+    if mode == "sparse":
+        coords = torch.cat([torch.stack([torch.full((len(c),), b), torch.zeros(len(c), dtype=torch.long),
+                                         torch.from_numpy(c // GEO.width), torch.from_numpy(c % GEO.width)], 1)
+                            for b, c in enumerate(frames)])
+        batch = {"pillar_features": torch.cat(xs), "voxel_coords": coords.int()}
+    else:
+        bev = torch.stack([x.reshape(GEO.height, GEO.width, 8).permute(2, 0, 1) for x in xs])
+        batch = {"spatial_features": bev}
+    with torch.no_grad():
+        out = bottleneck(batch)
+    assert torch.equal(out["rq_codes"], alone)

@@ -46,7 +46,7 @@ class RateChoice(Protocol):
 
 
 class RateModel(Protocol):
-    """Bit costs of codes in their coding contexts (e.g. ``bitstream.rate.ContextRate``)."""
+    """Bit costs of codes in their coding contexts (e.g. ``bitstream.rate_choice.ContextRate``)."""
 
     def bind(self, positions: torch.Tensor) -> RateChoice:
         """The choice for rows at ``positions`` [N, 3] (sample, row, column of the BEV grid)."""
@@ -207,10 +207,11 @@ class ResidualQuantizer(nn.Module):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features of shape [N, {self.dim}], got {tuple(x.shape)}")
-        bad = ~torch.isfinite(x).all(1) if not torch.isfinite(x.sum()) else None  # one reduction when all is finite
-        if bad is not None and bad.any():
-            raise ValueError(f"{int(bad.sum())} of {x.shape[0]} input vectors contain NaN/inf; "
-                             "refusing to quantize (it would corrupt the codebooks)")
+        if not torch.isfinite(x.sum()):  # one reduction in the common all-finite case (a finite sum proves it)
+            bad = ~torch.isfinite(x).all(1)
+            if bad.any():
+                raise ValueError(f"{int(bad.sum())} of {x.shape[0]} input vectors contain NaN/inf; "
+                                 "refusing to quantize (it would corrupt the codebooks)")
         x = x.float()
         return self.adapter_in(x) if self.adapter_in is not None else x
 

@@ -29,7 +29,7 @@ def operating_point(quantizer, n: int, k: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def rate_aware(quantizer, rate_lambda: float, models, n: int, k: int) -> Iterator[None]:
+def rate_aware(quantizer, rate_lambda: float, models) -> Iterator[None]:
     """Temporarily choose codes by distortion + ``rate_lambda`` x bits under the bitstream ``models``,
     in their coding contexts (``set_rate`` refuses a negative lambda)."""
     from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate
@@ -117,7 +117,7 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     with contextlib.ExitStack() as stack:
         if n:
             stack.enter_context(operating_point(model.quantizer, n, k))
-            stack.enter_context(rate_aware(model.quantizer, rate_lambda, bitstream, n, k))
+            stack.enter_context(rate_aware(model.quantizer, rate_lambda, bitstream))
         else:
             stack.enter_context(bypassed(model))
         _, result_str, result_dict = evaluate_model(model, dataset, loader, class_names, on_batch=on_batch)
