@@ -56,6 +56,7 @@ class _Choice:
 
     def __init__(self, rate: ContextRate, pos: np.ndarray):
         self.rate, self.pos = rate, pos
+        self.sample = np.unique(pos[:, 0], return_inverse=True)[1].reshape(-1)  # 0..S-1 per row
         self.layouts: Dict[int, Layout] = {}
         self.chosen = np.zeros((len(pos), 0), dtype=np.int64)
         self.weight = torch.zeros(0)
@@ -67,11 +68,10 @@ class _Choice:
         if k not in self.layouts:
             geo = self.rate.models.geometry
             stride = geo.height + 2 - geo.height % 2
-            sample = np.unique(self.pos[:, 0], return_inverse=True)[1].reshape(-1)
-            cells = (sample * stride + self.pos[:, 1]) * geo.width + self.pos[:, 2]
+            cells = (self.sample * stride + self.pos[:, 1]) * geo.width + self.pos[:, 2]
             if len(np.unique(cells)) != len(cells):
                 raise ValueError("positions: two rows of one sample at one cell")
-            height = (int(sample.max()) + 1) * stride if len(sample) else 1
+            height = (int(self.sample.max()) + 1) * stride if len(cells) else 1
             self.layouts[k] = Layout.of(cells, height, geo.width, self.rate.models.uses_spatial(k))
         return self.layouts[k]
 
@@ -80,7 +80,7 @@ class _Choice:
         if c != self.chosen.shape[1]:
             raise RuntimeError(f"rate-aware choice: codebook {c} asked before codebook {self.chosen.shape[1]}")
         if c == 0:  # per row: lambda x its frame's mean ||z||^2 (a frame's codes do not depend on the batch)
-            sample = torch.from_numpy(np.unique(self.pos[:, 0], return_inverse=True)[1].reshape(-1)).to(residual.device)
+            sample = torch.from_numpy(self.sample).to(residual.device)
             energy = residual.pow(2).sum(1)
             mean = torch.zeros(int(sample.max()) + 1 if len(sample) else 0, device=residual.device)
             mean = mean.index_add_(0, sample, energy) / torch.bincount(sample, minlength=len(mean)).clamp_min(1)
