@@ -116,11 +116,8 @@ def code_bits(codes: np.ndarray, k: int, models, context: bool = True, cells: Op
     under the models, with or without their contexts."""
     codes = np.asarray(codes, dtype=np.int64)
     spatial = context and cells is not None and models.uses_spatial(k)
-    if cells is not None:
-        order = np.argsort(cells, kind="stable")
-        cells, codes = np.asarray(cells)[order], codes[order]
-    layout = Layout.of(cells if spatial else np.arange(len(codes)), models.geometry.height, models.geometry.width,
-                       spatial)
+    layout = Layout.of(np.asarray(cells) if spatial else np.arange(len(codes)), models.geometry.height,
+                       models.geometry.width, spatial)  # contexts do not depend on the order of the rows
     bits = 0.0
     for cb in range(codes.shape[1]):
         for phase, idx in passes(models, layout, cb, k):

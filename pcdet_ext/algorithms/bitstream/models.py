@@ -80,9 +80,7 @@ class ProbabilityModels:
                 cells = np.flatnonzero(np.asarray(occupancy).ravel())
         layout = None
         if cells is not None and self.spatial_counts is not None:
-            cells = np.asarray(cells, dtype=np.int64)
-            order = np.argsort(cells, kind="stable")
-            layout = Layout.of(cells[order], self.geometry.height, self.geometry.width, spatial=True)
+            layout = Layout.of(np.asarray(cells, dtype=np.int64), self.geometry.height, self.geometry.width, spatial=True)
         for k, codes in codes_by_k.items():
             for c in range(codes.shape[1]):
                 self.code_counts[k][c] += np.bincount(codes[:, c], minlength=k)[:k]
@@ -90,7 +88,7 @@ class ProbabilityModels:
                     pair = codes[:, c - 1] * k + codes[:, c]
                     self.pair_counts[k][c] += np.bincount(pair, minlength=k * k)[: k * k].reshape(k, k)
                 if layout is not None:
-                    column = codes[order, c]
+                    column = codes[:, c]
                     for idx, ctx in layout.spatial_contexts(column, k):
                         pair = ctx * k + column[idx]
                         self.spatial_counts[k][c] += np.bincount(pair, minlength=(k + 1) * k).reshape(k + 1, k)
