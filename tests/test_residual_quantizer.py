@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from _subproc import run_gloo_ranks
 from pcdet_ext.algorithms.quantization import ResidualQuantizer
-from pcdet_ext.algorithms.quantization.nn_search import kmeans_pp, nearest
+from pcdet_ext.algorithms.quantization.nn_search import _first_min_cpu, kmeans_pp, nearest
 
 SCHED = (4, 8, 16)
 
@@ -46,6 +46,40 @@ def test_nearest_matches_brute_force_and_chunks():
     x, book = torch.randn(1000, 5, generator=g), torch.randn(37, 5, generator=g)
     ref = torch.cdist(x, book).argmin(1)
     assert torch.equal(nearest(x, book, chunk=64), ref)
+
+
+def test_first_min_equals_argmin_on_the_same_block():
+    """The CPU float32 argmin from value-only reductions: ties go to the lowest index, zero minima
+    of both signs in both orders, negative distances, a row of infinities and one of NaNs (index 0,
+    as argmin). 63 columns: an odd K, so a negative-zero key would not wrap to a valid one."""
+    g = torch.Generator().manual_seed(2)
+    block = torch.randn(300, 63, generator=g)
+    block[:100, 40] = block[:100].min(1).values  # ties with an earlier minimum
+    block[100:150, 3] = block[100:150, 60] = block[100:150].min(1).values - 1  # tie later in the row
+    block[150:170] = block[150:170].abs() + 1
+    block[150:160, 7], block[150:160, 9] = 0.0, -0.0
+    block[160:170, 7], block[160:170, 9] = -0.0, 0.0
+    block[170], block[171] = float("inf"), float("nan")
+    ref = block.argmin(1)
+    got = _first_min_cpu(block.clone(), torch.empty(300, 1), torch.arange(63, dtype=torch.int32))
+    assert torch.equal(got.long(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_on_exact_ties(dtype):
+    """Integer-valued data make every distance exact, so duplicated codewords tie exactly: the
+    lowest index wins, with and without a penalty (per entry and per row), in any chunking."""
+    g = torch.Generator().manual_seed(3)
+    book = torch.randint(-3, 4, (40, 8), generator=g).to(dtype)
+    book = torch.cat([book, book[:10], torch.zeros(1, 8, dtype=dtype)])
+    x = torch.cat([torch.randint(-3, 4, (500, 8), generator=g).to(dtype), book[:30], torch.zeros(3, 8, dtype=dtype)])
+    for penalty in [None, torch.randint(0, 3, (len(book),), generator=g).to(dtype),
+                    torch.randint(0, 3, (len(x), len(book)), generator=g).to(dtype)]:
+        dist = torch.cdist(x.double(), book.double()).pow(2).round()
+        ref = (dist if penalty is None else dist + penalty).argmin(1)
+        for chunk in (None, 7, 100):
+            assert torch.equal(nearest(x, book, chunk=chunk, penalty=penalty), ref)
+    assert torch.equal(nearest(x[:5], book[:1]), torch.zeros(5, dtype=torch.long))
 
 
 def test_codes_respect_active_size_and_prefix_decoding():

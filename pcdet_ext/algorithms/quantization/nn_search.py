@@ -5,8 +5,7 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CHUNK = 16384
-CPU_CHUNK = 2048  # a 2048 x K distance block stays in cache: ~15 % faster on CPU than one big block
+DEFAULT_CHUNK = 16384  # rows per distance block (16384 x 256 floats: 16 MiB)
 
 
 def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: Optional[int] = None,
@@ -14,23 +13,39 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: Optional[int] = None
     """Index of the nearest row of ``codebook`` [K, D] for every row of ``x`` [N, D].
 
     Squared distances by one ``addmm`` per chunk of rows (||c||^2 - 2 x.c; ||x||^2 is constant
-    per row and dropped), so memory stays at ``chunk x K`` (default: 2048 rows on CPU, 16384 on
-    other devices). Ties resolve to the lowest index, like argmin.
+    per row and dropped), so memory stays at ``chunk x K``. Ties resolve to the lowest index, like
+    argmin.
     ``penalty`` ([K], or [N, K] per row) is added to the squared distances (rate-aware choice).
     """
-    chunk = chunk or (CPU_CHUNK if x.device.type == "cpu" else DEFAULT_CHUNK)
-    n = x.shape[0]
+    chunk = chunk or DEFAULT_CHUNK
+    n, k = x.shape[0], codebook.shape[0]
     c_sq = codebook.pow(2).sum(1).unsqueeze(0)
     out = torch.empty(n, dtype=torch.long, device=x.device)
-    values = torch.empty(n, dtype=x.dtype, device=x.device)
-    block = torch.empty(min(chunk, n), codebook.shape[0], dtype=x.dtype, device=x.device)  # reused per chunk
+    block = torch.empty(min(chunk, n), k, dtype=x.dtype, device=x.device)  # reused per chunk
+    lowest = torch.empty(min(chunk, n), 1, dtype=x.dtype, device=x.device)
+    ranks = torch.arange(k, dtype=torch.int32, device=x.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         dist = torch.addmm(c_sq, x[start:end], codebook.t(), beta=1.0, alpha=-2.0, out=block[:end - start])
         if penalty is not None:
             dist.add_(penalty if penalty.dim() == 1 else penalty[start:end])
-        torch.min(dist, 1, out=(values[start:end], out[start:end]))  # not slower than argmin on CPU, same result
+        if x.device.type == "cpu" and x.dtype == torch.float32 and k > 1:
+            out[start:end] = _first_min_cpu(dist, lowest[:end - start], ranks)
+        else:
+            out[start:end] = dist.argmin(1)
     return out
+
+
+def _first_min_cpu(dist: torch.Tensor, lowest: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``dist.argmin(1)`` of a float32 CPU block (overwritten) from value-only reductions, ~3x
+    faster than the index-tracking one: after subtracting the row minimum, the minima are exactly
+    zero and every other entry is positive, so as int32 bits a minimum clamps to 0 and the rest to
+    1; the smallest ``bit * K + j`` is then the first minimum's index j. A row of infinities or
+    NaNs gives 0 (as argmin); rows mixing NaN with numbers are the callers' to refuse."""
+    torch.amin(dist, 1, keepdim=True, out=lowest)
+    bits = dist.sub_(lowest).view(torch.int32).clamp_(0, 1)  # -0.0 (a zero minimum) clamps to 0 too
+    key = torch.add(ranks, bits, alpha=ranks.numel(), out=bits).amin(1)
+    return key.remainder_(ranks.numel())
 
 
 def min_sq_dist(x: torch.Tensor, centres: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
