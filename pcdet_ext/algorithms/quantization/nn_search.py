@@ -22,14 +22,15 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: Optional[int] = None
     c_sq = codebook.pow(2).sum(1).unsqueeze(0)
     out = torch.empty(n, dtype=torch.long, device=x.device)
     block = torch.empty(min(chunk, n), k, dtype=x.dtype, device=x.device)  # reused per chunk
-    lowest = torch.empty(min(chunk, n), 1, dtype=x.dtype, device=x.device)
-    ranks = torch.arange(k, dtype=torch.int32, device=x.device)
+    fast = x.device.type == "cpu" and x.dtype == torch.float32
+    if fast:
+        lowest, ranks = torch.empty(min(chunk, n), 1), torch.arange(k, dtype=torch.int32)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         dist = torch.addmm(c_sq, x[start:end], codebook.t(), beta=1.0, alpha=-2.0, out=block[:end - start])
         if penalty is not None:
             dist.add_(penalty if penalty.dim() == 1 else penalty[start:end])
-        if x.device.type == "cpu" and x.dtype == torch.float32 and k > 1:
+        if fast:
             out[start:end] = _first_min_cpu(dist, lowest[:end - start], ranks)
         else:
             out[start:end] = dist.argmin(1)
