@@ -204,9 +204,9 @@ def test_rare_contexts_escape_to_the_order_zero_model():
     codes[:CONTEXT_MIN - 1, 0] = 5  # previous code 5 seen too rarely, 0 often
     codes[:, 1] = np.arange(100) % 16
     models.observe(None, {16: codes})
-    table = models.context_probs(1, 16)
+    table = models.conditional("previous", 1, 16)[0]  # [k, k]: row = codebook 0's code
     assert np.allclose(table[5], models.code_probs(1, 16)) and not np.allclose(table[0], models.code_probs(1, 16))
-    assert models.context_probs(0, 16) is None and np.allclose(table.sum(1), 1)
+    assert models.conditional("previous", 0, 16) is None and np.allclose(table.sum(1), 1)
 
 
 def test_state_without_context_tables_still_decodes_with_order_zero():
@@ -214,7 +214,7 @@ def test_state_without_context_tables_still_decodes_with_order_zero():
     for key in ("pair_counts", "spatial_counts", "spatial_codebooks"):
         del state[key]
     old = ProbabilityModels.from_state(state)
-    assert old.pair_counts is None and old.context_probs(1, 64) is None and not old.uses_spatial(64)
+    assert old.pair_counts is None and old.conditional("previous", 1, 64) is None and not old.uses_spatial(64)
     mid = old.identifier(np.zeros((3, 64, 8)))
     cells, codes = frame()
     out = decode_frame(encode_frame(cells, codes, 64, old, mid), old, mid, 3, 64)

@@ -122,12 +122,6 @@ class ProbabilityModels:
             self._tables[key] = (np.where(seen[:, None], rows, p0), np.where(seen, np.arange(len(seen)), -1))
         return self._tables[key]
 
-    def context_probs(self, c: int, k: int) -> Optional[np.ndarray]:
-        """[k, k] distributions of codebook ``c``'s code given codebook ``c - 1``'s (row), or None when
-        it is coded with its order-0 model (c = 0, no fitted pairs)."""
-        table = self.conditional("previous", c, k)
-        return None if table is None else table[0]
-
     def spatial_codebooks(self, k: int) -> np.ndarray:
         """[C] bool: which codebooks code phases 1-3 with the spatial context: where it scores fewer
         held-out bits per code on the fitting counts than the previous-code (for codebook 0 the
