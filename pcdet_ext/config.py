@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from ast import literal_eval
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,15 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def merge_config(config: EasyDict, new_config: dict, including_dir: Path) -> EasyDict:
-    """OpenPCDet's merge: load ``_BASE_CONFIG_`` first, then override key by key (recursively)."""
+def merge_config(config: EasyDict, new_config: dict, including_dir: Path, chain: Tuple[Path, ...] = ()) -> EasyDict:
+    """OpenPCDet's merge: load ``_BASE_CONFIG_`` first, then override key by key (recursively).
+    ``chain``: the files being merged (a file that is its own base, directly or not, is an error)."""
     if "_BASE_CONFIG_" in new_config:
         base_path = find_config(new_config["_BASE_CONFIG_"], including_dir)
-        merge_config(config, _read_yaml(base_path), base_path.parent)
+        if base_path in chain:
+            loop = " -> ".join(str(p) for p in chain[chain.index(base_path):] + (base_path,))
+            raise ConfigError(f"_BASE_CONFIG_: the bases form a cycle ({loop})")
+        merge_config(config, _read_yaml(base_path), base_path.parent, chain + (base_path,))
     for key, val in new_config.items():
         if key == "_BASE_CONFIG_":
             continue
@@ -77,7 +82,7 @@ def merge_config(config: EasyDict, new_config: dict, including_dir: Path) -> Eas
             continue
         if key not in config or not isinstance(config[key], dict):
             config[key] = EasyDict()
-        merge_config(config[key], val, including_dir)
+        merge_config(config[key], val, including_dir, chain)
     return config
 
 
@@ -87,7 +92,7 @@ def cfg_from_yaml_file(cfg_file, config: Optional[EasyDict] = None) -> EasyDict:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"config file not found: {cfg_file}")
     config = EasyDict() if config is None else config
-    return merge_config(config, _read_yaml(cfg_file), cfg_file.resolve().parent)
+    return merge_config(config, _read_yaml(cfg_file), cfg_file.resolve().parent, (cfg_file.resolve(),))
 
 
 def _coerce(value, current, key: str):
@@ -145,7 +150,8 @@ def cfg_from_list(cfg_list: Sequence[str], config: EasyDict) -> EasyDict:
 class Opt:
     """One config key: default, accepted types (``float`` accepts ints, ``bool`` only where
     listed), allowed values (strings compared case-insensitively, returned lower-case), numeric
-    bounds (inclusive unless ``*_open``). ``note``: what an accepted-for-compatibility key means here."""
+    bounds (inclusive unless ``*_open``); NaN and infinity are refused, also inside lists and mappings.
+    ``note``: what an accepted-for-compatibility key means here."""
     default: Any = None
     types: Tuple[type, ...] = ()
     choices: Optional[Tuple[Any, ...]] = None
@@ -160,6 +166,8 @@ class Opt:
         """``value`` typed and checked, or a :class:`ConfigError` naming ``name``."""
         if value is None and (NoneType in self.types or (not self.types and not self.required)):
             return None
+        if not _finite(value):
+            raise ConfigError(f"{name}: expected finite numbers, got {value!r}")
         types = self.types
         if types:
             if isinstance(value, bool) and bool not in types:
@@ -184,6 +192,17 @@ class Opt:
         lo = "-inf" if self.lo is None else self.lo
         hi = "inf" if self.hi is None else self.hi
         return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+def _finite(value: Any) -> bool:
+    """False when ``value`` is, or (in a list, tuple or mapping) holds, a NaN or infinite float."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def type_names(types: Iterable[type]) -> str:

@@ -74,3 +74,14 @@ def test_from_cfg_refuses_unknown_keys_and_checks_values():
                        ({}, r"SEC.N: required"), ([1], r"SEC: expected a mapping")):
         with pytest.raises(ConfigError, match=match):
             from_cfg(bad, spec, "SEC")
+
+
+def test_non_finite_numbers_are_refused_naming_the_key():
+    spec = {"LR": Opt(0.1, (float,), lo=0.0, lo_open=True), "MOMS": Opt([0.9], (list,)),
+            "ANY": Opt(None, ()), "MAP": Opt(None, (dict, type(None)))}
+    for bad, key in (({"LR": float("nan")}, "SEC.LR"), ({"LR": float("inf")}, "SEC.LR"),
+                     ({"MOMS": [0.9, float("nan")]}, "SEC.MOMS"), ({"ANY": -float("inf")}, "SEC.ANY"),
+                     ({"MAP": {"A": [float("nan")]}}, "SEC.MAP")):
+        with pytest.raises(ConfigError, match=rf"^{key}: expected finite numbers"):
+            from_cfg(bad, spec, "SEC")
+    assert from_cfg({"LR": 1e300, "MOMS": [0.95, 0.85]}, spec, "SEC").LR == 1e300

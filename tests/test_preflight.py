@@ -99,3 +99,78 @@ def test_create_data_without_openpcdet_is_one_line(tmp_path):
     if "error:" not in res.stderr:
         pytest.skip("an installed OpenPCDet is importable here")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "needs OpenPCDet" in res.stderr
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.DATA_CONFIG.DATA_PROCESSOR[2].__setitem__("VOXEL_SIZE", [0.1, -0.1, 0.2]),
+     r"DATA_CONFIG.DATA_PROCESSOR.2.VOXEL_SIZE \(transform_points_to_voxels\): expected three finite positive sizes"),
+    (lambda c: c.DATA_CONFIG.DATA_PROCESSOR[2].__setitem__("VOXEL_SIZE", [0.1, float("nan"), 0.2]),
+     r"DATA_CONFIG.DATA_PROCESSOR.2.VOXEL_SIZE .*expected three finite positive sizes"),
+    (lambda c: c.DATA_CONFIG.__setitem__("POINT_CLOUD_RANGE", [75.2, -75.2, -2, -75.2, 75.2, 4]),
+     r"DATA_CONFIG.POINT_CLOUD_RANGE: expected min < max on every axis"),
+    (lambda c: c.DATA_CONFIG.__setitem__("POINT_CLOUD_RANGE", [0, 0, 0, 1, 1]),
+     r"DATA_CONFIG.POINT_CLOUD_RANGE: expected six finite numbers"),
+    (lambda c: c.__setitem__("CLASS_NAMES", []), r"CLASS_NAMES: expected a non-empty list of distinct class names"),
+    (lambda c: c.__setitem__("CLASS_NAMES", ["a", "a"]), r"CLASS_NAMES: expected a non-empty list of distinct"),
+    (lambda c: c.OPTIMIZATION.__setitem__("LR", float("nan")), r"OPTIMIZATION.LR: expected finite numbers, got nan"),
+    (lambda c: c.OPTIMIZATION.__setitem__("LR", float("inf")), r"OPTIMIZATION.LR: expected finite numbers, got inf"),
+])
+def test_geometry_classes_and_non_finite_values_refused_by_key(voxelnext, change, match):
+    with pytest.raises(ConfigError, match=match):
+        preflight.check_config(mutate(voxelnext, change))
+
+
+def test_base_config_cycle_is_one_error_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("_BASE_CONFIG_: b.yaml\nX: 1\n")
+    (tmp_path / "b.yaml").write_text("DATA:\n  _BASE_CONFIG_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"_BASE_CONFIG_: the bases form a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        cfg_from_yaml_file(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("_BASE_CONFIG_: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        cfg_from_yaml_file(tmp_path / "self.yaml")
+    (tmp_path / "c.yaml").write_text("DATA:\n  _BASE_CONFIG_: d.yaml\nMODEL:\n  _BASE_CONFIG_: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("K: 1\n")  # one base used twice is not a cycle
+    assert cfg_from_yaml_file(tmp_path / "c.yaml").MODEL.K == 1
+
+
+class _Planted:
+    """A pickle that runs code when loaded (what a crafted kitti_infos_train.pkl would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_planted_and_truncated_infos_are_refused_before_any_code_runs(tmp_path, voxelnext):
+    import pickle
+
+    import numpy as np
+    data = mutate(voxelnext, lambda c: None).DATA_CONFIG
+    data.DATA_PATH = str(tmp_path)
+    infos = [{"point_cloud": {"lidar_idx": "000000", "num_features": 4},
+              "annos": {"name": np.array(["excavator"]), "gt_boxes_lidar": np.zeros((1, 7), np.float32),
+                        "num_points_in_gt": np.int64(5)}}]
+    dbinfos = {"excavator": [{"path": "gt_database/0.bin", "box3d_lidar": np.ones(7, np.float32), "difficulty": 0}]}
+    for protocol in (2, 4, 5):
+        (tmp_path / "custom_infos_train.pkl").write_bytes(pickle.dumps(infos, protocol=protocol))
+        (tmp_path / "custom_dbinfos_train.pkl").write_bytes(pickle.dumps(dbinfos, protocol=protocol))
+        preflight.check_dataset_files(data, ("train",))  # what OpenPCDet writes passes
+    marker = tmp_path / "code_ran"
+    (tmp_path / "custom_dbinfos_train.pkl").write_bytes(pickle.dumps([_Planted(str(marker))]))
+    with pytest.raises(ConfigError, match=rf"gt_sampling DB_INFO_PATH: {tmp_path}/custom_dbinfos_train.pkl: it "
+                                          r"references pathlib.*touch, which OpenPCDet dataset infos never hold"):
+        preflight.check_dataset_files(data, ("train",))
+    assert not marker.exists()
+    for name in ("os", "posix", "builtins"):  # the usual payloads
+        payload = {"os": b"cos\nsystem\n(S'true'\ntR.", "posix": b"cposix\nsystem\n(S'true'\ntR.",
+                   "builtins": b"cbuiltins\neval\n(S'1'\ntR."}[name]
+        (tmp_path / "custom_infos_train.pkl").write_bytes(payload)
+        with pytest.raises(ConfigError, match=rf"DATA_CONFIG.INFO_PATH.train: .*custom_infos_train.pkl: it references "
+                                              rf"{name}\.(system|eval)"):
+            preflight.check_dataset_files(data, ("train",))
+    whole = pickle.dumps(infos)
+    (tmp_path / "custom_infos_train.pkl").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match=r"custom_infos_train.pkl: not a complete pickle file \(truncated or corrupt"):
+        preflight.check_dataset_files(data, ("train",))

@@ -47,6 +47,9 @@ def test_defaults_filled(tmp_path):
     ({"rq_model": {"decay": 1.5}}, "rq_model.decay"),
     ({"loss_weights": {"det_weight": -1}}, r"loss_weights.det_weight: expected a value in \[0, inf\), got -1"),
     ({"training": {"batch_size": 0}}, r"training.batch_size: expected a value in \(0, inf\), got 0"),
+    ({"training": {"init_lr": float("nan")}}, r"training.init_lr: expected finite numbers, got nan"),
+    ({"rq_model": {"decay": float("nan")}}, r"rq_model.decay: expected finite numbers, got nan"),
+    ({"loss_weights": {"vq_weight": float("inf")}}, r"loss_weights.vq_weight: expected finite numbers, got inf"),
 ])
 def test_bad_values_name_the_key(tmp_path, sections, match):
     with pytest.raises(schema.ConfigError, match=match):

@@ -3,10 +3,12 @@ sections, mistakes in head configs that OpenPCDet only reports at the first trai
 tensor-size mismatch), and the dataset files. Every error is a ConfigError naming the keys or path."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, List, Optional
 
 from pcdet_ext.config import ConfigError, agree, unknown_keys_error
+from pcdet_ext.utils.safe_pickle import UnsafePickleError, load_infos
 
 # OpenPCDet's sections, the keys its tools add at run time, and the two of users' configs
 TOP_LEVEL = ("CLASS_NAMES", "DATA_CONFIG", "MODEL", "OPTIMIZATION", "LOSS_CONFIG", "EXPERIMENT",
@@ -50,6 +52,36 @@ def _rmae_backbone(backbone) -> Optional[type]:
         from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase2 import RMAECMAEBackbonePhase2
         return RMAECMAEBackbonePhase2
     return None
+
+
+def _numbers(value, n: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def check_data(cfg) -> None:
+    """``CLASS_NAMES`` a non-empty list of distinct names; ``DATA_CONFIG.POINT_CLOUD_RANGE`` six finite
+    numbers with min < max on each axis; every ``VOXEL_SIZE`` of ``DATA_PROCESSOR`` three finite
+    positive numbers (OpenPCDet would divide by them, or build an empty or negative grid)."""
+    classes = cfg.get("CLASS_NAMES")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) and c for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise ConfigError(f"CLASS_NAMES: expected a non-empty list of distinct class names, got {classes!r}")
+    data = cfg.get("DATA_CONFIG") or {}
+    pc_range = data.get("POINT_CLOUD_RANGE")
+    if pc_range is not None:
+        if not _numbers(pc_range, 6):
+            raise ConfigError(f"DATA_CONFIG.POINT_CLOUD_RANGE: expected six finite numbers [x_min, y_min, z_min, "
+                              f"x_max, y_max, z_max], got {pc_range!r}")
+        if not all(pc_range[i] < pc_range[i + 3] for i in range(3)):
+            raise ConfigError(f"DATA_CONFIG.POINT_CLOUD_RANGE: expected min < max on every axis "
+                              f"[x_min, y_min, z_min, x_max, y_max, z_max], got {list(pc_range)}")
+    for i, proc in enumerate(data.get("DATA_PROCESSOR") or []):
+        if isinstance(proc, dict) and "VOXEL_SIZE" in proc:
+            size = proc.get("VOXEL_SIZE")
+            if not _numbers(size, 3) or not all(v > 0 for v in size):
+                raise ConfigError(f"DATA_CONFIG.DATA_PROCESSOR.{i}.VOXEL_SIZE ({proc.get('NAME')}): expected three "
+                                  f"finite positive sizes in metres, got {size!r}")
 
 
 def check_model(cfg) -> None:
@@ -155,24 +187,28 @@ def resolve_data_path(data_cfg, base: Path) -> None:
 def check_dataset_files(data_cfg, splits: Iterable[str] = ("train", "test"), root: Optional[Path] = None,
                         root_key: str = "DATA_CONFIG.DATA_PATH") -> None:
     """``root`` (default ``DATA_PATH``) exists and holds the info files of ``splits`` and the gt_sampling
-    database infos; otherwise an error naming the path searched (OpenPCDet would build 0 samples, or
-    fail on ``BACKUP_DB_INFO``)."""
+    database infos (OpenPCDet would build 0 samples, or fail on ``BACKUP_DB_INFO``), each a complete
+    pickle of what dataset infos hold, read without running code (:func:`~pcdet_ext.utils.safe_pickle.load_infos`:
+    a planted or truncated file never reaches OpenPCDet's ``pickle.load``); otherwise an error naming
+    the key and the path."""
     root = Path(str(data_cfg.get("DATA_PATH", ""))) if root is None else Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root_key}: {root} is not a directory (create the dataset first: tools/create_data.py)")
-    missing: List[str] = []
+    files: List[tuple] = []
     infos = data_cfg.get("INFO_PATH") or {}
     for split in splits:
-        for name in infos.get(split, []):
-            if not (root / name).is_file():
-                missing.append(f"DATA_CONFIG.INFO_PATH.{split}: {root / name}")
+        files += [(f"DATA_CONFIG.INFO_PATH.{split}", root / name) for name in infos.get(split, [])]
     if "train" in splits:
-        for aug in _gt_sampling(data_cfg):
-            for name in aug.get("DB_INFO_PATH") or []:
-                if not (root / name).is_file():
-                    missing.append(f"gt_sampling DB_INFO_PATH: {root / name}")
+        files += [("gt_sampling DB_INFO_PATH", root / name) for aug in _gt_sampling(data_cfg)
+                  for name in aug.get("DB_INFO_PATH") or []]
+    missing = [f"{key}: {path}" for key, path in files if not path.is_file()]
     if missing:
         raise ConfigError("dataset files missing (run tools/create_data.py for this DATA_PATH): " + "; ".join(missing))
+    for key, path in files:  # OpenPCDet unpickles them: read each first with only infos' types admitted
+        try:
+            load_infos(path)
+        except UnsafePickleError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def check_not_empty(dataset, data_cfg, split: str) -> None:
@@ -184,9 +220,10 @@ def check_not_empty(dataset, data_cfg, split: str) -> None:
 
 
 def check_config(cfg) -> None:
-    """Every check that needs no data: top-level sections, LOSS_CONFIG / EXPERIMENT, OPTIMIZATION,
+    """Every check that needs no data: top-level sections, classes and grid, LOSS_CONFIG / EXPERIMENT, OPTIMIZATION,
     this package's model sections (each module's own spec), head configs."""
     check_top_level(cfg)
+    check_data(cfg)
     if cfg.get("OPTIMIZATION") is not None:
         from pcdet_ext.engine.optimization import parse_optimization
         parse_optimization(cfg.OPTIMIZATION)

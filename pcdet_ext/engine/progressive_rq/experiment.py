@@ -10,7 +10,7 @@ from easydict import EasyDict
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
-from pcdet_ext.engine.preflight import check_dataset_files
+from pcdet_ext.engine.preflight import check_data, check_dataset_files
 from pcdet_ext.engine.progressive_rq import schema
 from pcdet_ext.config import agree
 from pcdet_ext.engine.progressive_rq.schema import ConfigError
@@ -103,6 +103,7 @@ def build_model_cfg(exp: EasyDict, pcdet_set: Sequence[str] = ()) -> EasyDict:
                 else "rq_model.codebook_size"
             raise ConfigError(f"--set {RQ_DERIVED} {asked} conflicts with {schema.allocated_entries(exp)} entries "
                               f"from {source}; set that instead")
+    check_data(cfg)
     if cfg.MODEL.NAME != "PointPillarRQ":
         raise ConfigError(f"model.cfg_file: {exp.model.cfg_file} builds {cfg.MODEL.NAME}, expected PointPillarRQ")
     expected = DATASET_CLASSES.get(exp.dataset.name.lower(), exp.dataset.name)
