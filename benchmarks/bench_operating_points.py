@@ -12,6 +12,7 @@ steps) twice: with operating-point training (sample k from the schedule per batc
         --data output/kitti_mini
 """
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -66,11 +67,17 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    try:
+        voxel = json.loads(args.voxel)
+    except ValueError:
+        voxel = None
+    if not (isinstance(voxel, list) and len(voxel) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in voxel)):
+        parser.error(f"--voxel: expected three positive sizes like [0.2, 0.2, 4], got {args.voxel!r}")
     cfg = cfg_from_yaml_file(find_config(args.cfg_file))
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", args.range], cfg)
     for proc in cfg.DATA_CONFIG.DATA_PROCESSOR:
         if proc.NAME == "transform_points_to_voxels":
-            proc.VOXEL_SIZE = eval(args.voxel)
+            proc.VOXEL_SIZE = voxel
     for aug in cfg.DATA_CONFIG.DATA_AUGMENTOR.AUG_CONFIG_LIST:
         if aug.NAME == "gt_sampling":
             aug.USE_ROAD_PLANE = False

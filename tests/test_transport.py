@@ -81,3 +81,39 @@ def test_many_clients_in_parallel(server):
             return struct.unpack("!I", client.request(data))[0] == n
     with cf.ThreadPoolExecutor(4) as pool:
         assert all(pool.map(one, frames))
+
+
+def test_server_limits_refused_at_start_and_a_port_in_use_is_one_line(tmp_path):
+    """split_server.py refuses --timeout 0 / -1 / nan, --max_frame -1 and a bad --port before loading
+    anything; a port another process listens on is one line, not a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from pcdet_ext.cli.split_server import check_limits
+    from types import SimpleNamespace
+    ok = dict(port=18890, max_frame=1024, timeout=30.0)
+    assert check_limits(SimpleNamespace(**ok)) == ""
+    for key, value, match in (("timeout", 0.0, "--timeout: expected a positive"), ("timeout", -1.0, "--timeout"),
+                              ("timeout", float("nan"), "--timeout"), ("max_frame", -1, "--max_frame: expected"),
+                              ("port", 70000, "--port: expected 0..65535")):
+        assert match in check_limits(SimpleNamespace(**dict(ok, **{key: value})))
+    tool = Path(__file__).resolve().parent.parent / "tools/split_server.py"
+    res = subprocess.run([sys.executable, str(tool), "--ckpt", str(tmp_path / "none.pth"), "--timeout", "-1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip() == "error: --timeout: expected a positive number of seconds, got -1.0"
+
+
+def test_a_bin_frame_of_odd_size_is_refused_naming_it(tmp_path):
+    import numpy as np
+    import pytest
+    from pcdet_ext.deploy.runtime import read_points
+    from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
+    pts = np.arange(8, dtype=np.float32).reshape(2, 4)
+    good = tmp_path / "000000.bin"
+    pts.tofile(good)
+    assert np.array_equal(read_points(good, 4), pts)
+    for extra in (1, 2, 3):
+        bad = tmp_path / f"odd{extra}.bin"
+        bad.write_bytes(pts.tobytes() + b"\x00" * extra)
+        with pytest.raises(DatasetFormatError, match=rf"{bad}: {32 + extra} bytes is not a positive multiple of 16"):
+            read_points(bad, 4)

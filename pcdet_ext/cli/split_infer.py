@@ -22,6 +22,7 @@ from pcdet_ext.algorithms.bitstream import read_header
 from pcdet_ext.deploy import runtime
 from pcdet_ext.deploy.transport import FrameClient
 from pcdet_ext.config import ConfigError
+from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -39,6 +40,14 @@ def frame_paths(args, dataset, split):
 
 
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except DatasetFormatError as exc:  # a frame file that is not a point cloud: one line naming it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", default=None, help="OpenPCDet model config (default: the one stored in --ckpt)")
     p.add_argument("--ckpt", required=True)

@@ -18,6 +18,17 @@ from pcdet_ext.deploy.transport import DEFAULT_MAX_FRAME, FrameServer
 from pcdet_ext.utils.checkpoint import CheckpointError
 
 
+def check_limits(args) -> str:
+    """What is wrong with --port / --max_frame / --timeout (empty: nothing)."""
+    if not 0 <= args.port <= 65535:
+        return f"--port: expected 0..65535, got {args.port}"
+    if args.max_frame < 1:
+        return f"--max_frame: expected a positive number of bytes, got {args.max_frame}"
+    if not 0 < args.timeout < float("inf"):  # also NaN
+        return f"--timeout: expected a positive number of seconds, got {args.timeout}"
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", default=None, help="OpenPCDet model config (default: the one stored in --ckpt)")
@@ -28,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may stall mid-frame")
     p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
+    bad = check_limits(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
@@ -40,7 +55,11 @@ def main(argv=None) -> int:
         pred, timing = server_side.decode(data)
         return json.dumps({**runtime.boxes_payload(pred, list(cfg.CLASS_NAMES)), **timing}).encode()
 
-    server = FrameServer((args.host, args.port), handle, max_frame=args.max_frame, timeout_s=args.timeout)
+    try:
+        server = FrameServer((args.host, args.port), handle, max_frame=args.max_frame, timeout_s=args.timeout)
+    except OSError as exc:  # port in use, address not on this machine, no permission
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     print(f"listening on {args.host}:{server.port}", flush=True)
     try:
         server.serve_forever()

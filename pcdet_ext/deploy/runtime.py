@@ -16,6 +16,7 @@ import torch
 
 from pcdet_ext.algorithms.bitstream import GridGeometry, ProbabilityModels, decode_frame, encode_frame
 from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positions
+from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError, check_velodyne
 from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, model_state_of
 
@@ -211,16 +212,15 @@ def rq_checkpoint(path, flag: str) -> dict:
 
 
 def read_points(path, num_features: int) -> np.ndarray:
-    """A KITTI ``.bin`` (float32 x, y, z, intensity) or an ``.npy`` array, cut to ``num_features``."""
+    """A KITTI ``.bin`` (float32 x, y, z, intensity; a size that is not a positive multiple of 16 bytes is
+    refused, as ``create_data`` refuses it) or an ``.npy`` array, cut to ``num_features``; a
+    :class:`DatasetFormatError` naming the file otherwise."""
     from pathlib import Path
     path = Path(path)
     if path.suffix == ".npy":
         pts = np.load(path, allow_pickle=False)
     else:
-        raw = np.fromfile(path, dtype=np.float32)
-        if raw.size % 4:
-            raise ValueError(f"{path}: {raw.size * 4} bytes is not a whole number of float32 x, y, z, intensity points")
-        pts = raw.reshape(-1, 4)
+        pts = np.fromfile(path, dtype=np.float32, count=4 * check_velodyne(path)).reshape(-1, 4)
     if pts.ndim != 2 or pts.shape[1] < num_features:
-        raise ValueError(f"{path}: expected points [N, >= {num_features}], got {pts.shape}")
+        raise DatasetFormatError(f"{path}: expected points [N, >= {num_features}], got {pts.shape}")
     return np.ascontiguousarray(pts[:, :num_features], dtype=np.float32)
