@@ -6,7 +6,9 @@
 2. on a torch build without CUDA, turns on the CPU runtime (:mod:`pcdet_ext.openpcdet.cpu`) unless
    ``PCDET_EXT_CPU_RUNTIME=0``;
 3. when OpenPCDet is importable (installed, or ``PCDET_ROOT``), registers this package's
-   classes into OpenPCDet's registries (:func:`register`).
+   classes into OpenPCDet's registries (:func:`register`) and serves this package's
+   ``build_optimizer`` / ``build_scheduler`` to a fork's ``train_utils.optimization``
+   (:mod:`pcdet_ext.engine.optimization.fork`), so per-group learning rates hold in its own train.py.
 
 Without OpenPCDet the pure-torch parts work; the OpenPCDet-facing parts raise an
 ImportError saying how to provide it.
@@ -39,6 +41,8 @@ def _auto_register() -> None:
             quiet_known_warnings()
             import_pcdet()
             register()
+        from pcdet_ext.engine.optimization import fork
+        fork.install()
     except OpenPCDetNotFoundError as exc:
         if os.environ.get("PCDET_ROOT"):
             warnings.warn(f"pcdet_ext: OpenPCDet not registered: {exc}", RuntimeWarning, stacklevel=3)

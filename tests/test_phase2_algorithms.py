@@ -121,6 +121,27 @@ def test_frame_queue_and_sequence_aware_negatives():
         frame_infonce(s, t, seq, q, temperature=-1)
 
 
+def test_frame_hard_negative_mining_keeps_the_most_similar_share():
+    import torch.nn.functional as F
+    torch.manual_seed(1)
+    q = FrameQueue(32, 16)
+    q.enqueue(torch.randn(32, 16), torch.arange(10, 42))
+    s, t = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    seq = torch.arange(4)
+    full = frame_infonce(s, t, seq, q, temperature=0.1)
+    assert torch.allclose(frame_infonce(s, t, seq, q, temperature=0.1, hard_negative_ratio=1.0), full)
+    hard = frame_infonce(s, t, seq, q, temperature=0.1, hard_negative_ratio=0.25)
+    hard.backward()
+    assert torch.isfinite(hard) and s.grad.abs().sum() > 0 and hard < full
+    sn, tn = F.normalize(s.detach(), dim=1), F.normalize(t, dim=1)
+    neg = torch.cat([(sn @ tn.t()).masked_fill(torch.eye(4, dtype=torch.bool), -float("inf")), sn @ q.keys.t()], 1)
+    kept = neg.topk(9, dim=1).values  # round(0.25 x 36 negative columns)
+    expect = F.cross_entropy(torch.cat([(sn * tn).sum(1, keepdim=True), kept], 1) / 0.1, torch.zeros(4, dtype=torch.long))
+    assert torch.allclose(hard.detach(), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="HARD_NEGATIVE_RATIO"):
+        frame_infonce(s, t, seq, q, hard_negative_ratio=0.0)
+
+
 def test_cosine_momentum_schedule():
     assert cosine_momentum(0, 100, 0.99, 1.0) == pytest.approx(0.99)
     assert cosine_momentum(50, 100, 0.99, 1.0) == pytest.approx(0.995)

@@ -29,7 +29,11 @@ PHASE2_KEYS = dict(
                               "HARD_NEGATIVE_RATIO": 0.3, "COORD_TOLERANCE": 0},
     ENABLE_FRAME_CONTRASTIVE=True, FRAME_CONTRASTIVE_WEIGHT=0.3,
     FRAME_CONTRASTIVE_CONFIG={"FRAME_TEMPERATURE": 0.1, "MAX_FRAME_NEGATIVES": 16, "MEMORY_BANK_SIZE": 8,
-                              "MOMENTUM_UPDATE": 0.99},
+                              "MOMENTUM_UPDATE": 0.99, "FEATURE_DIM": 16, "PROJECTION_DIM": 8,
+                              "ENABLE_HARD_NEGATIVE_MINING": True, "HARD_NEGATIVE_RATIO": 0.5,
+                              "ENABLE_DOMAIN_SPECIFIC": True,
+                              "EQUIPMENT_TYPES": ["dumptruck", "excavator", "grader", "roller"]},
+    DETECTION_WEIGHT=0.0,
 )
 
 
@@ -63,8 +67,55 @@ def test_users_phase2_keys_build_the_encoder_with_phase2_modules_apart():
     assert set(bb.mlfr) == {"x_conv1", "x_conv2"} and bb.phase2.MLFR.SCALE_WEIGHTS == {"x_conv1": 0.5, "x_conv2": 0.8}
     assert bb.contrast_scale == "x_conv2"  # the deepest
     assert not any(n.startswith(("teacher.", "voxel_head_teacher.", "frame_head_teacher.")) for n, _ in bb.named_parameters())
-    det = make(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False)
+    det = make(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False, DETECTION_WEIGHT=None)
     assert set(det.state_dict()) == plain
+
+
+def test_users_keys_print_one_note_each_and_labels_never_enter(capsys):
+    bb = make()
+    out = capsys.readouterr().out.splitlines()
+    noted = sorted(line.split(" accepted:")[0] for line in out if line.startswith("note: "))
+    where = "note: MODEL.BACKBONE_3D."
+    assert noted == sorted(where + k for k in (
+        "DETECTION_WEIGHT", "FEATURE_DIM", "TEACHER_STUDENT_MODE", "MLFR_CONFIG.ENABLE_MLFR",
+        "VOXEL_CONTRASTIVE_CONFIG.FEATURE_DIM", "VOXEL_CONTRASTIVE_CONFIG.COORD_TOLERANCE",
+        "FRAME_CONTRASTIVE_CONFIG.FEATURE_DIM", "FRAME_CONTRASTIVE_CONFIG.ENABLE_DOMAIN_SPECIFIC",
+        "FRAME_CONTRASTIVE_CONFIG.EQUIPMENT_TYPES")), out
+    assert all("ground-truth classes never enter" in line for line in out if "DOMAIN" in line or "EQUIPMENT" in line)
+    assert bb.frame_head.net[-1].out_features == 8  # FRAME_CONTRASTIVE_CONFIG.PROJECTION_DIM sizes the frame head
+    # the loss is the same whatever the boxes and labels of the frames: nothing reads them
+    b = framed()
+    labelled = dict(b, gt_boxes=torch.tensor([[[1.0, 2.0, 0.0, 9.6, 3.5, 3.8, 0.0, 1.0]]] * 2))
+    losses = []
+    for batch_dict in (b, labelled):
+        torch.manual_seed(0)
+        m = make()
+        m.train()
+        m(dict(batch_dict))
+        losses.append(m.get_loss()[0].item())
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(DETECTION_WEIGHT=1.0), r"DETECTION_WEIGHT .*: 1.0, but pretraining \(PRETRAINING: True\) trains no detection"),
+    (dict(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False, DETECTION_WEIGHT=0.0),
+     r"DETECTION_WEIGHT .*: 0.0, but fine-tuning .* expected a value > 0"),
+    (dict(FRAME_CONTRASTIVE_CONFIG={"HARD_NEGATIVE_RATIO": 1.5}), r"FRAME_CONTRASTIVE_CONFIG.HARD_NEGATIVE_RATIO"),
+    (dict(FRAME_CONTRASTIVE_CONFIG={"EQUIPMENT_TYPES": [1, 2]}), r"EQUIPMENT_TYPES: expected a list of class names"),
+])
+def test_weights_that_mean_nothing_in_their_mode_are_refused(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        make(**kw)
+
+
+def test_fine_tune_keys_build_a_plain_encoder_with_the_detection_weight(capsys):
+    det = make(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False, ENABLE_MLFR=False,
+               MLFR_CONFIG=None, ENABLE_VOXEL_CONTRASTIVE=False, ENABLE_FRAME_CONTRASTIVE=False, MLFR_WEIGHT=0.0,
+               VOXEL_CONTRASTIVE_WEIGHT=0.0, FRAME_CONTRASTIVE_WEIGHT=0.0, DETECTION_WEIGHT=0.5)
+    assert set(det.state_dict()) == set(TinyEncoder(None, 4, GRID.copy()).state_dict()) and det.detection_weight == 0.5
+    out = capsys.readouterr().out
+    assert ("MLFR_WEIGHT, VOXEL_CONTRASTIVE_WEIGHT, FRAME_CONTRASTIVE_WEIGHT accepted: no effect with PRETRAINING: "
+            "False (fine-tuning trains the dense head's loss x DETECTION_WEIGHT 0.5 only)") in out
 
 
 def test_every_term_finite_logged_with_its_weight_grads_reach_student_never_teacher():

@@ -148,11 +148,14 @@ def _near_duplicates(seq_a: torch.Tensor, idx_a: torch.Tensor, seq_b: torch.Tens
 
 def frame_infonce(student: torch.Tensor, teacher: torch.Tensor, sequence: torch.Tensor, queue: FrameQueue,
                   temperature: float = 0.1, max_negatives: Optional[int] = None,
-                  index: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
+                  index: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                  hard_negative_ratio: Optional[float] = None) -> torch.Tensor:
     """InfoNCE of frame embeddings: student [B, D] against its own teacher embedding (positive), the
     other frames of the batch and the newest ``max_negatives`` of the queue (negatives), leaving out
     near-duplicates (same ``sequence`` id and, with ``window``, at most ``window`` frame ``index``
-    numbers apart: consecutive frames of a drive are not negatives) and never-filled queue slots."""
+    numbers apart: consecutive frames of a drive are not negatives) and never-filled queue slots.
+    ``hard_negative_ratio``: as for voxels, keep only that share of each row's negative columns, the
+    most similar ones."""
     _check_temperature("FRAME_TEMPERATURE", temperature)
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
@@ -166,7 +169,14 @@ def frame_infonce(student: torch.Tensor, teacher: torch.Tensor, sequence: torch.
                                        | torch.eye(len(s), dtype=torch.bool, device=s.device), float("-inf"))
     from_bank = (s @ bank.t()).masked_fill(_near_duplicates(sequence, index, bank_seq, bank_idx, window)
                                            | (bank_seq[None, :] < 0), float("-inf"))
-    logits = torch.cat([pos, in_batch, from_bank], 1) / temperature
+    negatives = torch.cat([in_batch, from_bank], 1)
+    if hard_negative_ratio is not None:
+        if not 0.0 < hard_negative_ratio <= 1.0:
+            raise ValueError(f"HARD_NEGATIVE_RATIO: expected (0, 1], got {hard_negative_ratio}")
+        keep = max(1, int(round(hard_negative_ratio * negatives.shape[1])))
+        thresh = negatives.detach().topk(keep, dim=1).values[:, -1:]
+        negatives = negatives.masked_fill(negatives.detach() < thresh, float("-inf"))
+    logits = torch.cat([pos, negatives], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long, device=s.device))
 
 

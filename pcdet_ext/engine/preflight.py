@@ -234,4 +234,6 @@ def check_config(cfg) -> None:
     backbone_cls = _rmae_backbone(model.get("BACKBONE_3D") or {})
     if backbone_cls is not None:
         backbone_cls.check_config(model.BACKBONE_3D)
+        from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import check_equipment_types
+        check_equipment_types(model.BACKBONE_3D, cfg.CLASS_NAMES)
     check_model(cfg)

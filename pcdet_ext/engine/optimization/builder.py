@@ -25,6 +25,7 @@ from easydict import EasyDict
 
 from pcdet_ext.config import ConfigError, NoneType, Opt, from_cfg
 from pcdet_ext.engine.optimization.param_groups import OptimConfigError, assign_groups, format_table, parse_rules
+from pcdet_ext.openpcdet.lr_rules import mark
 
 OPTIMIZERS = ("adam", "sgd", "adam_onecycle", "adam_cosineanneal")
 _POS = dict(lo=0.0, lo_open=True)
@@ -146,18 +147,43 @@ def build_optimizer(model: nn.Module, optim_cfg, loaded: Optional[Set[str]] = No
     from ``--pretrained_model`` (for LOADED_ONLY rules)."""
     optim_cfg = parse_optimization(optim_cfg)
     name = optim_cfg.OPTIMIZER
-    groups = assign_groups(model, parse_rules(optim_cfg, model), loaded)
+    rules = parse_rules(optim_cfg, model)
+    groups = assign_groups(model, rules, loaded)
     if not groups:
         raise OptimConfigError("the model has no trainable parameters")
     lr, wd = optim_cfg.LR, optim_cfg.WEIGHT_DECAY
-    torch_groups = [{"params": g.params, "name": g.name, "lr_mult": g.lr_mult, "wd_mult": g.wd_mult,
-                     "lr": lr * g.lr_mult, "weight_decay": wd * g.wd_mult} for g in groups]
+    torch_groups = _torch_groups(groups, lr, wd)
     if name == "adam":
-        return torch.optim.Adam(torch_groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(torch_groups, lr=lr, momentum=float(optim_cfg.MOMENTUM))
-    betas = tuple(optim_cfg.BETAS)
-    return GroupedOptimWrapper(torch.optim.Adam(torch_groups, lr=lr, betas=betas), lr=lr, wd=wd, true_wd=True)
+        optimizer = torch.optim.Adam(torch_groups, lr=lr)
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(torch_groups, lr=lr, momentum=float(optim_cfg.MOMENTUM))
+    else:
+        optimizer = GroupedOptimWrapper(torch.optim.Adam(torch_groups, lr=lr, betas=tuple(optim_cfg.BETAS)), lr=lr,
+                                        wd=wd, true_wd=True)
+    # LOADED_ONLY rules without the loaded names (a fork's stock train.py loads --pretrained_model after
+    # building the optimizer): regroup when the model reports what it loaded
+    later = loaded is None and any(r.loaded_only for r in rules)
+    mark(model, partial(_regroup, optimizer, model, rules, lr, wd) if later else None)
+    return optimizer
+
+
+def _torch_groups(groups, lr: float, wd: float) -> List[Dict]:
+    return [{"params": g.params, "name": g.name, "lr_mult": g.lr_mult, "wd_mult": g.wd_mult,
+             "lr": lr * g.lr_mult, "weight_decay": wd * g.wd_mult} for g in groups]
+
+
+def _regroup(optimizer, model: nn.Module, rules, lr: float, wd: float, loaded: Set[str]) -> None:
+    """Re-assign the parameter groups of ``optimizer`` (before its first step) now that the names of the
+    parameters loaded from a pretrained checkpoint are known (LOADED_ONLY rules)."""
+    inner = inner_optimizer(optimizer)
+    if any(inner.state.values()):
+        raise RuntimeError("pretrained weights loaded after the optimizer's first step: LOADED_ONLY rules cannot "
+                           "apply any more; load --pretrained_model before training starts")
+    inner.param_groups.clear()
+    for group in _torch_groups(assign_groups(model, rules, loaded), lr, wd):
+        inner.add_param_group(group)
+    if isinstance(optimizer, GroupedOptimWrapper):  # each group's lr / wd from the current scalars
+        optimizer.lr, optimizer.wd = optimizer.lr, optimizer.wd
 
 
 create_optimizer_with_differential_lr = build_optimizer

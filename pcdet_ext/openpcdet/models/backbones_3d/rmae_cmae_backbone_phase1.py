@@ -11,9 +11,10 @@ ignored by the fine-tune detector.
 
 Config (``MODEL.BACKBONE_3D``): the keys of :data:`BACKBONE_SPEC` (``PRETRAINING``, the masking keys
 of :class:`~pcdet_ext.algorithms.masking.MaskingConfig`, ``MASK_SEED``, ``RMAE_WEIGHT``,
-``OCCUPANCY_DECODER``, the teacher keys, users' ``TEACHER_STUDENT_MODE`` / ``FEATURE_DIM``) and the
-encoder's own keys; any other key is an error. A top-level ``LOSS_CONFIG: {RMAE_WEIGHT,
-TEACHER_STUDENT_WEIGHT}`` is folded in (a value given in both places must agree).
+``OCCUPANCY_DECODER``, the teacher keys, users' ``TEACHER_STUDENT_MODE`` / ``FEATURE_DIM`` /
+``TEACHER_BACKBONE_TYPE``, the loss weights of :mod:`.loss_weights`) and the encoder's own keys; any
+other key is an error. A top-level ``LOSS_CONFIG`` is folded in (a value given in both places must
+agree). Keys accepted without effect are printed as one-line notes when the backbone is built.
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from easydict import EasyDict
 
-from pcdet_ext.config import ConfigError, NoneType, Opt, agree, from_cfg
+from pcdet_ext.config import ConfigError, NoneType, Opt, from_cfg
 from pcdet_ext.openpcdet.locator import require_pcdet
+from pcdet_ext.openpcdet.models.backbones_3d.loss_weights import (DETECTION_WEIGHT, PHASE1_ABSENT, check_weights,
+                                                                  detection_weight, fold_loss_config,
+                                                                  global_loss_config, notes, print_notes)
 from pcdet_ext.algorithms.masking import MASKING_SPEC, MaskingConfig, mask_voxels
 from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
                                       occupancy_metrics, occupancy_targets)
@@ -38,7 +42,6 @@ from pcdet_ext.algorithms.teacher_student import (FeatureRegression, cosine_simi
 DEFAULT_ENCODER = "VoxelResBackBone8xVoxelNeXt"
 ADDED_MODULES = ("occ_decoder", "ts_regression", "teacher")
 DETECTION_ONLY_FORBIDDEN = {"MASKED_RATIO": 0, "ENABLE_TEACHER_STUDENT": False}
-LOSS_CONFIG_KEYS = ("RMAE_WEIGHT", "TEACHER_STUDENT_WEIGHT")
 
 
 BACKBONE_SPEC = {
@@ -50,7 +53,8 @@ BACKBONE_SPEC = {
     "RMAE_WEIGHT": Opt(1.0, (float,), lo=0.0),
     "OCCUPANCY_DECODER": Opt(None, (dict, NoneType)),
     "ENABLE_TEACHER_STUDENT": Opt(True, (bool,)),
-    "TEACHER_BACKBONE_TYPE": Opt("identical", (str,), choices=("identical",)),
+    "TEACHER_BACKBONE_TYPE": Opt("identical", (str,), choices=("identical",),
+                                 note="the teacher is always an EMA copy of the student encoder (the only value)"),
     "TEACHER_MOMENTUM": Opt(0.999, (float,), lo=0.0, hi=1.0),
     "TEACHER_STUDENT_WEIGHT": Opt(0.0, (float,), lo=0.0),
     "TEACHER_STUDENT_SCALES": Opt(["x_conv2", "x_conv3", "x_conv4"], (list, tuple)),
@@ -59,6 +63,8 @@ BACKBONE_SPEC = {
                                 note="Phase 1 feature regression (the only mode of this class)"),
     "FEATURE_DIM": Opt(None, (int, NoneType), lo=1,
                        note="informational: the regression works at each teacher scale's own channel count"),
+    "DETECTION_WEIGHT": DETECTION_WEIGHT,
+    **PHASE1_ABSENT,
 }
 _CFG_KEY = re.compile(r"model_cfg(?:\.get\(\s*|\[\s*|\.)['\"]?([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -86,26 +92,6 @@ def parse_backbone_cfg(model_cfg, spec: Dict = BACKBONE_SPEC) -> EasyDict:
     MaskingConfig.from_cfg(cfg)
     OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
     return cfg
-
-
-def apply_loss_config(loss_cfg, backbone_cfg, where: str, spec: Dict) -> None:
-    """Users' top-level ``LOSS_CONFIG`` (keys of ``spec``) into ``backbone_cfg`` (where the backbone
-    reads them); the same key in both places with different values is an error."""
-    if loss_cfg is None:
-        return
-    cfg = from_cfg(loss_cfg, spec, where)
-    for key in loss_cfg:
-        backbone_cfg[key] = agree(f"MODEL.BACKBONE_3D.{key}", backbone_cfg.get(key), f"{where}.{key}", cfg[key])
-
-
-def _global_loss_config(model_cfg):
-    """The top-level ``LOSS_CONFIG`` of OpenPCDet's global ``cfg`` when ``model_cfg`` is that config's
-    ``MODEL.BACKBONE_3D`` (a fork's stock train.py loads into it); None otherwise."""
-    try:
-        from pcdet.config import cfg as global_cfg
-    except ImportError:
-        return None
-    return global_cfg.get("LOSS_CONFIG") if (global_cfg.get("MODEL") or {}).get("BACKBONE_3D") is model_cfg else None
 
 
 def resolve_encoder(name: str) -> type:
@@ -141,7 +127,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
 
     encoder_cls: type = None  # set on the concrete subclass built for one encoder
     CONFIG_SPEC: Dict = BACKBONE_SPEC
-    LOSS_KEYS: Tuple[str, ...] = LOSS_CONFIG_KEYS
+    PHASE2 = False  # the Phase 2 terms (MLFR, voxel / frame contrast) exist
 
     def __new__(cls, model_cfg=None, *args, **kwargs):
         if cls.encoder_cls is None:
@@ -156,8 +142,10 @@ class RMAECMAEBackbonePhase1(nn.Module):
         enc_args = dict(model_cfg=model_cfg, input_channels=input_channels, grid_size=grid_size,
                         voxel_size=voxel_size, point_cloud_range=point_cloud_range, **kwargs)
         cfg = self._parse_cfg(model_cfg)
+        print_notes(type(self).config_notes(model_cfg))
         super().__init__(**enc_args)  # the encoder class (next in the MRO)
         self.pretraining = cfg.PRETRAINING
+        self.detection_weight = detection_weight(cfg)
         self.voxel_size = [float(v) for v in voxel_size]
         self.point_cloud_range = [float(v) for v in point_cloud_range]
         self.grid_size = [int(g) for g in grid_size]
@@ -210,17 +198,25 @@ class RMAECMAEBackbonePhase1(nn.Module):
 
     @classmethod
     def fold_loss_config(cls, loss_cfg, backbone_cfg, where: str = "LOSS_CONFIG") -> None:
-        """A top-level ``LOSS_CONFIG`` (keys :attr:`LOSS_KEYS`) into ``backbone_cfg``."""
-        apply_loss_config(loss_cfg, backbone_cfg, where, spec={k: cls.CONFIG_SPEC[k] for k in cls.LOSS_KEYS})
+        """A top-level ``LOSS_CONFIG`` (:data:`~.loss_weights.LOSS_KEYS`) into ``backbone_cfg``."""
+        fold_loss_config(loss_cfg, backbone_cfg, cls.CONFIG_SPEC, where)
 
     @classmethod
     def check_config(cls, model_cfg) -> EasyDict:
         """``MODEL.BACKBONE_3D`` validated (no model built)."""
-        return parse_backbone_cfg(model_cfg, cls.CONFIG_SPEC)
+        cfg = parse_backbone_cfg(model_cfg, cls.CONFIG_SPEC)
+        check_weights(cfg, cfg.PRETRAINING, cls.PHASE2)
+        return cfg
+
+    @classmethod
+    def config_notes(cls, model_cfg) -> List[str]:
+        """The one-line notes on keys of ``model_cfg`` accepted without effect (or with a meaning of
+        their own here); see :func:`~.loss_weights.notes`."""
+        return notes(model_cfg, cls.CONFIG_SPEC, bool(model_cfg.get("PRETRAINING", False)))
 
     @classmethod
     def _parse_cfg(cls, model_cfg) -> EasyDict:
-        cls.fold_loss_config(_global_loss_config(model_cfg), model_cfg)
+        cls.fold_loss_config(global_loss_config(model_cfg), model_cfg)
         return cls.check_config(model_cfg)
 
     def _check_sensor_inside(self) -> None:

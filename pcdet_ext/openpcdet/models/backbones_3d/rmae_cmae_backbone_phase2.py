@@ -25,7 +25,8 @@ from pcdet_ext.algorithms.teacher_student import ema_update_, match_features, pa
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.models.backbones_3d.mlfr_decoder import MLFRDecoder
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
-from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import (PHASE2_LOSS_KEYS, PHASE2_SPEC,
+from pcdet_ext.openpcdet.models.backbones_3d.loss_weights import notes
+from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import (PHASE2_SPEC, SECTIONS,
                                                                              parse_phase2_sections)
 
 PHASE2_ADDED_MODULES = ("mlfr", "voxel_head", "voxel_head_teacher", "frame_head", "frame_head_teacher",
@@ -45,7 +46,7 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
     cosine momentum schedule (the Phase 2 tool does)."""
 
     CONFIG_SPEC = PHASE2_SPEC
-    LOSS_KEYS = PHASE2_LOSS_KEYS
+    PHASE2 = True
 
     def __init__(self, model_cfg, input_channels, grid_size, voxel_size, point_cloud_range, **kwargs):
         super().__init__(model_cfg, input_channels, grid_size, voxel_size, point_cloud_range, **kwargs)
@@ -100,6 +101,11 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
         cfg = super().check_config(model_cfg)
         parse_phase2_sections(cfg)
         return cfg
+
+    @classmethod
+    def config_notes(cls, model_cfg) -> List[str]:
+        pretraining = bool(model_cfg.get("PRETRAINING", False))
+        return notes(model_cfg, cls.CONFIG_SPEC, pretraining, sections=SECTIONS if pretraining else ())
 
     # ---- momentum --------------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int) -> None:
@@ -201,7 +207,8 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
             seq, idx = frame_sequence_ids(list(frame_ids))
         seq, idx = seq.to(device), idx.to(device)
         loss = frame_infonce(s_emb, t_emb, seq, self.frame_queue, cfg.FRAME_TEMPERATURE, cfg.MAX_FRAME_NEGATIVES,
-                             index=idx, window=cfg.SEQUENCE_WINDOW)
+                             index=idx, window=cfg.SEQUENCE_WINDOW,
+                             hard_negative_ratio=cfg.HARD_NEGATIVE_RATIO if cfg.ENABLE_HARD_NEGATIVE_MINING else None)
         tb["loss_frame_contrast"] = loss.item()
         tb["frame_queue_filled"] = float((self.frame_queue.sequence >= 0).float().mean())
         if self.training:

@@ -4,7 +4,8 @@
 Sections: ``MLFR_CONFIG`` (scales ``scale_k`` = ``x_convk``, per-scale weights, loss, decoder depth),
 ``VOXEL_CONTRASTIVE_CONFIG``, ``FRAME_CONTRASTIVE_CONFIG``, ``MOMENTUM_SCHEDULE``; the weights
 ``MLFR_WEIGHT``, ``VOXEL_CONTRASTIVE_WEIGHT``, ``FRAME_CONTRASTIVE_WEIGHT``; ``LOSS_BALANCING``.
-A top-level ``LOSS_CONFIG`` may give the weights too (a value given in both places must agree).
+A top-level ``LOSS_CONFIG`` may give the weights too (a value given in both places must agree;
+:mod:`.loss_weights`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pcdet_ext.config import ConfigError, NoneType, Opt, agree, from_cfg
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import BACKBONE_SPEC
 
 DEFAULT_MLFR_SCALES = ["x_conv2", "x_conv3", "x_conv4"]
+DOMAIN_NOTE = ("no effect: pretraining is self-supervised, ground-truth classes never enter it (frames are contrasted "
+               "by identity and drive sequence only)")
 _WEIGHT = dict(types=(float,), lo=0.0)
 
 MLFR_SPEC = {
@@ -50,10 +53,18 @@ FRAME_CONTRASTIVE_SPEC = {
     "MOMENTUM_UPDATE": Opt(0.99, (float,), lo=0.0, hi=1.0),
     "PROJECTION_DIM": Opt(128, (int,), lo=1),
     "SEQUENCE_WINDOW": Opt(10, (int, NoneType), lo=0),
+    "FEATURE_DIM": Opt(None, (int, NoneType), lo=1,
+                       note="informational: the frame head takes the contrast scale's own channel count"),
+    "ENABLE_HARD_NEGATIVE_MINING": Opt(False, (bool,)),
+    "HARD_NEGATIVE_RATIO": Opt(0.3, (float,), lo=0.0, lo_open=True, hi=1.0),
+    # users' configs: a label-conditioned frame contrast would leak ground truth into self-supervised
+    # pretraining, so these select nothing; EQUIPMENT_TYPES must still name classes of CLASS_NAMES
+    "ENABLE_DOMAIN_SPECIFIC": Opt(False, (bool,), note=DOMAIN_NOTE),
+    "EQUIPMENT_TYPES": Opt(None, (list, NoneType), note=DOMAIN_NOTE + "; must be a subset of CLASS_NAMES"),
 }
 MOMENTUM_SPEC = {
     "NAME": Opt("cosine", (str,), choices=("cosine", "constant")),
-    "START": Opt(None, (float, NoneType), lo=0.0, hi=1.0, note="default: TEACHER_MOMENTUM"),
+    "START": Opt(None, (float, NoneType), lo=0.0, hi=1.0),  # default: TEACHER_MOMENTUM
     "END": Opt(1.0, (float,), lo=0.0, hi=1.0),
 }
 PHASE2_SPEC = {
@@ -71,11 +82,9 @@ PHASE2_SPEC = {
     "FRAME_CONTRASTIVE_CONFIG": Opt(None, (dict, NoneType)),
     "MOMENTUM_SCHEDULE": Opt(None, (dict, NoneType)),
     "LOSS_BALANCING": Opt("fixed", (str,), choices=MODES),
-    "DETECTION_WEIGHT": Opt(None, (float, NoneType), lo=0.0,
-                            note="no detection loss during pretraining; the fine-tune config weights its head"),
 }
-PHASE2_LOSS_KEYS = ("RMAE_WEIGHT", "TEACHER_STUDENT_WEIGHT", "MLFR_WEIGHT", "VOXEL_CONTRASTIVE_WEIGHT",
-                    "FRAME_CONTRASTIVE_WEIGHT", "DETECTION_WEIGHT")
+SECTIONS = (("MLFR_CONFIG", MLFR_SPEC), ("VOXEL_CONTRASTIVE_CONFIG", VOXEL_CONTRASTIVE_SPEC),
+            ("FRAME_CONTRASTIVE_CONFIG", FRAME_CONTRASTIVE_SPEC), ("MOMENTUM_SCHEDULE", MOMENTUM_SPEC))
 _SCALE = re.compile(r"^(?:scale_|x_conv)(\d+)$")
 
 
@@ -105,8 +114,21 @@ def parse_phase2_sections(cfg: EasyDict) -> EasyDict:
     mlfr.SCALE_WEIGHTS = {s: weights.get(s, 1.0) for s in scales}
     if cfg.ENABLE_MLFR and sum(mlfr.SCALE_WEIGHTS.values()) <= 0:
         raise ConfigError(f"{where}.MLFR_CONFIG.MLFR_LOSS_WEIGHTS: every configured scale weighs 0")
+    frame = from_cfg(cfg.FRAME_CONTRASTIVE_CONFIG, FRAME_CONTRASTIVE_SPEC, f"{where}.FRAME_CONTRASTIVE_CONFIG")
+    types = frame.EQUIPMENT_TYPES or []
+    if not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"{where}.FRAME_CONTRASTIVE_CONFIG.EQUIPMENT_TYPES: expected a list of class names, got {types!r}")
     return EasyDict(MLFR=mlfr, MOMENTUM=from_cfg(cfg.MOMENTUM_SCHEDULE, MOMENTUM_SPEC, f"{where}.MOMENTUM_SCHEDULE"),
                     VOXEL=from_cfg(cfg.VOXEL_CONTRASTIVE_CONFIG, VOXEL_CONTRASTIVE_SPEC,
                                    f"{where}.VOXEL_CONTRASTIVE_CONFIG"),
-                    FRAME=from_cfg(cfg.FRAME_CONTRASTIVE_CONFIG, FRAME_CONTRASTIVE_SPEC,
-                                   f"{where}.FRAME_CONTRASTIVE_CONFIG"))
+                    FRAME=frame)
+
+
+def check_equipment_types(model_cfg, class_names) -> None:
+    """``FRAME_CONTRASTIVE_CONFIG.EQUIPMENT_TYPES`` within ``class_names`` (they select nothing, but a
+    name outside the classes is a mistake worth naming)."""
+    types = ((model_cfg or {}).get("FRAME_CONTRASTIVE_CONFIG") or {}).get("EQUIPMENT_TYPES") or []
+    bad = [t for t in types if t not in list(class_names)]
+    if bad:
+        raise ConfigError(f"MODEL.BACKBONE_3D.FRAME_CONTRASTIVE_CONFIG.EQUIPMENT_TYPES: {bad} not in CLASS_NAMES "
+                          f"{list(class_names)}")

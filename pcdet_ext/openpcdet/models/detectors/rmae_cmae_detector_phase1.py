@@ -5,7 +5,9 @@ from typing import Dict
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.locator import require_pcdet
+from pcdet_ext.openpcdet.lr_rules import pretrained_loaded, unserved
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
+from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import check_equipment_types
 
 require_pcdet("RMAECMAEDetectorPhase1")
 from pcdet.models.detectors.detector3d_template import Detector3DTemplate  # noqa: E402
@@ -19,7 +21,8 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
     teacher-student`` loss, evaluation returns ``(metrics, {})`` (occupancy P/R/IoU, losses).
 
     ``PRETRAINING: False``: VFE -> backbone -> (map_to_bev, 2D backbone) -> dense head as configured
-    (e.g. VoxelNeXtHead, CenterHead, AnchorHeadSingle); the head's loss and post-processing.
+    (e.g. VoxelNeXtHead, CenterHead, AnchorHeadSingle); ``DETECTION_WEIGHT`` x the head's loss, its
+    post-processing.
     """
 
     def __init__(self, model_cfg, num_class, dataset):
@@ -29,11 +32,20 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
             self.module_topology = PRETRAINING_TOPOLOGY
         elif model_cfg.get("DENSE_HEAD") is None:
             raise ConfigError("MODEL.DENSE_HEAD: detection mode (BACKBONE_3D.PRETRAINING: False) needs a dense head")
+        check_equipment_types(model_cfg.BACKBONE_3D, self.class_names)
         self.module_list = self.build_networks()
+        # LOSS_CONFIG folded and checked by the backbone (a stock backbone: the default weight)
+        self.detection_weight = getattr(self.backbone_3d, "detection_weight", 1.0)
+        self._lr_checked = False
         if self.pretraining:
             ignore_teachers_in_ddp(self)
 
     def forward(self, batch_dict: Dict):
+        if self.training and not self._lr_checked:  # before the first step: never train at 1x by accident
+            why = unserved(self)
+            if why:
+                raise ConfigError(why)
+            self._lr_checked = True
         for module in self.module_list:
             batch_dict = module(batch_dict)
         if self.pretraining:
@@ -43,8 +55,24 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
             return tb_dict, {}
         if self.training:
             loss, tb_dict = self.dense_head.get_loss()
-            return {"loss": loss}, dict(tb_dict, loss_rpn=loss.item()), {}
+            return {"loss": self.detection_weight * loss}, dict(tb_dict, loss_rpn=loss.item()), {}
         return self.post_processing(batch_dict)
+
+    def load_params_from_file(self, *args, **kwargs):
+        """OpenPCDet's pretrained loading (``--pretrained_model`` of a stock train.py, which builds the
+        optimizer first); an optimizer with LOADED_ONLY rules then regroups by what was loaded."""
+        self._pretrained_keys = set()
+        try:
+            super().load_params_from_file(*args, **kwargs)
+            pretrained_loaded(self, self._pretrained_keys)
+        finally:
+            del self._pretrained_keys
+
+    def _load_state_dict(self, model_state_disk, *, strict=True):
+        state_dict, loaded = super()._load_state_dict(model_state_disk, strict=strict)
+        if hasattr(self, "_pretrained_keys"):
+            self._pretrained_keys |= set(loaded)
+        return state_dict, loaded
 
     def post_processing(self, batch_dict: Dict):
         if "final_box_dicts" not in batch_dict:  # anchor heads: OpenPCDet's NMS post-processing
