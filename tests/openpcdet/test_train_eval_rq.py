@@ -113,13 +113,18 @@ def test_legacy_mode_trains_all_codebooks_together(tmp_path, synthetic_kitti, po
     config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt)
     cfg = yaml.safe_load(config.read_text())
     cfg["progressive_learning"] = {"enabled": False, "warmup_epochs": 1}
-    cfg["rq_model"] = {"codebook_size": 32}
+    cfg["rq_model"] = {"codebook_size": 32, "codebook_update_mode": "ema"}
     cfg["training"]["max_epoch"] = 2
     config.write_text(yaml.safe_dump(cfg))
     proc = run_tool("--config", str(config), "--extra_tag", "legacy", "--set", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "legacy: all codebooks together" in proc.stderr + proc.stdout
-    state = load_checkpoint(tmp_path / "runs" / "legacy" / "checkpoints" / ck.final_name(2, 1))
-    q = state["model_state"]
+    ckpts = tmp_path / "runs" / "legacy" / "checkpoints"
+    q = load_checkpoint(ckpts / ck.final_name(2, 1))["model_state"]
     assert q["rq_bottleneck.quantizer.trained_size"].tolist() == [32, 32]
     assert q["rq_bottleneck.quantizer.active_size"].tolist() == [32, 32]
+    # EMA only: every codebook's entries move from epoch to epoch, not only the deepest one's
+    first, second = (load_checkpoint(ckpts / ck.epoch_name(2, 1, e))["model_state"] for e in (1, 2))
+    for c in (0, 1):
+        key = f"rq_bottleneck.quantizer.codebooks.{c}"
+        assert (first[key] - second[key]).abs().max() > 1e-4, c

@@ -163,25 +163,38 @@ class ResidualQuantizer(nn.Module):
         self._apply_freezing()
 
     def start_stage(self, codebook: int, num_embeddings: int, data: Optional[torch.Tensor] = None) -> None:
-        """Begin training ``codebook`` (0-based) at ``num_embeddings`` entries.
+        """Begin training ``codebook`` (0-based) at ``num_embeddings`` entries (progressive training).
 
-        Earlier codebooks keep their trained size. Entries ``[k_prev, k)`` are initialised from
-        ``data`` (input vectors; their residuals at this codebook are used) by k-means++; without
-        ``data`` they are initialised on the first training batch. Dead-entry restarts will only
-        touch ``[k_prev, k)``.
+        Earlier codebooks keep their trained size. Entries ``[k_prev, k)`` are the stage's new entries:
+        initialised from ``data`` (input vectors; their residuals at this codebook are used) by
+        k-means++, or without ``data`` on the first training batch; EMA warm-up and dead-entry restarts
+        touch only them. Every other codebook is closed: none of its entries is new any more.
         """
-        if not 0 <= codebook < self.num_codebooks:
-            raise ValueError(f"codebook must be in 0..{self.num_codebooks - 1}, got {codebook}")
+        self._open([codebook], num_embeddings, data)
+
+    def start_together(self, num_codebooks: int, num_embeddings: int, data: Optional[torch.Tensor] = None) -> None:
+        """Begin training codebooks ``0..num_codebooks-1`` together at ``num_embeddings`` entries (the
+        legacy, non-progressive mode): all of them open at once, each with its new entries as in
+        :meth:`start_stage`."""
+        self._open(list(range(num_codebooks)), num_embeddings, data)
+
+    def _open(self, books: List[int], num_embeddings: int, data: Optional[torch.Tensor]) -> None:
+        for codebook in books:
+            if not 0 <= codebook < self.num_codebooks:
+                raise ValueError(f"codebook must be in 0..{self.num_codebooks - 1}, got {codebook}")
         if num_embeddings not in self.schedule and num_embeddings != self.codebook_size:
             raise ValueError(f"num_embeddings {num_embeddings} is not in the schedule {self.schedule}")
-        prev = int(self.trained_size[codebook])
-        self.stage_start[codebook] = min(prev, num_embeddings)
         self._resync_ema()
-        sizes = [max(int(self.trained_size[c]), 1) for c in range(codebook)] + [num_embeddings]
-        self.set_active(codebook + 1, sizes)
-        self.trained_size[codebook] = max(prev, num_embeddings)
+        self.stage_start.copy_(self.trained_size)  # close every codebook: no entry of theirs is new
+        for c in books:
+            self.stage_start[c] = min(int(self.trained_size[c]), num_embeddings)
+        depth = max(books) + 1
+        self.set_active(depth, [num_embeddings if c in books else max(int(self.trained_size[c]), 1)
+                                for c in range(depth)])
+        for c in books:
+            self.trained_size[c] = max(int(self.trained_size[c]), num_embeddings)
         if data is not None:
-            self.initialise_entries(codebook, data)
+            self.initialise_entries(depth - 1, data)
 
     def _apply_freezing(self) -> None:
         """Trainable: the deepest active codebook (every active one without ``freeze_earlier``), and the
@@ -276,11 +289,12 @@ class ResidualQuantizer(nn.Module):
         return [int(k) for k in self.active_size[: int(self.active_depth)]]
 
     def _sample_operating_point(self) -> List[int]:
-        """Training: (n, k) with n from the active depth (only the deepest when earlier codebooks are
-        frozen) and k from the schedule sizes up to the active size, every used codebook truncated
-        to k. Otherwise: the active sizes."""
+        """Gradient training: (n, k) with n from the active depth (only the deepest when earlier
+        codebooks are frozen) and k from the schedule sizes up to the active size, every used codebook
+        truncated to k. Otherwise (EMA warm-up included: every batch of it updates the stage's new
+        entries): the active sizes."""
         sizes = self.active_sizes()
-        if not (self.training and self.operating_point_training):
+        if not (self.training and self.operating_point_training and self.mode == "gradient"):
             return sizes
         n = len(sizes) if self.freeze_earlier else int(torch.randint(1, len(sizes) + 1, (1,)))
         allowed = [s for s in self.schedule if s <= sizes[n - 1]] or [sizes[n - 1]]
@@ -393,9 +407,8 @@ class ResidualQuantizer(nn.Module):
     def _ema_update(self, counts, sums, sizes) -> None:
         """EMA usage counts of trainable codebooks (both modes: dead-entry detection, stats). In EMA
         mode also the EMA sums and entries of the current stage's new entries ``[stage_start, k)`` of
-        the deepest active codebook only: entries trained in earlier stages change only by gradient.
-        All-reduced under DDP."""
-        deepest = int(self.active_depth) - 1
+        every open codebook (the stage's one; all of them in the legacy mode): entries trained in
+        earlier stages change only by gradient. All-reduced under DDP."""
         for c in sums:
             k = sizes[c]
             cnt, s_k = counts[c], sums[c]
@@ -405,7 +418,7 @@ class ResidualQuantizer(nn.Module):
                 dist.all_reduce(s_k)
             self.ema_count[c, :k].mul_(self.decay).add_(cnt, alpha=1 - self.decay)
             start = int(self.stage_start[c])
-            if self.mode != "ema" or c != deepest or start >= k:
+            if self.mode != "ema" or start >= k:
                 continue
             self.ema_sum[c, start:k].mul_(self.decay).add_(s_k[start:k], alpha=1 - self.decay)
             own = self.ema_count[c, start:k]

@@ -111,9 +111,10 @@ class ProgressiveTrainer:
         """Progressive: open codebook c at k entries. Legacy: open every codebook at full size
         (the model is built with FREEZE_EARLIER False then, so all of them train)."""
         st = self.plan[idx]
-        legacy = not self.exp.progressive_learning.enabled
-        for c in (range(st.codebook) if legacy else [st.codebook - 1]):
-            self.q.start_stage(c, st.num_embeddings)
+        if self.exp.progressive_learning.enabled:
+            self.q.start_stage(st.codebook - 1, st.num_embeddings)
+        else:
+            self.q.start_together(st.codebook, st.num_embeddings)
 
     def _fit_stage(self, idx, first_epoch, best, bad, opt_state, fresh) -> None:
         st = self.plan[idx]
