@@ -81,6 +81,8 @@ def main(argv=None) -> int:
         return 2
     for line in notes:
         print(line, file=sys.stderr)
+    if exp.training.mode == "train":
+        print(schema.describe_loss(exp), file=sys.stderr)
     info = init_dist(args.launcher, args.tcp_port)
     if info.world_size == 1 and torch.cuda.is_available() and exp.hardware.gpu is not None:
         torch.cuda.set_device(exp.hardware.gpu)

@@ -42,6 +42,7 @@ def frozen_state(model):
 def test_trains_only_the_bottleneck_and_evaluates(synthetic_kitti, pretrained, mode):
     seed_everything()
     cfg = rq_cfg(mode)
+    cfg.MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS = {"DET": 1.0, "VQ": 0.0, "CODEBOOK": 0.0}  # only detection can train
     (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
     model = loop.build_model(cfg, train_set)
     assert type(model).__name__ == "PointPillarRQ"
@@ -57,13 +58,37 @@ def test_trains_only_the_bottleneck_and_evaluates(synthetic_kitti, pretrained, m
     model.train()
     assert not model.backbone_2d.blocks[0][2].training  # BN of the frozen tail stays in eval mode
     losses, tb = loop.train_steps(model, train_loader, optimizer, steps=1)
-    assert np.isfinite(losses[0]) and {"loss_det", "loss_codebook", "loss_total", "rq_perplexity_0"} <= set(tb)
+    assert np.isfinite(losses[0]) and {"loss_det", "loss_vq", "loss_total", "rq_perplexity_0"} <= set(tb)
+    assert tb["loss_total"] == pytest.approx(tb["loss_det"])  # VQ weight 0: the step is the detection loss's
     after = frozen_state(model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [], changed  # weights and BN statistics bit-identical
+    assert model.quantizer.codebooks[0].grad.abs().sum() > 0  # the detection loss reaches the codebooks
     assert not torch.equal(cb_before, model.quantizer.codebooks[0].detach())
     _, result_str, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert "Car AP@0.70" in result_str
+
+
+def test_loss_weights_mean_what_users_training_script_meant(synthetic_kitti, pretrained):
+    """DET x detection + VQ x mse(residual, quantized) (the pull of the codebooks); CODEBOOK changes nothing."""
+    from pcdet.models import load_data_to_gpu
+    totals = {}
+    for weights in ({"DET": 0.5, "VQ": 2.0, "CODEBOOK": 0.1}, {"DET": 0.5, "VQ": 2.0, "CODEBOOK": 7.0}):
+        seed_everything()
+        cfg = rq_cfg()
+        cfg.MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS = weights
+        (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_kitti)
+        model = loop.build_model(cfg, train_set)
+        model.load_pretrained_pointpillars(str(pretrained[0]))
+        model.quantizer.start_stage(0, 16)
+        model.quantizer.set_mode("gradient")
+        model.train()
+        batch = train_set.collate_batch([train_set[0]])
+        load_data_to_gpu(batch)
+        ret, tb, _ = model(batch)
+        assert tb["loss_vq"] > 0 and ret["loss"].item() == pytest.approx(0.5 * tb["loss_det"] + 2.0 * tb["loss_vq"])
+        totals[weights["CODEBOOK"]] = ret["loss"].item()
+    assert totals[0.1] == totals[7.0]
 
 
 def test_sparse_mode_keeps_empty_cells_zero_and_exposes_codes(synthetic_kitti, pretrained):

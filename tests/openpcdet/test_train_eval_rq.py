@@ -62,6 +62,8 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     assert {"model_state", "optimizer_state", "stage_state", "config", "epoch", "it"} <= set(state)
     assert any(k.startswith("rq_bottleneck.quantizer.codebooks") for k in state["model_state"])
     assert "codebook 2 stage 2:  64 entries, 1 EMA warm-up + 1 gradient epochs" in proc.stderr + proc.stdout
+    assert "+ vq_weight 0.25 x VQ loss (mean squared distance of each residual to its chosen entry" in proc.stderr
+    assert "codebook_weight 0.1: no effect" in proc.stderr
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     sweep = json.loads((run / "eval" / "sweep.json").read_text())
     cells = [(c["num_codebooks"], c["num_embeddings"]) for c in sweep["cells"]]

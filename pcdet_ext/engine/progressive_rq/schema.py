@@ -29,6 +29,8 @@ NONNEG = dict(lo=0)              # >= 0
 # accepted keys that change nothing here: Opt.note says what the tool does instead (printed by notes())
 FIXED = "the final model (the last stage's best checkpoint) is what is evaluated"
 SWEEP = "--eval_sweep evaluates every trained cell of the final model"
+CODEBOOK_NOTE = ("no effect on training (the original script logged that term without gradient); vq_weight weights "
+                 "the pull of the codebooks")
 
 # section -> key -> Opt: default, types, choices and bounds in one place; cross-key rules in _check_values
 SCHEMA: Dict[str, Dict[str, Opt]] = {
@@ -47,7 +49,8 @@ SCHEMA: Dict[str, Dict[str, Opt]] = {
     "rq_model": {"latent_shape": Opt([496, 432, 64], (list,)), "code_shape": Opt([496, 432, 1], (list,)),
                  "codebook_size": Opt(64, (int,), **POS), "decay": Opt(0.99, (float,), lo=0, hi=1, lo_open=True, hi_open=True),
                  "codebook_update_mode": Opt("loss", (str,), choices=("loss", "ema"))},
-    "loss_weights": {"vq_weight": Opt(0.25, (float,), **NONNEG), "codebook_weight": Opt(0.1, (float,), **NONNEG),
+    "loss_weights": {"vq_weight": Opt(0.25, (float,), **NONNEG),
+                     "codebook_weight": Opt(0.1, (float,), note=CODEBOOK_NOTE, **NONNEG),
                      "det_weight": Opt(0.8, (float,), **NONNEG)},
     "evaluation": {
         "enabled": Opt(False, (bool,), note="evaluation runs with --mode eval, or with --eval_sweep after training"),
@@ -149,6 +152,16 @@ def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:
                    f"{stage_epochs(cfg)} epochs per stage, not embedding_stage_epochs {pl.embedding_stage_epochs} "
                    f"(raise max_epoch to {num_stages(cfg) * pl.embedding_stage_epochs} for the full plan)")
     return out
+
+
+def describe_loss(cfg: EasyDict) -> str:
+    """What each loss weight does in gradient epochs (printed at start-up)."""
+    w = cfg.loss_weights
+    return (f"loss = det_weight {w.det_weight:g} x detection loss (OpenPCDet's head loss through the frozen tail) "
+            f"+ vq_weight {w.vq_weight:g} x VQ loss (mean squared distance of each residual to its chosen entry: "
+            f"pulls the trainable codebooks to the features, and commits an adapter when there is one); "
+            f"codebook_weight {w.codebook_weight:g}: no effect (the original script logged that term without "
+            f"gradient). EMA warm-up epochs train by EMA, not by this loss")
 
 
 def _check_values(cfg: EasyDict) -> None:

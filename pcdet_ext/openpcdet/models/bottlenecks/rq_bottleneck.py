@@ -32,7 +32,11 @@ RQ_SPEC = {
     "FREEZE_HEAD_TAIL": Opt(True, (bool,)),
     "LOSS_WEIGHTS": Opt(None, (dict, NoneType)),
 }
-LOSS_WEIGHTS_SPEC = {k: Opt(v, (float,), lo=0.0) for k, v in (("DET", 0.8), ("VQ", 0.25), ("CODEBOOK", 0.1))}
+# the meanings of users' training script: DET x detection loss + VQ x mse(residual, quantized) (the pull of the
+# codebooks, and with an adapter its commitment); CODEBOOK weighted a term without gradient there: no effect
+CODEBOOK_NOTE = "no effect on training (the original script logged that term without gradient); VQ weights the pull"
+LOSS_WEIGHTS_SPEC = {"DET": Opt(0.8, (float,), lo=0.0), "VQ": Opt(0.25, (float,), lo=0.0),
+                     "CODEBOOK": Opt(0.1, (float,), lo=0.0, note=CODEBOOK_NOTE)}
 
 
 def parse_rq_config(cfg) -> EasyDict:

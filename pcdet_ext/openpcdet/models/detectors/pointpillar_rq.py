@@ -76,12 +76,11 @@ class PointPillarRQ(PointPillar):
         if rq_out is None:  # bottleneck bypassed
             tb_dict["loss_total"] = loss.item()
             return loss, tb_dict, {"loss_det": f"{loss_det.item():.3f}"}
-        if "codebook" in rq_out.losses:
-            loss = loss + w.CODEBOOK * rq_out.losses["codebook"]
-            tb_dict["loss_codebook"] = rq_out.losses["codebook"].item()
-        if "commitment" in rq_out.losses:
-            loss = loss + w.VQ * rq_out.losses["commitment"]
-            tb_dict["loss_vq"] = rq_out.losses["commitment"].item()
+        vq = [rq_out.losses[k] for k in ("codebook", "commitment") if k in rq_out.losses]
+        if vq:  # mse(residual, quantized): pulls the trainable codebooks (and an adapter) to the features
+            vq_loss = torch.stack(vq).sum()
+            loss = loss + w.VQ * vq_loss
+            tb_dict["loss_vq"] = vq_loss.item()
         tb_dict["loss_total"] = loss.item()
         tb_dict["rq_num_codebooks"] = rq_out.num_codebooks
         tb_dict["rq_num_embeddings"] = rq_out.num_embeddings[-1]
