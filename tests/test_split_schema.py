@@ -150,6 +150,53 @@ def test_plateau_cuts_after_patience_bad_epochs_as_documented():
     assert schema.plateau_cut(1, 0) and not schema.plateau_cut(0, 0)
 
 
+def _run_stage(patience, early, maps):
+    """The progressive trainer's StagePolicy over gradient epochs with scripted validation mAPs: the epochs
+    at which the LR was cut (and the LR after each epoch) and the epoch it stopped at."""
+    from types import SimpleNamespace
+    from pcdet_ext.engine.progressive_rq.trainer import StagePolicy
+    scripted = iter(maps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    exp = SimpleNamespace(training=SimpleNamespace(patience=patience, early_stopping_patience=early, ckpt_freq_epoch=99),
+                          logging=SimpleNamespace(save_stage_weights=False))
+    stage = schema.Stage(1, 1, 16, 0, len(maps))
+    model = torch.nn.Linear(1, 1)
+    t = SimpleNamespace(plan=[stage], exp=exp, q=SimpleNamespace(set_mode=lambda m: None), train_sampler=None,
+                        epochs_done=0, global_best=-1.0, global_step=0, model=model, dist=SimpleNamespace(is_main=False),
+                        log=SimpleNamespace(info=lambda *a: None), writer=SimpleNamespace(scalars=lambda *a: None),
+                        _validate=lambda st: {"mAP": next(scripted)}, _barrier=lambda: None)
+    policy = StagePolicy(t, 0, optimizer, -1.0, 0, None)
+    runner = SimpleNamespace(stop=False, iteration=0, train=True)
+    lrs = []
+    for epoch in range(len(maps)):
+        policy.before_epoch(runner, epoch)
+        policy.after_epoch(runner, epoch, 0.0)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if runner.stop:
+            return lrs, epoch + 1
+    return lrs, None
+
+
+def test_the_lr_cut_acts_before_early_stopping_when_both_patiences_are_equal():
+    flat = [10.0] + [5.0] * 20  # a best in epoch 1, then a plateau
+    lrs, stopped = _run_stage(5, 5, flat)
+    assert stopped == 11 and lrs[5] == pytest.approx(0.1)  # cut after 5 bad epochs, 5 more to act, then stop
+    assert lrs[-1] == pytest.approx(0.1)  # no second cut in the stopping epoch
+    lrs, stopped = _run_stage(2, 5, flat)
+    assert stopped == 8 and lrs[2] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.01)  # first cut at 2, stop 5 later
+    lrs, stopped = _run_stage(5, 3, flat)
+    assert stopped == 4 and lrs[-1] == 1.0  # early_stopping_patience < patience: no cut comes
+    recovering = [10.0, 5, 5, 5, 5, 5, 12.0] + [5.0] * 14  # a new best after the cut resets both counts
+    lrs, stopped = _run_stage(5, 5, recovering)
+    assert stopped == 17 and lrs[11] == pytest.approx(0.01)
+
+
+def test_patience_notes():
+    cfg = schema.validate({"dataset": {"dir": "."}, "model": {"pretrained_weight": "x"},
+                           "training": {"patience": 5, "early_stopping_patience": 3}}, check_paths=False)
+    assert any("early_stopping_patience 3 < patience 5" in n for n in schema.notes({}, cfg))
+
+
 USERS_TRAIN = """
 seed: 42
 save_stage_weights: True

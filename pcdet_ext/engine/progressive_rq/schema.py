@@ -8,9 +8,12 @@ Decisions (documented in docs/progressive_rq.md):
   ``warmup_epochs`` of them EMA warm-up). Legacy mode runs one stage of ``max_epoch`` epochs.
 * ``rq_model.codebook_size`` is the entry count of the legacy (non-progressive) mode. In
   progressive mode the schedule overrides it: entries allocated = ``max(embedding_schedule)``.
-* ``training.patience``: epochs without a new best validation mAP before the stage's learning
-  rate is divided by 10. ``training.early_stopping_patience``: epochs without a new best before
-  the stage stops. Both count gradient epochs inside one stage.
+* ``training.patience``: gradient epochs without a new best validation mAP before the stage's
+  learning rate is divided by 10 (again after every further ``patience`` such epochs).
+  ``training.early_stopping_patience``: such epochs, counted from the plateau's first LR cut, before
+  the stage stops, so the cut always gets that long to act (``patience == early_stopping_patience ==
+  5``: cut after 5, stop after 10). When ``early_stopping_patience < patience`` the cut never comes
+  (a printed note says so) and the stage stops after ``early_stopping_patience`` epochs.
 """
 from __future__ import annotations
 
@@ -146,6 +149,10 @@ def notes(raw: Dict[str, Any], cfg: EasyDict) -> List[str]:
         for key, opt in keys.items():
             if opt.note and (raw.get(section) or {}).get(key) is not None:
                 out.append(f"note: {section}.{key} accepted: {opt.note}")
+    tr = cfg.training
+    if tr.early_stopping_patience < tr.patience:
+        out.append(f"note: training.early_stopping_patience {tr.early_stopping_patience} < patience {tr.patience}: "
+                   f"a stage stops before its learning rate is ever cut")
     pl = cfg.progressive_learning
     if pl.enabled and stage_epochs(cfg) < pl.embedding_stage_epochs:
         out.append(f"note: training.max_epoch {cfg.training.max_epoch} over {num_stages(cfg)} stages leaves "
@@ -236,6 +243,15 @@ def plateau_cut(bad_epochs: int, patience: int) -> bool:
     """Divide the stage's LR by 10 now? After every ``patience`` gradient epochs in a row without a new
     best validation mAP (the best counts EMA epochs too); ``patience`` 0 acts as 1."""
     return bad_epochs >= 1 and bad_epochs % max(patience, 1) == 0
+
+
+def early_stop(bad_epochs: int, patience: int, early_stopping_patience: int) -> bool:
+    """Stop the stage now? After ``early_stopping_patience`` gradient epochs without a new best counted
+    from the plateau's first LR cut (after ``patience`` of them), or from the best when
+    ``early_stopping_patience < patience`` (no cut comes first). Takes precedence over a cut due in the
+    same epoch."""
+    first_cut = max(patience, 1)
+    return bad_epochs >= (first_cut if first_cut <= early_stopping_patience else 0) + early_stopping_patience
 
 
 # ---- the stage plan -----------------------------------------------------------------------

@@ -188,7 +188,9 @@ class StagePolicy(Hook):
             self.best_state = {k: v.clone() for k, v in t.model.state_dict().items()}
         elif self.phase == "gradient":
             self.bad += 1
-        if self.phase == "gradient" and not improved and schema.plateau_cut(self.bad, t.exp.training.patience):
+        tr = t.exp.training
+        stop = self.phase == "gradient" and schema.early_stop(self.bad, tr.patience, tr.early_stopping_patience)
+        if self.phase == "gradient" and not improved and not stop and schema.plateau_cut(self.bad, tr.patience):
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
             t.log.info("codebook %d stage %d: %d epochs without a new best mAP: LR -> %.2e", st.codebook,
@@ -198,7 +200,6 @@ class StagePolicy(Hook):
                           "val/global_best_mAP": t.global_best, "train/epoch_loss": train_loss,
                           "stage/codebook_idx": st.codebook, "stage/stage_idx": st.stage,
                           "stage/embed_size": st.num_embeddings}, t.global_step)
-        stop = self.phase == "gradient" and self.bad >= t.exp.training.early_stopping_patience
         if t.dist.is_main:
             self._save(epoch, improved, m, stop or epoch + 1 == st.epochs)
         t._barrier()
