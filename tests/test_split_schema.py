@@ -336,3 +336,22 @@ def test_formerly_unread_schema_keys_are_checked(tmp_path, sections, match):
 def test_evaluation_enabled_is_noted_as_accepted(tmp_path):
     r = raw(tmp_path, evaluation={"enabled": True})
     assert any("evaluation.enabled accepted" in n for n in schema.notes(r, schema.validate(r)))
+
+
+def test_selection_holdout_is_deterministic_disjoint_and_leaves_training_frames():
+    from types import SimpleNamespace
+    from pcdet_ext.openpcdet.datasets import holdout
+    held = holdout.holdout_indices(40, 0.1, seed=3)
+    assert held == holdout.holdout_indices(40, 0.1, seed=3) and len(held) == 4 and len(set(held)) == 4
+    assert held != holdout.holdout_indices(40, 0.1, seed=4)
+    assert holdout.holdout_indices(4, 0.1, 0) and len(holdout.holdout_indices(2, 0.9, 0)) == 1  # >= 1, leaves >= 1
+    with pytest.raises(schema.ConfigError, match="at least 2 training frames"):
+        holdout.holdout_indices(1, 0.5, 0)
+    data = SimpleNamespace(custom_infos=list(range(10)))
+    holdout.keep(data, [1, 3])
+    assert data.custom_infos == [1, 3]
+    with pytest.raises(schema.ConfigError, match="dataset.selection: val"):
+        holdout.infos_attr(SimpleNamespace(frames=[]))
+    sampler = torch.utils.data.distributed.DistributedSampler(list(range(10)), num_replicas=2, rank=0)
+    holdout.resize_sampler(sampler, [0, 1, 2])
+    assert len(list(iter(sampler))) == 2 and sampler.total_size == 4

@@ -97,12 +97,12 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     log = create_logger(root / f"log_{exp.training.mode}_{stamp}.txt", rank=info.rank)
-    model, train, val = experiment.build(exp, cfg, info.world_size > 1, log)
+    model, train, val, selection = experiment.build(exp, cfg, info.world_size > 1, log)
     names = experiment.class_names(cfg)
     if exp.training.mode == "train":
         log.info("experiment %s -> %s", args.config, root)
         model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
-        ProgressiveTrainer(exp, model, (train, val), cfg, run, log, info,
+        ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,
                            use_wandb=exp.logging.use_wandb).fit()
         if not (args.eval_sweep and info.is_main):
             return 0
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
             return 2
         try:
             summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations,
-                            checkpoint=ckpt_path, bitstream=bitstream, lambdas=lams)
+                            checkpoint=ckpt_path, bitstream=bitstream, lambdas=lams,
+                            selected_on=experiment.describe_selection(state.get("config")))
         except ValueError as exc:
             print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
             return 2

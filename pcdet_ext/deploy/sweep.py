@@ -16,13 +16,14 @@ COLUMNS = ["num_codebooks", "num_embeddings", "rate_lambda", "mAP", "kb_per_fram
 
 def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Path, log,
           cells: Optional[Sequence[Sequence[int]]] = None, checkpoint: Optional[Path] = None,
-          bitstream=None, lambdas: Sequence[float] = ()) -> Dict:
+          bitstream=None, lambdas: Sequence[float] = (), selected_on: Optional[str] = None) -> Dict:
     """The uncompressed reference and every trained cell (or the given ``[n, k]`` cells, each checked
     against what the checkpoint trained) of one model, ``checkpoint`` (named in the summary and the
     table) -> CSV, JSON, plot; returns the summary. With ``bitstream`` (the checkpoint's fitted models)
     each cell also has its measured serialised frame length; otherwise only the estimates. Each
     ``lambdas`` value > 0 adds the last cell coded rate-aware at that lambda (a rate/accuracy curve of
-    one model, no retraining; needs ``bitstream``)."""
+    one model, no retraining; needs ``bitstream``). ``selected_on``: which frames chose the checkpoint
+    (named in the summary beside the frames reported on)."""
     if any(lam < 0 for lam in lambdas):
         raise ValueError(f"rate lambdas must be >= 0, got {list(lambdas)}")
     if any(lam > 0 for lam in lambdas) and bitstream is None:
@@ -44,7 +45,9 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
                  f"{res['kb_per_frame_measured']:7.2f} KB/frame measured, " if bitstream else "",
                  res["kb_per_frame_fixed"], res["kb_per_frame_entropy"])
     grid = dataset.grid_size
-    summary = {"checkpoint": str(checkpoint) if checkpoint else None, "uncompressed_mAP": reference["mAP"],
+    summary = {"checkpoint": str(checkpoint) if checkpoint else None,
+               "reported_on": f"{getattr(dataset, 'split', 'val')} split, {len(dataset)} frames",
+               "selected_on": selected_on, "uncompressed_mAP": reference["mAP"],
                "uncompressed_kb_per_frame": dense_float32_kb(int(grid[1]), int(grid[0]), model.quantizer.dim),
                "cells": rows}
     with open(out_dir / "sweep.csv", "w", newline="") as f:
@@ -72,6 +75,8 @@ def format_table(summary: Dict) -> str:
                  f"{summary['uncompressed_kb_per_frame']:9.1f} (float32 BEV pseudo-image)")
     if summary.get("checkpoint"):
         lines.append(f"every cell from one model: {summary['checkpoint']}")
+    lines.append(f"reported on: {summary.get('reported_on')}; the checkpoint was selected on: "
+                 f"{summary.get('selected_on') or 'not recorded'}")
     return "\n".join(lines)
 
 

@@ -71,6 +71,10 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     assert all(c["kb_per_frame_fixed"] > c["kb_per_frame_entropy"] > 0 for c in sweep["cells"])
     assert (run / "eval" / "sweep.png").stat().st_size > 10000 and (run / "eval" / "sweep.csv").is_file()
     assert sweep["checkpoint"].endswith(ck.best_name(2, 2)) and "every cell from one model" in proc.stdout
+    # selection (stage bests, early stopping) on held-out train frames; the sweep reports on val, which selected nothing
+    assert "selection: 1 train frames held out (dataset.selection_fraction 0.1, seed 0)" in proc.stderr
+    assert sweep["reported_on"] == "val split, 2 frames" and "never trained on" in sweep["selected_on"]
+    assert "reported on: val split, 2 frames; the checkpoint was selected on: a held-out 10 % of the train" in proc.stdout
     ev = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "2", "--eval_num_embeddings", "16",
                   "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -130,3 +134,20 @@ def test_legacy_mode_trains_all_codebooks_together(tmp_path, synthetic_kitti, po
     for c in (0, 1):
         key = f"rq_bottleneck.quantizer.codebooks.{c}"
         assert (first[key] - second[key]).abs().max() > 1e-4, c
+
+
+def test_selection_frames_are_held_out_of_training_and_apart_from_val(tmp_path, synthetic_kitti, pointpillars_ckpt):
+    import logging
+    from pcdet_ext.engine.progressive_rq import experiment
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt)
+    exp, pcdet_set, _ = experiment.load_experiment(config, ["dataset.selection_fraction", "0.5", *SMALL])
+    cfg = experiment.build_model_cfg(exp, pcdet_set)
+    _, (train_set, loader, _), (val_set, _), (sel_set, sel_loader) = experiment.build(exp, cfg, False, logging.getLogger())
+    ids = lambda ds: {info["point_cloud"]["lidar_idx"] for info in ds.kitti_infos}  # noqa: E731
+    assert len(ids(sel_set)) == 2 and len(ids(train_set)) == 2 and not ids(sel_set) & ids(train_set)
+    assert not ids(sel_set) & ids(val_set) and len(loader) == 1  # batch 2 over the 2 frames left
+    batch = next(iter(sel_loader))
+    assert set(batch["frame_id"]) == ids(sel_set)
+    exp.dataset.selection = "val"
+    _, (train_all, _, _), _, (sel_val, _) = experiment.build(exp, cfg, False, logging.getLogger())
+    assert len(train_all) == 4 and sel_val is not None and ids(sel_val) == ids(val_set)

@@ -10,6 +10,7 @@ from easydict import EasyDict
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
+from pcdet_ext.openpcdet.datasets.holdout import holdout_indices, infos_attr, keep, resize_sampler
 from pcdet_ext.engine.preflight import check_data, check_dataset_files
 from pcdet_ext.engine.progressive_rq import schema
 from pcdet_ext.config import agree
@@ -130,21 +131,50 @@ def build_model_cfg(exp: EasyDict, pcdet_set: Sequence[str] = ()) -> EasyDict:
 
 
 def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
-    """``(model, (train_set, train_loader, train_sampler), (val_set, val_loader))``."""
+    """``(model, (train_set, train_loader, train_sampler), (val_set, val_loader), (selection_set,
+    selection_loader))``: the selection frames choose stage bests and early stopping; with
+    ``dataset.selection: train_holdout`` (when training) they are a held-out part of train (which then
+    trains on the rest), with ``val`` the validation split itself."""
     from pcdet.datasets import build_dataloader
     from pcdet.models import build_network
     root = schema.resolve(exp.dataset.dir, Path.cwd())
     check_dataset_files(cfg.DATA_CONFIG, ("train", "test"), root=root, root_key="dataset.dir")
-    train = build_dataloader(cfg.DATA_CONFIG, cfg.CLASS_NAMES, batch_size=exp.training.batch_size, dist=dist,
-                             root_path=root, workers=exp.training.num_workers, logger=logger, training=True)
-    val_set, val_loader, _ = build_dataloader(cfg.DATA_CONFIG, cfg.CLASS_NAMES, batch_size=exp.training.batch_size,
-                                              dist=False, root_path=root, workers=exp.training.num_workers,
-                                              logger=logger, training=False)
+    common = dict(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=exp.training.batch_size,
+                  root_path=root, workers=exp.training.num_workers, logger=logger)
+    train = build_dataloader(dist=dist, training=True, **common)
+    val_set, val_loader, _ = build_dataloader(dist=False, training=False, **common)
     if len(train[0]) == 0 or len(val_set) == 0:
         raise ConfigError(f"dataset.dir: {root} has no train or val infos (run tools/create_data.py first)")
+    selection = (val_set, val_loader)
+    if exp.dataset.selection == "train_holdout" and exp.training.mode == "train":
+        train_set, seed = train[0], exp.seed if exp.seed is not None else 0
+        held = holdout_indices(len(train_set), exp.dataset.selection_fraction, seed)
+        frames = getattr(train_set, infos_attr(train_set))
+        sel_set, sel_loader, _ = build_dataloader(dist=False, training=False, **common)
+        sel_set.set_split(cfg.DATA_CONFIG.DATA_SPLIT["train"])
+        setattr(sel_set, infos_attr(sel_set), [frames[i] for i in held])
+        keep(train_set, [i for i in range(len(frames)) if i not in set(held)])
+        resize_sampler(train[2], train_set)
+        selection = (sel_set, sel_loader)
+        logger.info("selection: %d train frames held out (dataset.selection_fraction %g, seed %d) select stage bests "
+                    "and early stopping; %d train; results are reported on val (%d)", len(sel_set),
+                    exp.dataset.selection_fraction, seed, len(train_set), len(val_set))
     report_dataset_class_names(val_set)
     model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train[0]).cuda()
-    return model, train, (val_set, val_loader)
+    return model, train, (val_set, val_loader), selection
+
+
+def describe_selection(config: Optional[Dict[str, Any]]) -> str:
+    """Which frames selected the checkpoint of a run whose experiment config is ``config`` (as stored in
+    its checkpoints)."""
+    dataset = (config or {}).get("dataset") or {}
+    selection = dataset.get("selection")
+    if selection == "train_holdout":
+        return (f"a held-out {dataset.get('selection_fraction', 0) * 100:g} % of the train split (seed "
+                f"{(config or {}).get('seed') or 0}), never trained on")
+    if selection == "val":
+        return "the val split itself (dataset.selection: val): the reported numbers are optimistic"
+    return "unknown (a checkpoint without dataset.selection: selected on val by the tool of its time)"
 
 
 def class_names(cfg: EasyDict) -> List[str]:

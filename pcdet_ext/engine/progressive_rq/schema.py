@@ -38,7 +38,10 @@ CODEBOOK_NOTE = ("no effect on training (the original script logged that term wi
 # section -> key -> Opt: default, types, choices and bounds in one place; cross-key rules in _check_values
 SCHEMA: Dict[str, Dict[str, Opt]] = {
     "dataset": {"name": Opt("KITTI", (str,)), "dir": Opt(types=(str,), required=True),
-                "num_classes": Opt(3, (int,), **POS)},
+                "num_classes": Opt(3, (int,), **POS),
+                # frames that choose stage bests / early stopping: a held-out part of train, or val itself
+                "selection": Opt("train_holdout", (str,), choices=("train_holdout", "val")),
+                "selection_fraction": Opt(0.1, (float,), lo=0, hi=1, lo_open=True, hi_open=True)},
     "model": {"pre_trained_model": Opt("pointpillar", (str,), choices=("pointpillar", "pointpillars")),
               "n_codebook": Opt(5, (int,), **POS), "pretrained_weight": Opt(None, (str, NoneType)),
               "cfg_file": Opt("cfgs/kitti_models/pointpillar_rq.yaml", (str,))},

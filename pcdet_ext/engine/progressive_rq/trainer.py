@@ -34,7 +34,8 @@ class ProgressiveTrainer:
         self.exp, self.model, self.run, self.log, self.dist = exp, model, run, log, dist_info
         self.pcdet_cfg = plain(pcdet_cfg)
         self.class_names = list(pcdet_cfg.CLASS_NAMES)
-        (self.train_set, self.train_loader, self.train_sampler), (self.val_set, self.val_loader) = loaders
+        # the selection frames (a held-out part of train, or val) choose stage bests and early stopping
+        (self.train_set, self.train_loader, self.train_sampler), (self.sel_set, self.sel_loader) = loaders
         self.plan = schema.stage_plan(exp)
         self.fingerprint = ck.fingerprint(plain(exp))
         wandb_cfg = dict(project=exp.logging.wandb_project, name=exp.logging.wandb_name, config=plain(exp),
@@ -145,12 +146,13 @@ class ProgressiveTrainer:
             self.model.load_state_dict(policy.best_state)
 
     def _validate(self, st) -> Dict[str, float]:
-        """Validation at the stage's operating point (n = codebook, k = entries) on rank 0."""
+        """Validation on the selection frames at the stage's operating point (n = codebook, k = entries)
+        on rank 0."""
         val = {"mAP": 0.0}
         if self.dist.is_main:
-            val = run_eval(self.model, self.val_set, self.val_loader, self.class_names,
+            val = run_eval(self.model, self.sel_set, self.sel_loader, self.class_names,
                            st.codebook, st.num_embeddings, detection_loss=True)
-            self.log.info("val codebook %d stage %d k=%d: mAP %.2f, loss %.4f, %.1f KB/frame (fixed-length)",
+            self.log.info("selection codebook %d stage %d k=%d: mAP %.2f, loss %.4f, %.1f KB/frame (fixed-length)",
                           st.codebook, st.stage, st.num_embeddings, val["mAP"], val.get("loss", float("nan")),
                           val["kb_per_frame_fixed"])
         val["mAP"] = self._broadcast(val["mAP"])
