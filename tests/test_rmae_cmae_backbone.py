@@ -75,6 +75,32 @@ def test_pretraining_loss_finite_input_dependent_grads_reach_student_not_teacher
     assert bb._get_teacher_student_loss(bb._matched(batch(), 0)).item() == 0.0  # nothing visible: zero, in graph
 
 
+def test_the_student_never_sees_a_masked_voxel():
+    """Changing the features of masked voxels leaves the student's features and its occupancy logits
+    unchanged; changing a visible voxel's changes them (the masking is not bypassed)."""
+    from pcdet_ext.algorithms.masking import mask_voxels
+    bb = make()
+    bb.eval()  # validation masks: one fixed seed, so both forwards mask the same voxels
+    b = batch()
+    coords = b["voxel_coords"].long()
+    masked = mask_voxels(coords, 2, bb.voxel_size, bb.point_cloud_range, bb.mask_cfg, seed=bb._seed(),
+                         grid_size=bb.grid_size).masked
+    assert 0 < int(masked.sum()) < len(masked)
+
+    def student(feats):
+        with torch.no_grad():
+            out = bb(dict(b, voxel_features=feats))
+        return out["multi_scale_3d_features"]["x_conv2"].features.clone(), bb.forward_ret_dict["occupancy"][0].clone()
+
+    base = student(b["voxel_features"])
+    hidden = b["voxel_features"].clone()
+    hidden[masked] += 10.0
+    assert all(torch.equal(x, y) for x, y in zip(student(hidden), base))
+    shown = b["voxel_features"].clone()
+    shown[~masked] += 10.0
+    assert not torch.equal(student(shown)[0], base[0])
+
+
 def test_ema_update_moves_teacher_towards_student():
     bb = make(TEACHER_MOMENTUM=0.5)
     with torch.no_grad():
