@@ -107,23 +107,37 @@ def test_checkpoint_names():
 
 
 def test_run_dir_resume_and_refusal(tmp_path):
-    """The engine's one resume rule: same run-defining config, or an error listing the differing keys."""
+    """The engine's one resume rule: same run-defining config, or an error listing the differing keys;
+    the furthest state that loads, the pointer or a checkpoint saved after it."""
     from pcdet_ext.engine.checkpointing import ResumeError
     from pcdet_ext.utils.checkpoint import plain
     a = plain(schema.validate(raw(tmp_path)))
     b = plain(schema.validate(raw(tmp_path, training={"num_workers": 0}, logging={"use_wandb": False})))
     c = plain(schema.validate(raw(tmp_path, training={"init_lr": 0.01})))
     run = ck.RunDir(tmp_path / "run")
-    assert run.check_reusable(a) is None
-    run.save_resume({"config": a, "stage_state": {"stage_index": 2, "next_epoch": 3}})
-    assert run.check_reusable(b)["stage_state"] == {"stage_index": 2, "next_epoch": 3}  # workers, logging: free
+    assert run.resume_point(a) is None
+    state = lambda idx, nxt, **kw: {"config": a, "it": 10 * idx + nxt,  # noqa: E731
+                                    "stage_state": {"stage_index": idx, "next_epoch": nxt, **kw}}
+    run.save_resume(state(2, 3))
+    path, got = run.resume_point(b)  # workers, logging: free
+    assert path.name == ck.RESUME and got["stage_state"]["next_epoch"] == 3
     with pytest.raises(ResumeError, match=r"different config \(use another --extra_tag.*\n  training.init_lr: "
                                           r"checkpoint 0.001, config 0.01"):
-        run.check_reusable(c)
+        run.resume_point(c)
+    run.save(ck.best_name(1, 3), state(2, 4))  # a kill after the epoch's best, before the pointer
+    run.save(ck.GLOBAL_BEST, state(2, 1))
+    assert run.resume_point(a)[0].name == ck.best_name(1, 3)
+    run.save_resume(state(2, 5))
+    assert run.resume_point(a)[0].name == ck.RESUME
+    (run.root / ck.RESUME).write_bytes(b"torn")  # unreadable pointer: the furthest checkpoint that loads
+    (run.checkpoints / ".resume_state.pth.x1.tmp").write_bytes(b"half")
+    assert run.resume_point(a)[0].name == ck.best_name(1, 3) and not list(run.checkpoints.glob("*.tmp"))
     other = ck.RunDir(tmp_path / "other")
     other.save(ck.best_name(1, 1), {"model_state": {}})
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        other.check_reusable(a)
+    assert other.resume_point(a) is None  # no stage state: nothing of a run
+    (other.checkpoints / ck.best_name(1, 1)).write_bytes(b"x" * 10)
+    with pytest.raises(FileExistsError, match="holds 1 checkpoint file\\(s\\), none of which loads"):
+        other.resume_point(a)
 
 
 def test_fingerprint_ignores_logging_and_workers(tmp_path):

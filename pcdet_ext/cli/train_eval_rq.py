@@ -12,6 +12,7 @@ and UPPER-CASE keys of the OpenPCDet model config (``DATA_CONFIG.POINT_CLOUD_RAN
 Outputs: ``<logging.saved_path>[/<extra_tag>]/{checkpoints,tensorboard,eval}``.
 """
 import argparse
+import errno
 import datetime
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     run = ck.RunDir(root)
     if exp.training.mode == "train" and info.is_main:
         try:  # before any work: never continue another config's run in this folder
-            run.check_reusable(plain(exp))
+            run.resume_point(plain(exp), clean=False)
         except (FileExistsError, ResumeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -102,8 +103,15 @@ def main(argv=None) -> int:
     if exp.training.mode == "train":
         log.info("experiment %s -> %s", args.config, root)
         model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
-        ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,
-                           use_wandb=exp.logging.use_wandb).fit()
+        try:
+            ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,
+                               use_wandb=exp.logging.use_wandb).fit()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: {exc.strerror} writing {exc.filename}; free space there and run the same command again to "
+                  f"continue from the last saved state", file=sys.stderr)
+            return 2
         if not (args.eval_sweep and info.is_main):
             return 0
     if not info.is_main:

@@ -100,7 +100,8 @@ def model_state_of(state: Any, path: Union[str, Path], flag: str = "--ckpt",
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash mid-write leaves any previous file at ``path`` intact.
+    A crash mid-write leaves any previous file at ``path`` intact (and at worst a ``.<name>.*.tmp``
+    beside it); a failed write (a full disk) is an OSError whose ``filename`` is ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,10 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
     return path

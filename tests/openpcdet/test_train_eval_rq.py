@@ -151,3 +151,45 @@ def test_selection_frames_are_held_out_of_training_and_apart_from_val(tmp_path, 
     exp.dataset.selection = "val"
     _, (train_all, _, _), _, (sel_val, _) = experiment.build(exp, cfg, False, logging.getLogger())
     assert len(train_all) == 4 and sel_val is not None and ids(sel_val) == ids(val_set)
+
+
+def test_every_interrupted_save_continues_from_the_furthest_state_that_loads(tmp_path, synthetic_kitti,
+                                                                            pointpillars_ckpt):
+    """A run SIGKILLed after a stage-best checkpoint but before the resume pointer, one SIGKILLed while
+    writing the pointer, one stopped by a full disk, then damaged files: each re-run of the same command
+    continues, and the last one completes the run."""
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt, epochs=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["n_codebook"] = 1
+    cfg["training"]["max_epoch"] = 4
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(config), "--extra_tag", "faults", "--set", *SMALL]
+    run = tmp_path / "runs" / "faults"
+    env = dict(os.environ, WANDB_MODE="disabled")
+
+    def faulty(kind):
+        return subprocess.run([sys.executable, str(REPO / "tests/openpcdet/_rq_fault.py"), TOOL, *args], cwd=str(REPO),
+                              env=dict(env, RQ_FAULT=kind), capture_output=True, text=True, timeout=600)
+
+    killed = faulty("kill_before_resume")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (run / "checkpoints" / ck.best_name(1, 1)).is_file() and not (run / ck.RESUME).exists()
+    torn = faulty("kill_writing_resume")  # continues from the checkpoints, dies writing the pointer
+    assert torn.returncode == -signal.SIGKILL, torn.stderr[-2000:]
+    assert "resuming from " + str(run / "checkpoints" / "codebook_1_stage_1_") in torn.stderr
+    assert list(run.glob(".resume_state.pth.*.tmp")) and not (run / ck.RESUME).exists()
+    full = faulty("enospc_resume")
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and lines[-1] == (
+        f"error: No space left on device writing {run / ck.RESUME}; free space there and run the same command "
+        "again to continue from the last saved state"), full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and "removed 1 temporary file(s) of interrupted saves" in full.stderr
+    assert "codebook 1 stage 2" in full.stderr  # the first stage was finished: the second one started
+    newest = max((run / "checkpoints").glob("*.pth"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(newest.read_bytes()[:100])  # a damaged checkpoint, and a damaged pointer
+    (run / ck.RESUME).write_bytes(b"not a checkpoint")
+    done = run_tool(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipped: {newest}" in done.stderr and "resuming from" in done.stderr
+    assert load_checkpoint(run / ck.RESUME)["stage_state"]["done"]
+    assert (run / "checkpoints" / ck.final_name(1, 2)).is_file() and not list(run.rglob("*.tmp"))

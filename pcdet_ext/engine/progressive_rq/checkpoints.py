@@ -1,13 +1,18 @@
-"""Checkpoint names and the run folder of a progressive RQ run."""
+"""Checkpoint names and the run folder of a progressive RQ run.
+
+Every checkpoint of a run holds its whole state (weights, optimizer, stage state, config); the resume
+pointer ``resume_state.pth`` is written last. Re-running the same command continues from the newest
+state that loads (the pointer, or a newer checkpoint when a kill came between them, or an older one
+when the newest is damaged); temporaries of interrupted saves are removed first."""
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pcdet_ext.engine.checkpointing import ResumeError, check_same_run
-from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
+from pcdet_ext.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 
 def epoch_name(codebook: int, stage: int, epoch: int) -> str:
@@ -70,19 +75,61 @@ class RunDir:
     def save_resume(self, state: Dict[str, Any]) -> Path:
         return atomic_save(state, self.root / RESUME)
 
-    def check_reusable(self, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """The resume state when this folder holds the run of experiment config ``cfg``; a ResumeError
-        (the engine's one resume rule, differing keys listed) when it holds another config's run, a
-        FileExistsError when it holds checkpoints without a resume state; None when it is fresh."""
-        state = self.resume_state()
-        if state is not None:
-            hint = " (use another --extra_tag or logging.saved_path instead of overwriting it)"
-            if state.get("config") is None:
-                raise ResumeError(f"{self.root / RESUME} has no config record, so it cannot be continued{hint}")
-            check_same_run(run_config(state["config"]), run_config(cfg), str(self.root / RESUME), hint)
-            return state
-        existing = sorted(self.checkpoints.glob("*.pth")) if self.checkpoints.is_dir() else []
-        if existing:
-            raise FileExistsError(f"{self.checkpoints} already holds checkpoints ({existing[0].name}, ...) without a "
-                                  "resume state; use another --extra_tag or logging.saved_path")
-        return None
+    def clean_temporaries(self) -> List[Path]:
+        """Remove what a killed atomic save left (``.<name>.pth.<random>.tmp``); returns them."""
+        stale = [p for d in (self.root, self.checkpoints) if d.is_dir() for p in d.glob(".*.pth.*.tmp")]
+        for path in stale:
+            path.unlink()
+        return stale
+
+    def resume_point(self, cfg: Dict[str, Any], log=None, clean: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """The furthest state of this folder's run that loads, ``(path, state)``: ``resume_state.pth``, or a
+        checkpoint written after it that got further (a run killed between a checkpoint and the resume
+        pointer), or, when the pointer is missing or unreadable, the furthest checkpoint that loads. None
+        when the folder holds no run. Stale temporaries are removed first. A ResumeError (differing keys
+        listed) when that state is another config's run; a FileExistsError when the folder holds
+        checkpoints of which none loads. ``clean``: remove stale temporaries first (the run's own start)."""
+        stale = self.clean_temporaries() if clean else []
+        if stale and log is not None:
+            log.warning("removed %d temporary file(s) of interrupted saves: %s", len(stale),
+                        ", ".join(p.name for p in stale))
+        pointer = self.root / RESUME
+        found = self._load(pointer, log) if pointer.is_file() else None
+        since = pointer.stat().st_mtime_ns if found is not None else -1
+        files = sorted(self.checkpoints.glob("*.pth")) if self.checkpoints.is_dir() else []
+        states = [(pointer, found)] if found is not None else []
+        unreadable = 0 if found is not None or not pointer.is_file() else 1
+        for path in files:
+            if path.stat().st_mtime_ns > since:  # only what may have got further than the pointer
+                state = self._load(path, log)
+                unreadable += state is None
+                if state is not None:
+                    states.append((path, state))
+        states = [(path, st) for path, st in states if isinstance(st, dict) and "stage_state" in st]
+        if not states:
+            if unreadable:
+                raise FileExistsError(f"{self.root} holds {unreadable} checkpoint file(s), none of which loads; use "
+                                      "another --extra_tag or logging.saved_path")
+            return None
+        path, state = max(states, key=lambda ps: (progress(ps[1]), ps[0] == pointer))
+        hint = " (use another --extra_tag or logging.saved_path instead of overwriting it)"
+        if state.get("config") is None:
+            raise ResumeError(f"{path} has no config record, so it cannot be continued{hint}")
+        check_same_run(run_config(state["config"]), run_config(cfg), str(path), hint)
+        return path, state
+
+    @staticmethod
+    def _load(path: Path, log=None) -> Optional[Any]:
+        """The checkpoint at ``path``, or None (logged) when it does not load."""
+        try:
+            return load_checkpoint(path)
+        except (CheckpointError, OSError, RuntimeError) as exc:
+            if log is not None:
+                log.warning("skipped: %s", str(exc).splitlines()[0])
+            return None
+
+
+def progress(state: Dict[str, Any]) -> Tuple[int, int, int, int]:
+    """How far a run had got when ``state`` was saved: (done, stage, next epoch, step)."""
+    ss = state["stage_state"]
+    return int(bool(ss.get("done"))), int(ss["stage_index"]), int(ss["next_epoch"]), int(state.get("it", 0))

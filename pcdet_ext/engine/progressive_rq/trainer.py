@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pcdet_ext import __version__
 from pcdet_ext.engine.hooks import ScalarLogHook, ScalarWriter
 from pcdet_ext.engine.launch import DistInfo
-from pcdet_ext.utils.checkpoint import load_checkpoint, plain
+from pcdet_ext.utils.checkpoint import plain
 from pcdet_ext.engine.runner import Hook, Runner
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.progressive_rq import checkpoints as ck
@@ -77,16 +77,17 @@ class ProgressiveTrainer:
     def fit(self) -> None:
         if self.exp.seed is not None:  # the experiment's global seed (identical on every rank)
             seed_everything(int(self.exp.seed))
-        resume = self.run.check_reusable(plain(self.exp)) if self.dist.is_main else None
+        point = self.run.resume_point(plain(self.exp), self.log) if self.dist.is_main else None
         if self.dist.world_size > 1:
-            obj = [resume]
+            obj = [point]
             dist.broadcast_object_list(obj, 0)
-            resume = obj[0]
+            point = obj[0]
         start_stage, start_epoch, best, bad, opt_state = 0, 0, -math.inf, 0, None
+        resume = point[1] if point is not None else None
         if resume is not None:
             ss = resume["stage_state"]
             if ss["done"]:
-                self.log.info("this run is complete (%s); nothing to train", self.run.root / ck.RESUME)
+                self.log.info("this run is complete (%s); nothing to train", point[0])
                 self.writer.close()
                 return
             self.model.load_state_dict(resume["model_state"])
@@ -94,9 +95,11 @@ class ProgressiveTrainer:
             best, bad, self.global_best = ss["stage_best_map"], ss["bad_epochs"], ss["global_best_map"]
             self.global_step, self.epochs_done = resume["it"], resume["epoch"]
             opt_state = resume["optimizer_state"]
-            self.log.info("resuming from %s: codebook %d stage %d (%d entries) epoch %d, step %d",
-                          self.run.root / ck.RESUME, ss["codebook"], ss["stage"], ss["num_embeddings"],
-                          start_epoch + 1, self.global_step)
+            self.log.info("resuming from %s: codebook %d stage %d (%d entries) epoch %d, step %d", point[0],
+                          ss["codebook"], ss["stage"], ss["num_embeddings"], start_epoch + 1, self.global_step)
+            if self._stage_finished(start_stage, start_epoch, bad):  # killed before the next stage's start was saved
+                self._carry_best(start_stage)
+                start_stage, start_epoch = start_stage + 1, 0
         self.log.info(schema.describe_plan(self.exp))
         for idx in range(start_stage, len(self.plan)):
             # a stage resumed at epoch 0 was never started (the state was saved at the previous stage's end)
@@ -107,6 +110,22 @@ class ProgressiveTrainer:
             self.run.save_resume(self._state(None, len(self.plan) - 1, 0, -math.inf, 0, done=True))
         self.writer.close()
         self.log.info("done: global best mAP %.2f (%s)", self.global_best, self.run.ckpt(ck.GLOBAL_BEST))
+
+    def _stage_finished(self, idx: int, next_epoch: int, bad: int) -> bool:
+        """Whether stage ``idx`` had run its last epoch (or stopped early) after ``next_epoch`` epochs."""
+        st, tr = self.plan[idx], self.exp.training
+        return next_epoch >= st.epochs or (next_epoch > st.warmup_epochs and
+                                           schema.early_stop(bad, tr.patience, tr.early_stopping_patience))
+
+    def _carry_best(self, idx: int) -> None:
+        """The best weights of finished stage ``idx`` into the model (what its end would have carried)."""
+        st = self.plan[idx]
+        state = ck.RunDir._load(self.run.ckpt(ck.best_name(st.codebook, st.stage)), self.log)
+        if state is None:
+            self.log.warning("codebook %d stage %d: no readable best checkpoint; its last weights carry into the next "
+                             "stage", st.codebook, st.stage)
+            return
+        self.model.load_state_dict(state["model_state"])
 
     def _start(self, idx: int) -> None:
         """Progressive: open codebook c at k entries. Legacy: open every codebook at full size
@@ -127,7 +146,11 @@ class ProgressiveTrainer:
         best_state = None
         best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
         if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
-            best_state = load_checkpoint(best_file)["model_state"]
+            saved = ck.RunDir._load(best_file, self.log)
+            if saved is None:  # damaged: the epochs still to run define the stage's best
+                best = -math.inf
+            else:
+                best_state = saved["model_state"]
         policy = StagePolicy(self, idx, optimizer, best, bad, best_state)
         runner = Runner(self.model, optimizer, world_size=self.dist.world_size, is_main=self.dist.is_main,
                         iteration=self.global_step,
