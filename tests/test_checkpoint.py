@@ -64,3 +64,29 @@ def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"v": 1}
     assert sorted(os.listdir(path.parent)) == ["best.pth"]  # no temp file left behind
+
+
+def test_a_full_disk_keeps_the_previous_file_and_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+    from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
+    from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
+    path = atomic_save({"a": torch.ones(2)}, tmp_path / "resume_state.pth")
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFull):
+        with disk_full_is_one_line():
+            atomic_save({"a": torch.zeros(2)}, path)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: No space left on device writing {path}; free space there and run the same command again to "
+        "continue from the last saved state"]
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2)) and sorted(tmp_path.iterdir()) == [path]
+    with pytest.raises(PermissionError):  # other errors are not disk-full messages
+        with disk_full_is_one_line():
+            raise PermissionError(errno.EACCES, "Permission denied")

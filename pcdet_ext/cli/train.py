@@ -20,6 +20,7 @@ from pcdet_ext.engine.evaluation import build_test_loader, evaluate
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.run import check_training_inputs, prepare_training
 from pcdet_ext.engine.train_loop import train_model
+from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError
 
 
@@ -41,7 +42,11 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.logger.info("training %s from epoch %d to %d", args.cfg_file, run.start_epoch, run.total_epochs)
-    train_model(run)
+    try:
+        with disk_full_is_one_line():
+            train_model(run)
+    except DiskFull:
+        return 2
     if run.info.is_main and not args.skip_eval:
         _, test_loader, _ = build_test_loader(run.cfg, args.batch_size or run.cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU,
                                               args.workers, run.logger)

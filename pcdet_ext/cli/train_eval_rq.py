@@ -12,7 +12,6 @@ and UPPER-CASE keys of the OpenPCDet model config (``DATA_CONFIG.POINT_CLOUD_RAN
 Outputs: ``<logging.saved_path>[/<extra_tag>]/{checkpoints,tensorboard,eval}``.
 """
 import argparse
-import errno
 import datetime
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pcdet_ext.deploy.sweep import format_table, sweep
 from pcdet_ext.engine.progressive_rq.trainer import ProgressiveTrainer
 from pcdet_ext.deploy.runtime import rq_checkpoint
 from pcdet_ext.engine.progressive_rq.measured import stored_models
+from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
 
 
@@ -104,13 +104,10 @@ def main(argv=None) -> int:
         log.info("experiment %s -> %s", args.config, root)
         model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
         try:
-            ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,
-                               use_wandb=exp.logging.use_wandb).fit()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            print(f"error: {exc.strerror} writing {exc.filename}; free space there and run the same command again to "
-                  f"continue from the last saved state", file=sys.stderr)
+            with disk_full_is_one_line():
+                ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,
+                                   use_wandb=exp.logging.use_wandb).fit()
+        except DiskFull:
             return 2
         if not (args.eval_sweep and info.is_main):
             return 0

@@ -25,6 +25,7 @@ from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.run import check_training_inputs, prepare_training
 from pcdet_ext.engine.hooks import CallbackHook, EveryEpochs
 from pcdet_ext.engine.train_loop import train_model
+from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
 
@@ -96,7 +97,11 @@ def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable
     if val_loader is not None:
         hooks.append(EveryEpochs(args.val_interval, lambda runner, epoch: validate(run, val_loader, epoch,
                                                                                     runner.iteration)))
-    train_model(run, hooks)
+    try:
+        with disk_full_is_one_line():
+            train_model(run, hooks)
+    except DiskFull:
+        return 2
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)
     run.finish()
     return 0

@@ -1,9 +1,12 @@
 """What the tools print: known third-party warnings filtered once, progress bars only on a terminal."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import sys
 import warnings
+from typing import Iterator
 
 import tqdm
 
@@ -35,3 +38,21 @@ def progress(iterable=None, *, main: bool = True, **kwargs) -> tqdm.tqdm:
     (``> train.log 2>&1``) holds the logger's lines, not carriage-return bar updates."""
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm.tqdm(iterable, disable=not (main and sys.stderr.isatty()), **kwargs)
+
+
+class DiskFull(Exception):
+    """Raised by :func:`disk_full_is_one_line` after printing its line (the tool returns 2)."""
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line() -> Iterator[None]:
+    """A full disk (or quota) while the block saves is one line naming the file, then :class:`DiskFull`;
+    every save is atomic, so the last saved state stays and the same command continues from it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {exc.strerror} writing {exc.filename}; free space there and run the same command again to "
+              f"continue from the last saved state", file=sys.stderr)
+        raise DiskFull() from None
