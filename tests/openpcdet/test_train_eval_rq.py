@@ -104,12 +104,14 @@ def test_resume_after_kill(tmp_path, synthetic_kitti, pointpillars_ckpt):
     assert marker.exists(), "the run did not reach codebook 1 stage 2"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = load_checkpoint(tmp_path / "runs" / "t2" / ck.RESUME)["stage_state"]
+    # the furthest state that loads: the pointer, or the epoch's checkpoints when the kill came between them
+    path, state = ck.RunDir(tmp_path / "runs" / "t2").resume_point(load_checkpoint(marker)["config"], clean=False)
+    before = state["stage_state"]
     assert before["stage_index"] == 1 and not before["done"]
     resumed = run_tool(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     text = resumed.stderr + resumed.stdout
-    assert f"resuming from {tmp_path / 'runs' / 't2' / ck.RESUME}: codebook 1 stage 2 (64 entries) epoch {before['next_epoch'] + 1}" in text
+    assert f"resuming from {path}: codebook 1 stage 2 (64 entries) epoch {before['next_epoch'] + 1}" in text
     final = load_checkpoint(tmp_path / "runs" / "t2" / ck.RESUME)["stage_state"]
     assert final["done"]
     assert (tmp_path / "runs" / "t2" / "checkpoints" / ck.final_name(2, 2)).is_file()

@@ -94,14 +94,14 @@ class RunDir:
             log.warning("removed %d temporary file(s) of interrupted saves: %s", len(stale),
                         ", ".join(p.name for p in stale))
         pointer = self.root / RESUME
-        found = self._load(pointer, log) if pointer.is_file() else None
+        found = load_or_none(pointer, log) if pointer.is_file() else None
         since = pointer.stat().st_mtime_ns if found is not None else -1
         files = sorted(self.checkpoints.glob("*.pth")) if self.checkpoints.is_dir() else []
         states = [(pointer, found)] if found is not None else []
         unreadable = 0 if found is not None or not pointer.is_file() else 1
         for path in files:
             if path.stat().st_mtime_ns > since:  # only what may have got further than the pointer
-                state = self._load(path, log)
+                state = load_or_none(path, log)
                 unreadable += state is None
                 if state is not None:
                     states.append((path, state))
@@ -118,15 +118,16 @@ class RunDir:
         check_same_run(run_config(state["config"]), run_config(cfg), str(path), hint)
         return path, state
 
-    @staticmethod
-    def _load(path: Path, log=None) -> Optional[Any]:
-        """The checkpoint at ``path``, or None (logged) when it does not load."""
-        try:
-            return load_checkpoint(path)
-        except (CheckpointError, OSError, RuntimeError) as exc:
-            if log is not None:
-                log.warning("skipped: %s", str(exc).splitlines()[0])
-            return None
+
+
+def load_or_none(path: Path, log=None) -> Optional[Any]:
+    """The checkpoint at ``path``, or None (a warning logged) when it does not load."""
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, OSError, RuntimeError) as exc:
+        if log is not None:
+            log.warning("skipped: %s", str(exc).splitlines()[0])
+        return None
 
 
 def progress(state: Dict[str, Any]) -> Tuple[int, int, int, int]:

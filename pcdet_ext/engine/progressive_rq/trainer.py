@@ -120,7 +120,7 @@ class ProgressiveTrainer:
     def _carry_best(self, idx: int) -> None:
         """The best weights of finished stage ``idx`` into the model (what its end would have carried)."""
         st = self.plan[idx]
-        state = ck.RunDir._load(self.run.ckpt(ck.best_name(st.codebook, st.stage)), self.log)
+        state = ck.load_or_none(self.run.ckpt(ck.best_name(st.codebook, st.stage)), self.log)
         if state is None:
             self.log.warning("codebook %d stage %d: no readable best checkpoint; its last weights carry into the next "
                              "stage", st.codebook, st.stage)
@@ -146,7 +146,7 @@ class ProgressiveTrainer:
         best_state = None
         best_file = self.run.ckpt(ck.best_name(st.codebook, st.stage))
         if not fresh and best_file.is_file():  # resumed mid-stage: the stage's best weights so far
-            saved = ck.RunDir._load(best_file, self.log)
+            saved = ck.load_or_none(best_file, self.log)
             if saved is None:  # damaged: the epochs still to run define the stage's best
                 best = -math.inf
             else:
