@@ -1,6 +1,7 @@
 """Runs tools/train_eval_rq.py with one fault at a save (``RQ_FAULT``): the process SIGKILLs itself just
 before the first resume pointer is written (``kill_before_resume``) or halfway through writing it
-(``kill_writing_resume``), or that write fails as on a full disk (``enospc_resume``)."""
+(``kill_writing_resume``), or that write fails as on a full disk (``enospc_resume``); ``RQ_FAULT_AT``:
+at the how-manieth pointer write of the run (default 1)."""
 import errno
 import io
 import os
@@ -13,7 +14,9 @@ import torch
 from pcdet_ext.engine.progressive_rq import checkpoints
 
 FAULT = os.environ["RQ_FAULT"]
+AT = int(os.environ.get("RQ_FAULT_AT", "1"))
 _save = torch.save
+_writes = []
 
 
 def _target(f) -> str:
@@ -23,6 +26,8 @@ def _target(f) -> str:
 
 def _faulty_save(obj, f, *args, **kwargs):
     if checkpoints.RESUME in _target(f):
+        _writes.append(1)
+    if checkpoints.RESUME in _target(f) and len(_writes) == AT:
         if FAULT == "kill_writing_resume":
             buf = io.BytesIO()
             _save(obj, buf, *args, **kwargs)
