@@ -109,6 +109,28 @@ def test_encoder_rejects_bad_arguments():
         encode_frame(np.array([3, 3]), np.array([[0], [1]]), 16, MODELS, MODEL_ID)
 
 
+def test_encoder_argument_edges():
+    """Each bound, just inside (encodes and decodes) and just outside (refused, naming it)."""
+    from pcdet_ext.algorithms.bitstream.codec import MAX_CODEBOOKS
+    last = GEO.height * GEO.width - 1
+    cells = np.array([0, last])
+    data = encode_frame(cells, np.array([[0], [15]]), 16, MODELS, MODEL_ID)
+    assert decode_frame(data, MODELS, MODEL_ID, 3, 64).codes.tolist() == [[0], [15]]
+    for bad_cells, bad_codes, k, match in (
+            (np.array([0, last + 1]), np.array([[0], [1]]), 16, "inside the grid"),
+            (np.array([-1, 4]), np.array([[0], [1]]), 16, "inside the grid"),
+            (np.array([1, 2]), np.array([[0], [-1]]), 16, r"0\.\.15"),
+            (np.array([1, 2]), np.array([[0]]), 16, r"\[M, n\] with M = len\(cells\)"),
+            (np.array([1, 2]), np.zeros((2, MAX_CODEBOOKS + 1), dtype=np.int64), 16, r"1 <= n <= "),
+            (np.array([1, 2]), np.zeros((2, 0), dtype=np.int64), 16, r"1 <= n <= "),
+            (np.array([1, 2]), np.array([0, 1]), 16, r"\[M, n\]"),
+            (np.array([1, 2]), np.array([[0], [0]]), 0, r"0\.\.-1")):
+        with pytest.raises(ValueError, match=match):
+            encode_frame(bad_cells, bad_codes, k, MODELS, MODEL_ID)
+    with pytest.raises(ValueError, match="dense mode codes every cell"):
+        encode_frame(np.array([0, 1]), np.array([[0], [1]]), 16, MODELS, MODEL_ID, dense=True)
+
+
 VALID = encode_frame(*frame(seed=9), 64, MODELS, MODEL_ID)
 
 
