@@ -115,6 +115,44 @@ def test_config_keys_and_grid_check():
         mask_voxels(torch.tensor([[0, 0, 5, 5000]]), 1, VOXEL, PC_RANGE, cfg, grid_size=GRID)
 
 
+def test_every_config_key_reaches_the_masking_config():
+    """Each key of MASKING_SPEC lands in its field (both ways of giving the group size; the 1-degree
+    default), and a wrongly shaped coords tensor is refused."""
+    from pcdet_ext.algorithms.masking import voxel_centres_xy
+    cfg = MaskingConfig.from_cfg({"MASKED_RATIO": 0.7, "MASK_TYPE": "random", "NUM_ANGULAR_GROUPS": 36,
+                                  "ANGULAR_GROUP_SIZE": 10, "DISTANCE_THRESHOLDS": [5, 20],
+                                  "RANGE_MASK_PROBS": {"NEAR": 0.1, "MID": 0.2, "FAR": 0.3},
+                                  "USE_BERNOULLI_MASKING": False, "ENABLE_2STAGE_MASKING": False,
+                                  "WHOLE_GROUP_MIN_SHARE": 0.4, "SENSOR_ORIGIN": [1.0, 2.0, 0.5]})
+    assert (cfg.masked_ratio, cfg.mask_type, cfg.angular_group_size, tuple(cfg.distance_thresholds)) == \
+        (0.7, "random", 10.0, (5, 20))
+    assert cfg.range_mask_probs == {"NEAR": 0.1, "MID": 0.2, "FAR": 0.3} and not cfg.use_bernoulli
+    assert not cfg.two_stage and cfg.whole_group_min_share == 0.4 and cfg.sensor_xyz == (1.0, 2.0, 0.5)
+    assert MaskingConfig.from_cfg({}).angular_group_size == 1.0
+    assert MaskingConfig.from_cfg({"ANGULAR_GROUP_SIZE": 7.5}).angular_group_size == 7.5
+    with pytest.raises(ValueError, match=r"MODEL.BACKBONE_3D.NUM_ANGULAR_GROUPS x ANGULAR_GROUP_SIZE must be 360 "
+                                         r"degrees, got 36 x 10.5"):
+        MaskingConfig.from_cfg({"NUM_ANGULAR_GROUPS": 36, "ANGULAR_GROUP_SIZE": 10.5})
+    with pytest.raises(ValueError, match=r"^SEC.MASKED_RATIO"):
+        MaskingConfig.from_cfg({"MASKED_RATIO": 2.0}, where="SEC")
+    xy = voxel_centres_xy(torch.tensor([[0, 0, 3, 7]]), (0.2, 0.5, 0.1), (-10.0, -4.0, -1.0, 10.0, 4.0, 1.0))
+    assert xy.tolist() == [[-10.0 + 7.5 * 0.2, -4.0 + 3.5 * 0.5]]  # x from column and VOXEL_SIZE[0], y from row
+    for bad in (torch.zeros(5, 3, dtype=torch.long), torch.zeros(2, 4, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"voxel_coords must be \[N, 4\]"):
+            mask_voxels(bad, 1, VOXEL, PC_RANGE, cfg)
+
+
+def test_rank_in_sample_breaks_ties_by_position():
+    from pcdet_ext.algorithms.masking import rank_in_sample
+    score = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.5, 0.9], dtype=torch.float64)
+    b_idx = torch.tensor([0, 0, 0, 1, 1, 1])
+    rank = rank_in_sample(score, b_idx, torch.tensor([3, 3]))
+    assert rank.tolist() == [1.0, 0.0, 2.0, 2.0, 1.0, 0.0]
+    big = torch.zeros(5000, dtype=torch.float64)  # all tied: ranks follow the order, whatever the sort kernel
+    assert torch.equal(rank_in_sample(big, torch.zeros(5000, dtype=torch.long), torch.tensor([5000])),
+                       torch.arange(5000, dtype=torch.float64))
+
+
 def test_a_samples_mask_does_not_depend_on_the_rest_of_the_batch(batches):
     coords = batches[1]
     first = coords[coords[:, 0] == 0]
