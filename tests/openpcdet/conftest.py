@@ -41,6 +41,17 @@ def pcdet_tools() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stock_optimization(pcdet_tools):
+    """OpenPCDet's own tools/train_utils/optimization, untouched: ``import pcdet_ext`` serves its
+    builders to ``train_utils.optimization`` (a fork's import), so stock behaviour is loaded privately."""
+    from pcdet_ext.openpcdet.locator import pcdet_tools_module
+    module = pcdet_tools_module("train_utils/optimization")
+    from pcdet_ext.engine.optimization import build_optimizer
+    assert module.build_optimizer is not build_optimizer
+    return module
+
+
+@pytest.fixture(scope="session")
 def synthetic_kitti(tmp_path_factory) -> Path:
     root = synthetic_writer.write_kitti(tmp_path_factory.mktemp("kitti") / "synthetic_kitti", num_frames=6,
                                         seed=7, val_fraction=0.34, spec=KITTI_TEST_SCENE)

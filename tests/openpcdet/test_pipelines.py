@@ -23,8 +23,8 @@ def kitti_pointpillar_cfg():
     return cfg
 
 
-def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, pcdet_tools):
-    from train_utils.optimization import build_optimizer
+def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, stock_optimization):
+    build_optimizer = stock_optimization.build_optimizer
     seed_everything()
     cfg = kitti_pointpillar_cfg()
     (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
@@ -41,8 +41,8 @@ def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, pcdet_to
     assert all(0 <= v <= 100 for v in result_dict.values())
 
 
-def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, pcdet_tools):
-    from train_utils.optimization import build_optimizer
+def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, stock_optimization):
+    build_optimizer = stock_optimization.build_optimizer
     seed_everything()
     cfg = cfg_from_yaml_file(REPO / "cfgs/custom_models/pointpillar_isarc_4class.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[-40.96, -40.96, -6, 40.96, 40.96, 10]"], cfg)
@@ -88,9 +88,9 @@ def test_sparse_voxel_backbones_forward_backward_eval(synthetic_kitti, cfg_name)
     assert len(pred_dicts) == 2 and all(p["pred_boxes"].shape[1] == 7 for p in pred_dicts)
 
 
-def test_onecycle_checkpoint_round_trip_under_weights_only(synthetic_kitti, pcdet_tools, tmp_path):
+def test_onecycle_checkpoint_round_trip_under_weights_only(synthetic_kitti, stock_optimization, tmp_path):
     """OpenPCDet's own save_checkpoint with adam_onecycle, loaded by its own loaders on torch >= 2.6."""
-    from train_utils.optimization import build_optimizer, build_scheduler
+    build_optimizer, build_scheduler = stock_optimization.build_optimizer, stock_optimization.build_scheduler
     from train_utils.train_utils import checkpoint_state, save_checkpoint
     from pcdet.utils import common_utils
     seed_everything()

@@ -106,8 +106,8 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
 
 
 @pytest.mark.parametrize("name", ["adam_onecycle", "adam_cosineanneal"])
-def test_fastai_schedules_keep_ratios_every_step_and_train_like_stock(pcdet_tools, name):
-    from train_utils.optimization import build_optimizer as stock_build, build_scheduler as stock_sched
+def test_fastai_schedules_keep_ratios_every_step_and_train_like_stock(stock_optimization, name):
+    stock_build, stock_sched = stock_optimization.build_optimizer, stock_optimization.build_scheduler
     from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, group_lrs, scheduler_step
 
     def model():
@@ -118,8 +118,7 @@ def test_fastai_schedules_keep_ratios_every_step_and_train_like_stock(pcdet_tool
         m.forward = lambda x: m.dense_head(m.backbone_3d(m.vfe(x))).pow(2).mean()
         return m
 
-    from train_utils.optimization import learning_schedules_fastai
-    if name == "adam_cosineanneal" and not hasattr(learning_schedules_fastai, "CosineAnnealing"):
+    if name == "adam_cosineanneal" and not hasattr(stock_optimization, "CosineAnnealing"):
         pytest.skip("this OpenPCDet has no adam_cosineanneal")
     optim = EasyDict(OPTIMIZER=name, LR=0.003, WEIGHT_DECAY=0.01, MOMENTUM=0.9, MOMS=[0.95, 0.85], WARMUP_ITER=5,
                      PCT_START=0.4, DIV_FACTOR=10, DECAY_STEP_LIST=[35, 45], LR_DECAY=0.1, LR_CLIP=1e-7)
