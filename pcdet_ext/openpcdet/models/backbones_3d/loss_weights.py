@@ -76,7 +76,7 @@ def notes(raw: Mapping, spec: Mapping[str, Opt], pretraining: bool, where: str =
     here), in ``raw`` and in its ``sections`` (``(key, spec)`` of nested sections); in detection mode
     one line listing the given pretraining weights, which have no effect there."""
     out: List[str] = []
-    skip = set() if pretraining else set(PRETRAINING_WEIGHTS) | {"DETECTION_WEIGHT"} | set(PHASE1_ABSENT)
+    skip = set() if pretraining else set(LOSS_KEYS)  # in detection mode: the one line below
     for key, opt in spec.items():
         if opt.note and key in raw and key not in skip:
             out.append(f"note: {where}.{key} accepted: {opt.note}")
