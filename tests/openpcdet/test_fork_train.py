@@ -92,3 +92,30 @@ def test_a_stock_optimizer_is_refused_before_the_first_step(fork):
     finally:
         cfg.clear()
         os.chdir(cwd)
+
+
+def test_any_detector_regroups_loaded_only_rules_after_openpcdets_pretrained_load(tmp_path):
+    """Stock train.py builds the optimizer, then loads --pretrained_model: with import pcdet_ext, any
+    OpenPCDet detector (here a stock PointPillar) reports what loaded and BACKBONE_LOADED_ONLY applies."""
+    import logging
+    from easydict import EasyDict
+    from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
+    from pcdet_ext.engine.optimization import build_optimizer, group_lrs
+    from pcdet_ext.engine.pretrained import build_model_without_data
+    cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
+    cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"], cfg)
+    cfg.MODEL.NAME = "PointPillar"
+    model = build_model_without_data(cfg)
+    optim = EasyDict(OPTIMIZER="adam_onecycle", LR=0.003, DIFFERENTIAL_LR=True, BACKBONE_LR_RATIO=0.1,
+                     DENSE_HEAD_LR_RATIO=2.0, BACKBONE_LOADED_ONLY=True)
+    optimizer = build_optimizer(model, optim)  # nothing loaded yet: the backbone trains at 1x
+    assert set(group_lrs(optimizer)) == {"dense_head", "default"}
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("backbone_2d.")}
+    torch.save({"model_state": state}, tmp_path / "backbone_2d.pth")
+    model.load_params_from_file(str(tmp_path / "backbone_2d.pth"), logger=logging.getLogger("fork"), to_cpu=True)
+    lrs = group_lrs(optimizer)
+    assert set(lrs) == {"backbone_2d", "dense_head", "default"}  # vfe was not loaded: it stays in default
+    assert lrs["backbone_2d"] / lrs["default"] == pytest.approx(0.1) and lrs["dense_head"] / lrs["default"] == 2.0
+    names = {n for g in optimizer.param_groups if g["name"] == "backbone_2d" for n, p in model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert names == {n for n, _ in model.named_parameters() if n.startswith("backbone_2d.")}

@@ -5,7 +5,10 @@ so ``DIFFERENTIAL_LR`` / ``PARAM_GROUPS`` hold there too (stock OpenPCDet ignore
 :func:`install` (run by ``import pcdet_ext`` when OpenPCDet is importable) patches OpenPCDet's
 ``train_utils.optimization`` module when it is imported (an import hook), or at once when it already
 is, plus the names a ``from train_utils.optimization import build_optimizer, build_scheduler`` already
-bound in the ``__main__`` script; every change goes through a ledger (:func:`uninstall` undoes them).
+bound in the ``__main__`` script, and wraps OpenPCDet's ``load_params_from_file`` so that any detector
+reports what a ``--pretrained_model`` loaded (stock train.py loads it after building the optimizer; groups
+with LOADED_ONLY rules are re-assigned then); every change goes through a ledger (:func:`uninstall`
+undoes them).
 The R-MAE detectors refuse to train when the config asks for per-group learning rates and their
 optimizer was not built here (:mod:`pcdet_ext.openpcdet.lr_rules`).
 """
@@ -18,6 +21,7 @@ from typing import Any, Dict, Optional
 
 from pcdet_ext.engine.optimization.builder import build_optimizer, build_scheduler
 from pcdet_ext.openpcdet.cpu.ledger import Ledger
+from pcdet_ext.openpcdet.lr_rules import pretrained_loaded
 
 TARGET = "train_utils.optimization"
 _LEDGER = Ledger()
@@ -73,14 +77,44 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _report_pretrained(load_params_from_file):
+    """OpenPCDet's ``load_params_from_file`` (stock train.py's ``--pretrained_model``, after the optimizer
+    is built), then the loaded names to the model's optimizer (:func:`~pcdet_ext.openpcdet.lr_rules.pretrained_loaded`)."""
+    def wrapper(self, *args, **kwargs):
+        self._pcdet_ext_pretrained_keys = set()
+        try:
+            out = load_params_from_file(self, *args, **kwargs)
+            pretrained_loaded(self, self._pcdet_ext_pretrained_keys)
+            return out
+        finally:
+            del self._pcdet_ext_pretrained_keys
+    return wrapper
+
+
+def _note_loaded(load_state_dict):
+    """OpenPCDet's ``_load_state_dict`` (its shape-matched partial load), noting the keys it loaded while
+    ``load_params_from_file`` runs."""
+    def wrapper(self, model_state_disk, *args, **kwargs):
+        state_dict, loaded = load_state_dict(self, model_state_disk, *args, **kwargs)
+        if hasattr(self, "_pcdet_ext_pretrained_keys"):
+            self._pcdet_ext_pretrained_keys |= set(loaded)
+        return state_dict, loaded
+    return wrapper
+
+
 def install() -> None:
-    """Serve the drop-ins to a fork's ``train_utils.optimization`` (idempotent)."""
+    """Serve the drop-ins to a fork's ``train_utils.optimization`` and have every OpenPCDet detector report
+    what ``--pretrained_model`` loaded (for LOADED_ONLY groups); idempotent."""
     if _STATE["installed"]:
         return
     if TARGET in sys.modules:
         _serve(sys.modules[TARGET])
     else:
         _LEDGER.insert_finder(_Finder())
+    from pcdet.models.detectors.detector3d_template import Detector3DTemplate
+    _LEDGER.setattr(Detector3DTemplate, "load_params_from_file",
+                    _report_pretrained(Detector3DTemplate.load_params_from_file))
+    _LEDGER.setattr(Detector3DTemplate, "_load_state_dict", _note_loaded(Detector3DTemplate._load_state_dict))
     _STATE["installed"] = True
 
 

@@ -5,7 +5,7 @@ from typing import Dict
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.locator import require_pcdet
-from pcdet_ext.openpcdet.lr_rules import pretrained_loaded, unserved
+from pcdet_ext.openpcdet.lr_rules import unserved
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import ignore_teachers_in_ddp
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_phase2_config import check_equipment_types
 
@@ -57,22 +57,6 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
             loss, tb_dict = self.dense_head.get_loss()
             return {"loss": self.detection_weight * loss}, dict(tb_dict, loss_rpn=loss.item()), {}
         return self.post_processing(batch_dict)
-
-    def load_params_from_file(self, *args, **kwargs):
-        """OpenPCDet's pretrained loading (``--pretrained_model`` of a stock train.py, which builds the
-        optimizer first); an optimizer with LOADED_ONLY rules then regroups by what was loaded."""
-        self._pretrained_keys = set()
-        try:
-            super().load_params_from_file(*args, **kwargs)
-            pretrained_loaded(self, self._pretrained_keys)
-        finally:
-            del self._pretrained_keys
-
-    def _load_state_dict(self, model_state_disk, *, strict=True):
-        state_dict, loaded = super()._load_state_dict(model_state_disk, strict=strict)
-        if hasattr(self, "_pretrained_keys"):
-            self._pretrained_keys |= set(loaded)
-        return state_dict, loaded
 
     def post_processing(self, batch_dict: Dict):
         if "final_box_dicts" not in batch_dict:  # anchor heads: OpenPCDet's NMS post-processing
