@@ -20,6 +20,8 @@ SPCONV_FLAVOURS = {"cpu": "spconv", "cu113": "spconv-cu113", "cu114": "spconv-cu
 OPENPCDET_RUNTIME = ["opencv-python-headless", "scikit-image", "scipy", "SharedArray", "pyquaternion",
                      "kornia<0.7", "av2", "pillow", "llvmlite"]
 
+TOOLS = sorted(p.stem for p in (Path(__file__).resolve().parent / "pcdet_ext" / "cli").glob("*.py") if p.stem != "__init__")
+
 extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
 extras["test"] = ["pytest>=7", "hypothesis>=6"]  # spconv comes from the flavour extra (cpu, cu120, ...)
@@ -52,4 +54,6 @@ setup(
     extras_require=extras,
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithConfigs},
+    # every tool from an installed wheel, without a checkout: pcdet-ext-<tool> (also python -m pcdet_ext.cli.<tool>)
+    entry_points={"console_scripts": [f"pcdet-ext-{tool.replace('_', '-')}=pcdet_ext.cli.{tool}:main" for tool in TOOLS]},
 )

@@ -78,3 +78,25 @@ def test_tools_are_thin_entries_into_cli():
         assert imports == [f"pcdet_ext.cli.{path.stem}"], (path.name, imports)
         assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], path.name
         assert (PKG / "cli" / path.name).is_file()
+
+
+def test_every_tool_runs_as_a_module_and_a_console_script(tmp_path):
+    """``python -m pcdet_ext.cli.<tool>`` runs the tool (a module without the ``__main__`` guard would exit 0
+    silently) and setup.py installs ``pcdet-ext-<tool>`` for each; both from outside the checkout."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    tools = sorted(p.stem for p in (PKG / "cli").glob("*.py") if p.stem != "__init__")
+    for tool in tools:
+        tail = ast.parse((PKG / "cli" / f"{tool}.py").read_text()).body[-1]
+        assert isinstance(tail, ast.If) and "__main__" in ast.unparse(tail.test) and "main()" in ast.unparse(tail), tool
+    setup = (PKG.parent / "setup.py").read_text()
+    assert re.search(r'"pcdet-ext-\{tool\.replace\(\'_\', \'-\'\)\}=pcdet_ext\.cli\.\{tool\}:main" for tool in TOOLS', setup)
+    runs = [[sys.executable, "-m", "pcdet_ext.cli.make_synthetic_data", "--help"]]
+    script = shutil.which("pcdet-ext-make-synthetic-data")  # installed by pip (CI's wheel, an editable install)
+    if script:
+        runs.append([script, "--help"])
+    for cmd in runs:
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and res.stdout.startswith("usage: "), (cmd, res.stderr[-1000:])

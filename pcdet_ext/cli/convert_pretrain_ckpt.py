@@ -43,3 +43,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     print(f"wrote {args.out}")
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.convert_pretrain_ckpt
+    sys.exit(main())

@@ -55,3 +55,7 @@ def create(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
                                           args.workers)
     return f"infos and gt database written under {root}"
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.create_data
+    sys.exit(main())

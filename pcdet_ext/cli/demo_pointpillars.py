@@ -7,6 +7,7 @@ training -> KITTI-metric evaluation -> an OpenPCDet checkpoint.
 Every number it prints comes from this run.
 """
 import argparse
+import sys
 import shutil
 import time
 from pathlib import Path
@@ -101,3 +102,7 @@ def main(argv=None) -> int:
     run(parser.parse_args(argv))
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.demo_pointpillars
+    sys.exit(main())

@@ -10,6 +10,7 @@
 Every number printed comes from this run.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -66,3 +67,7 @@ def write_model_cfg(args) -> Path:
     path.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
     return path
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.demo_split_rq
+    sys.exit(main())

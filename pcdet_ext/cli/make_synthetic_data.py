@@ -5,6 +5,7 @@
         --class_names dumptruck excavator grader roller
 """
 import argparse
+import sys
 from pathlib import Path
 
 from pcdet_ext.openpcdet.datasets import synthetic_writer
@@ -29,3 +30,7 @@ def main(argv=None) -> int:
     print(f"wrote {args.num_frames} {args.layout} frames to {out}")
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.make_synthetic_data
+    sys.exit(main())

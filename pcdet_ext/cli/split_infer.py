@@ -139,3 +139,7 @@ def run(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"frames": rows, "summary": summary}, indent=2))
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.split_infer
+    sys.exit(main())

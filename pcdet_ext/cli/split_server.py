@@ -69,3 +69,7 @@ def main(argv=None) -> int:
         server.server_close()
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.split_server
+    sys.exit(main())

@@ -79,3 +79,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
             mark_done(record, path)
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.test
+    sys.exit(main())

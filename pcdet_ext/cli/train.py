@@ -55,3 +55,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     run.finish()
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.train
+    sys.exit(main())

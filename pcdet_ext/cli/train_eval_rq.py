@@ -172,3 +172,7 @@ def main(argv=None) -> int:
           f"(entropy) vs {dense_float32_kb(int(grid[1]), int(grid[0]), q.dim):.0f} KB float32 BEV")
     return 0
 
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.train_eval_rq
+    sys.exit(main())

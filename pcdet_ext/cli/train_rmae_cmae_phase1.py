@@ -109,3 +109,7 @@ def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable
 
 def main(argv=None, repo: Path = REPO_ROOT) -> int:
     return pretrain(argv, repo, "RMAECMAEDetectorPhase1", __doc__)
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.train_rmae_cmae_phase1
+    sys.exit(main())

@@ -12,6 +12,7 @@ the command resumes; a checkpoint of another config (e.g. a Phase 1 run) is refu
 differing keys. A Phase 1 checkpoint as --pretrained_model initialises the encoder, occupancy
 decoder and teacher; the coverage table shows the Phase 2 modules starting fresh.
 """
+import sys
 from pathlib import Path
 
 from pcdet_ext.algorithms.contrastive import check_queue_size
@@ -45,3 +46,7 @@ def setup(run) -> None:
 def main(argv=None, repo: Path = REPO_ROOT) -> int:
     return pretrain(argv, repo, DETECTOR, __doc__, setup=setup,
                     new_modules=[f"backbone_3d.{m}" for m in PHASE2_ADDED_MODULES])
+
+
+if __name__ == "__main__":  # python -m pcdet_ext.cli.train_rmae_cmae_phase2
+    sys.exit(main())
