@@ -41,11 +41,8 @@ def find_config(ref: str, including_dir: Optional[Path] = None, what: str = "_BA
     if ref_path.is_absolute():
         candidates = [ref_path]
     else:
-        roots = (including_dir, Path.cwd(), REPO_ROOT, PACKAGED)
-        candidates = [d / ref_path for d in roots if d is not None]
-        tools = pcdet_tools_dir()
-        if tools is not None:
-            candidates.append(tools / ref_path)
+        roots = (including_dir, Path.cwd(), REPO_ROOT, PACKAGED, pcdet_tools_dir())
+        candidates = list(dict.fromkeys(d.resolve() / ref_path for d in roots if d is not None))  # once each
     for cand in candidates:
         if cand.is_file():
             return cand.resolve()

@@ -34,6 +34,17 @@ def test_arbitrary_objects_stay_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ck.CheckpointError, match="junk.pth: not a torch.save file"):
         ck.load_checkpoint(junk)
+    whole = tmp_path / "whole.pth"
+    torch.save({"model_state": {f"layer_{i}.weight": torch.zeros(2) for i in range(50)}}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:3000])  # a truncated checkpoint: its reason, in whole words
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_checkpoint(cut)
+    reason = str(err.value).split("not a torch.save file (", 1)[1]
+    assert reason.endswith(")") and "\n" not in reason
+    assert all(word.isascii() for word in reason.split()) and (len(reason) < 130)
+    words = reason[:-1].removesuffix(" ...").split()
+    assert words and set(words) <= set(str(err.value.__cause__).split())  # whole words, none cut in the middle
 
 
 def test_model_state_of_says_what_the_file_holds(tmp_path):

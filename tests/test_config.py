@@ -30,10 +30,13 @@ def test_base_falls_back_to_pcdet_root_tools(tmp_path, monkeypatch):
     assert find_config("cfgs/dataset_configs/x.yaml", tmp_path / "elsewhere").name == "x.yaml"
 
 
-def test_missing_base_lists_what_was_tried(tmp_path):
+def test_missing_base_lists_what_was_tried(tmp_path, monkeypatch):
     top = write(tmp_path / "top.yaml", "_BASE_CONFIG_: nowhere.yaml\n")
-    with pytest.raises(FileNotFoundError, match="nowhere.yaml.*tried"):
+    monkeypatch.chdir(tmp_path)  # the including folder is the working directory too: listed once
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml.*tried") as err:
         cfg_from_yaml_file(top)
+    tried = str(err.value).split("tried: ", 1)[1].split(", ")
+    assert len(tried) == len(set(tried)) and str(tmp_path / "nowhere.yaml") in tried
 
 
 def test_set_overrides_and_errors():
@@ -85,3 +88,12 @@ def test_non_finite_numbers_are_refused_naming_the_key():
         with pytest.raises(ConfigError, match=rf"^{key}: expected finite numbers"):
             from_cfg(bad, spec, "SEC")
     assert from_cfg({"LR": 1e300, "MOMS": [0.95, 0.85]}, spec, "SEC").LR == 1e300
+
+
+def test_set_takes_pairs_up_to_the_next_flag():
+    import argparse
+    from pcdet_ext.engine.cli import add_train_args
+    parser = add_train_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--cfg_file", "x.yaml", "--set", "A.B", "-1", "C", "[-2.5, 3]", "--epochs", "3"])
+    assert args.set_cfgs == ["A.B", "-1", "C", "[-2.5, 3]"] and args.epochs == 3  # --epochs is a flag again
+    assert parser.parse_args(["--cfg_file", "x.yaml"]).set_cfgs is None

@@ -89,8 +89,12 @@ def test_every_tool_runs_as_a_module_and_a_console_script(tmp_path):
     import sys
     tools = sorted(p.stem for p in (PKG / "cli").glob("*.py") if p.stem != "__init__")
     for tool in tools:
-        tail = ast.parse((PKG / "cli" / f"{tool}.py").read_text()).body[-1]
+        source = (PKG / "cli" / f"{tool}.py").read_text()
+        tree = ast.parse(source)
+        tail = tree.body[-1]
         assert isinstance(tail, ast.If) and "__main__" in ast.unparse(tail.test) and "main()" in ast.unparse(tail), tool
+        doc = source.splitlines()[tree.body[0].lineno - 1:tree.body[0].end_lineno]  # the --help text
+        assert not [line for line in doc if line.endswith(" \\") and not line.endswith("\\\\")], tool
     setup = (PKG.parent / "setup.py").read_text()
     assert re.search(r'"pcdet-ext-\{tool\.replace\(\'_\', \'-\'\)\}=pcdet_ext\.cli\.\{tool\}:main" for tool in TOOLS', setup)
     runs = [[sys.executable, "-m", "pcdet_ext.cli.make_synthetic_data", "--help"]]

@@ -13,6 +13,7 @@ from pathlib import Path
 from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
                                         read_weights)
+from pcdet_ext.engine.cli import add_set_argument, load_config
 from pcdet_ext.engine.convert import convert_pretrain
 from pcdet_ext.utils.checkpoint import atomic_save
 
@@ -23,7 +24,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     p.add_argument("--out", required=True, help="output .pth (OpenPCDet format, model_state only)")
     p.add_argument("--use", choices=["student", "teacher"], default="student")
     p.add_argument("--cfg_file", default=None, help="fine-tune config to report coverage against")
-    p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER)
+    add_set_argument(p, default=None)
     args = p.parse_args(argv)
     try:
         weights = read_weights(args.ckpt)
@@ -34,7 +35,6 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     print(f"kept {len(kept)} tensors ({args.use} encoder + VFE); dropped {len(dropped)} "
           f"({', '.join(sorted({k.split('.')[1] if k.startswith('backbone_3d.') else k.split('.')[0] for k in dropped}))})")
     if args.cfg_file:
-        from pcdet_ext.engine.cli import load_config
         model = build_model_without_data(load_config(args.cfg_file, args.set_cfgs, repo))
         table, _ = coverage(model.state_dict(), kept)
         print(f"coverage against {args.cfg_file}:\n{format_coverage(table)}")

@@ -1,8 +1,8 @@
 """Build OpenPCDet infos + gt database for a KITTI-layout or custom-layout dataset.
 
     python tools/create_data.py kitti  --data_path ../shared/data/kitti_mini --out_dir data/kitti_mini
-    python tools/create_data.py custom --data_path data/synthetic_isarc \
-        --cfg_file cfgs/dataset_configs/custom_dataset_isarc.yaml \
+    python tools/create_data.py custom --data_path data/synthetic_isarc \\
+        --cfg_file cfgs/dataset_configs/custom_dataset_isarc.yaml \\
         --class_names dumptruck excavator grader roller
 
 Calls OpenPCDet's own create_kitti_infos / create_custom_infos after validating the files.
@@ -42,7 +42,12 @@ def create(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     if args.layout == "unlabelled":
         if args.out_dir is None:
             parser.error("unlabelled: --out_dir is required")
+        if not args.data_path.is_dir():
+            why = "is not a folder" if args.data_path.exists() else "does not exist"
+            raise FileNotFoundError(f"--data_path: {args.data_path} {why} (unlabelled: a folder of .bin / .npy scans)")
         scans = sorted(list(args.data_path.glob("*.bin")) + list(args.data_path.glob("*.npy")))
+        if not scans:
+            raise FileNotFoundError(f"--data_path: {args.data_path} holds no .bin / .npy scans")
         root = create_infos.create_unlabelled(scans, args.out_dir, args.cfg_file)
         return f"{len(scans)} unlabelled scans and infos written under {root}"
     if args.layout == "kitti":

@@ -1,7 +1,7 @@
 """Generate a deterministic synthetic LiDAR dataset in OpenPCDet's KITTI or custom layout.
 
     python tools/make_synthetic_data.py kitti  --out data/synthetic_kitti --num_frames 16
-    python tools/make_synthetic_data.py custom --out data/synthetic_isarc --num_frames 16 \
+    python tools/make_synthetic_data.py custom --out data/synthetic_isarc --num_frames 16 \\
         --class_names dumptruck excavator grader roller
 """
 import argparse

@@ -1,6 +1,6 @@
 """Split inference over a dataset split or a folder of frames: real bytes, edge and server times.
 
-    python tools/split_infer.py --cfg_file cfgs/kitti_models/pointpillar_rq.yaml --ckpt global_best.pth \
+    python tools/split_infer.py --cfg_file cfgs/kitti_models/pointpillar_rq.yaml --ckpt global_best.pth \\
         --data_path data/kitti --split val --num_codebooks 3 --num_embeddings 64 [--json out.json]
     python tools/split_infer.py ... --frames_dir /path/to/bins           # .bin / .npy frames
     python tools/split_infer.py ... --fit_models --fit_split train       # learn the bitstream models first
@@ -24,6 +24,7 @@ from pcdet_ext.deploy.transport import FrameClient
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
+from pcdet_ext.engine.cli import add_set_argument
 
 
 def frame_paths(args, dataset, split):
@@ -66,7 +67,7 @@ def run(argv=None) -> int:
                         "(distortion in units of the frame's mean squared feature norm; 0: nearest codes)")
     p.add_argument("--remote", default=None, help="host:port of tools/split_server.py")
     p.add_argument("--json", default=None, help="write per-frame results and the summary here")
-    p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
+    add_set_argument(p, default=[])
     args = p.parse_args(argv)
     if not args.rate_lambda >= 0:  # also NaN
         print(f"error: --lambda: expected a number >= 0, got {args.rate_lambda}", file=sys.stderr)

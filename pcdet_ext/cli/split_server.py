@@ -1,6 +1,6 @@
 """Server side of split inference: receives coded frames over TCP, answers with detections (JSON).
 
-    python tools/split_server.py --cfg_file cfgs/kitti_models/pointpillar_rq.yaml \
+    python tools/split_server.py --cfg_file cfgs/kitti_models/pointpillar_rq.yaml \\
         --ckpt progressive_rq_logs/split1_ALL/checkpoints/global_best_bitstream.pth --port 18890
 
 Frames: u32 length + payload (tools/split_infer.py --remote sends them). Bad frames get an error
@@ -16,6 +16,7 @@ from pcdet_ext.config import ConfigError
 from pcdet_ext.deploy import runtime
 from pcdet_ext.deploy.transport import DEFAULT_MAX_FRAME, FrameServer
 from pcdet_ext.utils.checkpoint import CheckpointError
+from pcdet_ext.engine.cli import add_set_argument
 
 
 def check_limits(args) -> str:
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=18890, help="0 picks a free port (printed)")
     p.add_argument("--max_frame", type=int, default=DEFAULT_MAX_FRAME)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may stall mid-frame")
-    p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[])
+    add_set_argument(p, default=[])
     args = p.parse_args(argv)
     bad = check_limits(args)
     if bad:

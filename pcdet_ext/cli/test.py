@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.config import ConfigError
-from pcdet_ext.engine.cli import load_config, output_dir
+from pcdet_ext.engine.cli import add_set_argument, load_config, output_dir
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate, load_for_eval, mark_done, pending_checkpoints
 from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint, model_state_of
@@ -33,7 +33,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     p.add_argument("--infer_time", action="store_true")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="accepted; evaluation runs on rank 0")
     p.add_argument("--tcp_port", type=int, default=18888)
-    p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER)
+    add_set_argument(p, default=None)
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.cfg_file, args.set_cfgs, repo)

@@ -33,6 +33,7 @@ from pcdet_ext.deploy.runtime import rq_checkpoint
 from pcdet_ext.engine.progressive_rq.measured import stored_models
 from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
+from pcdet_ext.engine.cli import add_set_argument
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
     p.add_argument("--tcp_port", type=int, default=18888, help="rendezvous port without torchrun's MASTER_PORT")
     p.add_argument("--extra_tag", default=None, help="sub-folder of logging.saved_path for this run")
-    p.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
+    add_set_argument(p, default=[])
     return p.parse_args(argv)
 
 

@@ -30,8 +30,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max_ckpt_save_num", type=int, default=30)
     p.add_argument("--preflight_only", action="store_true",
                    help="check the config, dataset files and checkpoints, then exit (dist_train.sh runs it first)")
-    p.add_argument("--set", dest="set_cfgs", default=None, nargs=argparse.REMAINDER, help="KEY VALUE pairs")
+    add_set_argument(p, default=None)
     return p
+
+
+def add_set_argument(parser: argparse.ArgumentParser, default=None) -> None:
+    """``--set KEY VALUE [KEY VALUE ...]``, up to the next ``--flag`` (OpenPCDet's tools take everything after
+    it; negative numbers and list literals are values)."""
+    parser.add_argument("--set", dest="set_cfgs", default=default, nargs="+", metavar="KEY VALUE",
+                        help="config overrides, KEY VALUE pairs (up to the next --flag)")
 
 
 def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Path):

@@ -57,8 +57,10 @@ def _why_not_loadable(exc: Exception) -> str:
         return (f"it holds pickled Python objects ({found.group(1)}) besides tensors and plain containers; "
                 "pcdet_ext loads checkpoints as state dicts only")
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    first = detail.group(1) if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"not a torch.save file ({first.strip()[:120]})"
+    first = (detail.group(1) if detail else (text.strip().splitlines() or [type(exc).__name__])[0]).strip()
+    if len(first) > 120:  # whole words
+        first = first[:120].rsplit(" ", 1)[0] + " ..."
+    return f"not a torch.save file ({first})"
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:

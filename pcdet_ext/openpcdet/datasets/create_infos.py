@@ -151,10 +151,7 @@ def create_unlabelled(scans: Sequence[Path], out_dir: Path, dataset_cfg=None, va
     ids = []
     for scan in scans:
         if scan.suffix == ".bin":
-            raw = np.fromfile(scan, dtype=np.float32)
-            if raw.size % 4:
-                raise validation.DatasetFormatError(f"{scan}: size is not a multiple of 4 float32 (x, y, z, intensity)")
-            pts = raw.reshape(-1, 4)
+            pts = np.fromfile(scan, dtype=np.float32, count=4 * validation.check_velodyne(scan)).reshape(-1, 4)
         else:
             pts = np.load(scan).astype(np.float32)
         if pts.ndim != 2 or pts.shape[1] < num_features:
