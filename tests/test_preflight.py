@@ -174,3 +174,11 @@ def test_planted_and_truncated_infos_are_refused_before_any_code_runs(tmp_path, 
     (tmp_path / "custom_infos_train.pkl").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConfigError, match=r"custom_infos_train.pkl: not a complete pickle file \(truncated or corrupt"):
         preflight.check_dataset_files(data, ("train",))
+
+
+def test_create_data_unlabelled_names_a_missing_or_empty_folder(tmp_path, capsys):
+    from pcdet_ext.cli import create_data
+    for path, why in ((tmp_path / "absent", "does not exist"), (tmp_path, "holds no .bin / .npy scans")):
+        assert create_data.main(["unlabelled", "--data_path", str(path), "--out_dir", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --data_path: {path} {why}" + (" (unlabelled: a folder of .bin / .npy scans)" if "exist" in why else ""))

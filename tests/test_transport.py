@@ -117,3 +117,17 @@ def test_a_bin_frame_of_odd_size_is_refused_naming_it(tmp_path):
         bad.write_bytes(pts.tobytes() + b"\x00" * extra)
         with pytest.raises(DatasetFormatError, match=rf"{bad}: {32 + extra} bytes is not a positive multiple of 16"):
             read_points(bad, 4)
+
+
+def test_detections_payload_rounds_huge_boxes_without_overflow():
+    """An untrained head's boxes can be ~1e35: float32's round() overflowed (RuntimeWarning on the server)."""
+    import warnings
+
+    import torch
+    from pcdet_ext.deploy.runtime import boxes_payload
+    pred = {"pred_boxes": torch.tensor([[3e35, 1.23456, 2.0, 1, 1, 1, 0.5]]), "pred_scores": torch.tensor([0.54321]),
+            "pred_labels": torch.tensor([2])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = boxes_payload(pred, ["Car", "Pedestrian"])
+    assert out["labels"] == ["Pedestrian"] and out["boxes"][0][1] == 1.2346 and out["scores"] == [0.5432]

@@ -25,6 +25,7 @@ from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
 from pcdet_ext.engine.cli import add_set_argument
+from pcdet_ext.utils.console import quiet_known_warnings
 
 
 def frame_paths(args, dataset, split):
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
+    quiet_known_warnings()  # OpenPCDet's anchor generator warns about torch.meshgrid on every run
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", default=None, help="OpenPCDet model config (default: the one stored in --ckpt)")
     p.add_argument("--ckpt", required=True)

@@ -17,6 +17,7 @@ from pcdet_ext.deploy import runtime
 from pcdet_ext.deploy.transport import DEFAULT_MAX_FRAME, FrameServer
 from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.engine.cli import add_set_argument
+from pcdet_ext.utils.console import quiet_known_warnings
 
 
 def check_limits(args) -> str:
@@ -31,6 +32,7 @@ def check_limits(args) -> str:
 
 
 def main(argv=None) -> int:
+    quiet_known_warnings()  # OpenPCDet's anchor generator warns about torch.meshgrid on every run
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", default=None, help="OpenPCDet model config (default: the one stored in --ckpt)")
     p.add_argument("--ckpt", required=True, help="checkpoint with bitstream models (split_infer.py --fit_models)")

@@ -159,8 +159,9 @@ class ServerRuntime(_Side):
 def boxes_payload(pred: Dict[str, torch.Tensor], class_names: List[str]) -> Dict[str, list]:
     """JSON-able detections."""
     labels = pred["pred_labels"].cpu().numpy()
-    return {"boxes": pred["pred_boxes"].cpu().numpy().round(4).tolist(),
-            "scores": pred["pred_scores"].cpu().numpy().round(4).tolist(),
+    # rounded in float64: float32's round() multiplies by 1e4 and overflows on an untrained head's huge boxes
+    return {"boxes": pred["pred_boxes"].cpu().double().numpy().round(4).tolist(),
+            "scores": pred["pred_scores"].cpu().double().numpy().round(4).tolist(),
             "labels": [class_names[int(i) - 1] for i in labels]}
 
 
