@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
                      new_modules: Sequence[str] = ()) -> TrainingRun:
     """Everything up to the first iteration; every config / checkpoint error is raised before
     anything is trained or written into an existing run. ``new_modules``: model parts (key
-    prefixes) a ``--pretrained_model`` need not hold (see :func:`load_pretrained`)."""
+    prefixes) a ``--pretrained_model`` need not hold (see :func:`load_pretrained`). A start refused after
+    the run folder was made removes the folder again (an existing one is left as it was)."""
     from pcdet.datasets import build_dataloader
     from pcdet.models import build_network
     from pcdet.config import log_config_to_file
@@ -94,45 +96,69 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     if args.fix_random_seed:
         common_utils.set_random_seed(666 + info.rank)
     out = output_dir(cfg, args.extra_tag, repo_root)
-    ckpt_dir = out / "ckpt"
-    if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    logger = create_logger(out / f"train_{stamp}.log" if info.is_main else None, rank=info.rank)
-    logger.info("world size %d, batch size per process %d, output %s", info.world_size, batch_size, out)
-    for key, val in vars(args).items():
-        logger.info("%-20s %s", key, val)
-    log_config_to_file(cfg, logger=logger)
-    if info.is_main:
-        shutil.copy(find_config(args.cfg_file, what="--cfg_file"), out / Path(args.cfg_file).name)
-    writer = ScalarWriter(out / "tensorboard", main=info.is_main)
-    train_set, train_loader, sampler = build_dataloader(
-        dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=info.distributed,
-        workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
-        seed=666 if args.fix_random_seed else None)
-    check_not_empty(train_set, cfg.DATA_CONFIG, "train")
-    if dataset_hook is not None:
-        dataset_hook(train_set)
-    model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)
-    if args.sync_bn and info.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    loaded = None
-    if args.pretrained_model:
-        loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger,
-                                 new_modules=new_modules)
-    optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
-    describe(optimizer, logger)
-    start_epoch = start_iter = 0
-    ckpt = Path(args.ckpt) if args.ckpt else ck.latest(ckpt_dir)
-    if args.ckpt and not ckpt.is_file():
-        raise FileNotFoundError(f"--ckpt: {ckpt} does not exist")
-    if ckpt is not None:
-        start_epoch, start_iter = ck.resume(ckpt, model, optimizer, cfg, logger)
-    if info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank % torch.cuda.device_count()] if torch.cuda.is_available() else None)
-    scheduler, warmup = build_scheduler(optimizer, len(train_loader), total_epochs, -1, cfg.OPTIMIZATION)
-    return TrainingRun(args, cfg, info, out, ckpt_dir, logger, writer, train_set, train_loader, sampler, model,
-                       optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded)
+    fresh, writer = not out.exists(), None
+    try:
+        ckpt_dir = out / "ckpt"
+        if info.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        logger = create_logger(out / f"train_{stamp}.log" if info.is_main else None, rank=info.rank)
+        logger.info("world size %d, batch size per process %d, output %s", info.world_size, batch_size, out)
+        for key, val in vars(args).items():
+            logger.info("%-20s %s", key, val)
+        log_config_to_file(cfg, logger=logger)
+        if info.is_main:
+            shutil.copy(find_config(args.cfg_file, what="--cfg_file"), out / Path(args.cfg_file).name)
+        writer = ScalarWriter(out / "tensorboard", main=info.is_main)
+        train_set, train_loader, sampler = build_dataloader(
+            dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=batch_size, dist=info.distributed,
+            workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
+            seed=666 if args.fix_random_seed else None)
+        check_not_empty(train_set, cfg.DATA_CONFIG, "train")
+        if dataset_hook is not None:
+            dataset_hook(train_set)
+        model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)
+        if args.sync_bn and info.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        loaded = None
+        if args.pretrained_model:
+            loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger,
+                                     new_modules=new_modules)
+        optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
+        describe(optimizer, logger)
+        start_epoch = start_iter = 0
+        ckpt = Path(args.ckpt) if args.ckpt else ck.latest(ckpt_dir)
+        if args.ckpt and not ckpt.is_file():
+            raise FileNotFoundError(f"--ckpt: {ckpt} does not exist")
+        if ckpt is not None:
+            start_epoch, start_iter = ck.resume(ckpt, model, optimizer, cfg, logger)
+        if info.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.local_rank % torch.cuda.device_count()] if torch.cuda.is_available() else None)
+        scheduler, warmup = build_scheduler(optimizer, len(train_loader), total_epochs, -1, cfg.OPTIMIZATION)
+        return TrainingRun(args, cfg, info, out, ckpt_dir, logger, writer, train_set, train_loader, sampler, model,
+                           optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded)
+    except BaseException:  # a start refused after the run folder was made leaves none behind
+        if writer is not None:
+            writer.close()
+        if fresh and info.is_main:
+            _discard(out)
+        raise
+
+
+def _discard(out: Path) -> None:
+    """Remove ``out`` (made by a start that failed), closing the log files written there first."""
+    import logging
+    for log in list(logging.root.manager.loggerDict.values()):
+        for h in list(getattr(log, "handlers", [])):
+            if isinstance(h, logging.FileHandler) and h.baseFilename.startswith(str(out.resolve()) + os.sep):
+                h.close()
+                log.removeHandler(h)
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.parents:  # and the empty folders above it, up to output/ itself
+        if not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+        if parent.name == "output":
+            break

@@ -107,3 +107,13 @@ def test_detection_weight_scales_the_heads_loss(synthetic_isarc):
         losses[weight] = (ret["loss"].item(), tb["loss_rpn"])
     assert losses[1.0][1] == pytest.approx(losses[0.25][1])  # the same head loss
     assert losses[0.25][0] == pytest.approx(0.25 * losses[1.0][0]) and losses[1.0][0] == pytest.approx(losses[1.0][1])
+
+
+def test_a_start_refused_after_the_run_folder_was_made_leaves_none(synthetic_isarc, tmp_path):
+    """The schedule check comes after the data and the model: the folder made for the run goes again."""
+    res = tool("train.py", "--cfg_file", str(USERS / "rmae_cmae_4class_finetune_phase2.yaml"), "--batch_size", "2",
+               "--epochs", "1", "--skip_eval", "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL,
+               "OPTIMIZATION.PCT_START", "0.01", out_root=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and "OPTIMIZATION.PCT_START" in lines[-1] and "Traceback" not in res.stderr
+    assert not (tmp_path / "output").exists()
