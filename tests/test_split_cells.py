@@ -25,3 +25,11 @@ def test_cells_above_the_trained_size_are_refused_off_schedule_ones_warned():
     with pytest.raises(ValueError, match="--eval_num_codebooks 3: this checkpoint has 2 trained"):
         check_cell(q, 3, 16)
     assert "17 is not a trained operating point" in check_cell(q, 1, 17)
+
+
+def test_a_refused_cell_names_where_its_value_came_from():
+    q = trained([(0, 16), (1, 16)])
+    with pytest.raises(ValueError, match=r"^evaluation.use_num_codebook \(in exp.yaml\) 3: this checkpoint has 2"):
+        check_cell(q, 3, 16, n_from="evaluation.use_num_codebook (in exp.yaml)")
+    with pytest.raises(ValueError, match=r"^evaluation.use_num_embedding 64: codebooks 1..2"):
+        check_cell(q, 2, 64, k_from="evaluation.use_num_embedding")

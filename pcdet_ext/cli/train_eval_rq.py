@@ -139,8 +139,8 @@ def main(argv=None) -> int:
             summary = sweep(model, val[0], val[1], names, schedule, run.eval, log, exp.evaluation.test_combinations,
                             checkpoint=ckpt_path, bitstream=bitstream, lambdas=lams,
                             selected_on=experiment.describe_selection(state.get("config")))
-        except ValueError as exc:
-            print(f"error: evaluation.test_combinations: {exc}", file=sys.stderr)
+        except ValueError as exc:  # a cell the checkpoint was not trained for (named by check_cell)
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         print(format_table(summary))
         print(f"wrote {run.eval / 'sweep.csv'}, {run.eval / 'sweep.json'}, {run.eval / 'sweep.png'}")
@@ -149,8 +149,14 @@ def main(argv=None) -> int:
     trained = q.trained_depth
     n = exp.evaluation.use_num_codebook or trained
     k = exp.evaluation.use_num_embedding or (int(q.trained_size[n - 1]) if 1 <= n <= trained else 1)
+    def source(flag, value, key):  # where a value came from, for the messages
+        if value is not None:
+            return flag
+        return f"evaluation.{key}" if getattr(exp.evaluation, key) is not None else "the default"
+
     try:
-        warning = check_cell(q, n, k)
+        warning = check_cell(q, n, k, source("--eval_num_codebooks", args.eval_num_codebooks, "use_num_codebook"),
+                             source("--eval_num_embeddings", args.eval_num_embeddings, "use_num_embedding"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

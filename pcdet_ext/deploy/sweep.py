@@ -30,7 +30,8 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
         raise ValueError("rate lambdas need the checkpoint's bitstream models (split_infer.py --fit_models)")
     todo = trained_cells(model.quantizer, schedule) if cells is None else [tuple(c) for c in cells]
     for n, k in todo if cells is not None else []:
-        warning = check_cell(model.quantizer, n, k)
+        warning = check_cell(model.quantizer, n, k, "evaluation.test_combinations codebooks",
+                             "evaluation.test_combinations entries")
         if warning:
             log.warning(warning)
     out_dir.mkdir(parents=True, exist_ok=True)

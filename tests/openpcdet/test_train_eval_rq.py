@@ -80,7 +80,11 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     assert "operating point: 2 codebook(s) x 16 entries" in ev.stdout and "Car AP@0.70" in ev.stdout
     bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "3",
                    "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", *SMALL)
-    assert bad.returncode == 2 and "has 2 trained codebook(s); expected 1..2" in bad.stderr
+    assert bad.returncode == 2 and "--eval_num_codebooks 3: this checkpoint has 2 trained codebook(s); expected 1..2" \
+        in bad.stderr
+    bad = run_tool("--config", str(config), "--mode", "eval", "--rq_ckpt", str(run / "checkpoints" / ck.GLOBAL_BEST),
+                   "--set", "evaluation.use_num_codebook", "3", *SMALL)  # a value the user gave in the experiment
+    assert bad.returncode == 2 and "evaluation.use_num_codebook 3: this checkpoint has 2" in bad.stderr
     bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "1", "--eval_num_embeddings", "256",
                    "--rq_ckpt", str(run / "checkpoints" / ck.best_name(2, 2)), "--set", *SMALL)
     assert bad.returncode == 2 and "trained with [64] entries; expected 1..64" in bad.stderr

@@ -64,20 +64,20 @@ def trained_cells(quantizer, schedule: List[int]) -> List[Tuple[int, int]]:
     return cells
 
 
-def check_cell(quantizer, n: int, k: int) -> Optional[str]:
+def check_cell(quantizer, n: int, k: int, n_from: str = "--eval_num_codebooks",
+               k_from: str = "--eval_num_embeddings") -> Optional[str]:
     """--mode eval check of a cell: n <= trained codebooks and k <= the entries trained in each of
-    them (errors); a k that is not a schedule size was never trained as an operating point: returns
-    a warning to print (None otherwise)."""
+    them (errors naming where each value came from, ``n_from`` / ``k_from``); a k that is not a
+    schedule size was never trained as an operating point: returns a warning to print (None otherwise)."""
     trained = quantizer.trained_depth
     if not 1 <= n <= trained:
-        raise ValueError(f"--eval_num_codebooks {n}: this checkpoint has {trained} trained codebook(s); "
-                         f"expected 1..{trained}")
+        raise ValueError(f"{n_from} {n}: this checkpoint has {trained} trained codebook(s); expected 1..{trained}")
     sizes = [int(s) for s in quantizer.trained_size[:n]]
     if not 1 <= k <= min(sizes):
-        raise ValueError(f"--eval_num_embeddings {k}: codebooks 1..{n} of this checkpoint were trained with "
+        raise ValueError(f"{k_from} {k}: codebooks 1..{n} of this checkpoint were trained with "
                          f"{sizes} entries; expected 1..{min(sizes)}")
     if k not in quantizer.schedule:
-        return (f"warning: --eval_num_embeddings {k} is not a trained operating point (schedule "
+        return (f"warning: {k_from} {k} is not a trained operating point (schedule "
                 f"{list(quantizer.schedule)}); entries 1..{k} are evaluated as they are")
     return None
 
