@@ -33,3 +33,17 @@ def test_a_refused_cell_names_where_its_value_came_from():
         check_cell(q, 3, 16, n_from="evaluation.use_num_codebook (in exp.yaml)")
     with pytest.raises(ValueError, match=r"^evaluation.use_num_embedding 64: codebooks 1..2"):
         check_cell(q, 2, 64, k_from="evaluation.use_num_embedding")
+
+
+def test_a_checkpoint_of_other_codebooks_is_named_not_a_load_state_dict_traceback():
+    from types import SimpleNamespace
+    from pcdet_ext.engine.progressive_rq.evaluate import quantizer_mismatch
+    q = ResidualQuantizer(dim=4, num_codebooks=2, codebook_size=64, schedule=(16, 64))
+    state = {"model_state": {f"rq_bottleneck.{k}": v for k, v in q.state_dict().items()},
+             "config": {"model": {"n_codebook": 2}}}
+    same = SimpleNamespace(quantizer=q)
+    assert quantizer_mismatch(same, state, "ck.pth", "exp.yaml") is None
+    other = SimpleNamespace(quantizer=ResidualQuantizer(dim=4, num_codebooks=5, codebook_size=256))
+    msg = quantizer_mismatch(other, state, "ck.pth", "exp.yaml")
+    assert msg.startswith("--rq_ckpt ck.pth holds 2 codebook(s) x 64 entries (its run had model.n_codebook 2), but "
+                          "the experiment exp.yaml builds 5 x 256 (model.n_codebook;")

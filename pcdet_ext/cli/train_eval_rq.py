@@ -25,7 +25,7 @@ from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.engine.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.progressive_rq import experiment
 from pcdet_ext.engine.progressive_rq import schema
-from pcdet_ext.engine.progressive_rq.evaluate import check_cell, run_eval
+from pcdet_ext.engine.progressive_rq.evaluate import check_cell, quantizer_mismatch, run_eval
 from pcdet_ext.algorithms.rate import dense_float32_kb
 from pcdet_ext.deploy.sweep import format_table, sweep
 from pcdet_ext.engine.progressive_rq.trainer import ProgressiveTrainer
@@ -119,6 +119,10 @@ def main(argv=None) -> int:
         print(f"error: no --rq_ckpt and no stage checkpoint under {run.checkpoints}", file=sys.stderr)
         return 2
     state = rq_checkpoint(ckpt_path, "--rq_ckpt")
+    mismatch = quantizer_mismatch(model, state, ckpt_path, args.config)
+    if mismatch:
+        print(f"error: {mismatch}", file=sys.stderr)
+        return 2
     model.load_state_dict(state["model_state"])
     bitstream = stored_models(state)  # fitted by split_infer.py --fit_models: rates are then measured
     log.info("evaluating %s", ckpt_path)

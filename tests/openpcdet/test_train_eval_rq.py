@@ -88,6 +88,11 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
     bad = run_tool("--config", str(config), "--mode", "eval", "--eval_num_codebooks", "1", "--eval_num_embeddings", "256",
                    "--rq_ckpt", str(run / "checkpoints" / ck.best_name(2, 2)), "--set", *SMALL)
     assert bad.returncode == 2 and "trained with [64] entries; expected 1..64" in bad.stderr
+    other_cells = run_tool("--config", str(config), "--mode", "eval", "--eval_sweep", "--rq_ckpt",
+                           str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", "model.n_codebook", "3", *SMALL)
+    assert other_cells.returncode == 2 and other_cells.stderr.strip().splitlines()[-1].startswith(
+        f"error: --rq_ckpt {run / 'checkpoints' / ck.GLOBAL_BEST} holds 2 codebook(s) x 64 entries (its run had "
+        f"model.n_codebook 2), but the experiment {config} builds 3 x 64"), other_cells.stderr[-2000:]
     again = run_tool("--config", str(config), "--extra_tag", "t1", "--set", *SMALL)
     assert again.returncode == 0 and "this run is complete" in again.stderr + again.stdout
     other = run_tool("--config", str(config), "--extra_tag", "t1", "--set", "training.init_lr", "0.01", *SMALL)

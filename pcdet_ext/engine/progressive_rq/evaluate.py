@@ -131,3 +131,21 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     if losses:
         out["loss"] = sum(losses) / len(losses)
     return out
+
+
+def quantizer_mismatch(model, state: Dict, path, config_path) -> Optional[str]:
+    """Why the checkpoint ``state`` (read from ``path``) cannot load into ``model`` as the experiment
+    (``config_path``) built it: the codebooks and entries on each side and where each comes from; None
+    when they agree."""
+    key = "rq_bottleneck.quantizer.codebooks."
+    saved = {k: v for k, v in state["model_state"].items() if k.startswith(key)}
+    q = model.quantizer
+    n, k = len(saved), int(next(iter(saved.values())).shape[0]) if saved else 0
+    if (n, k) == (q.num_codebooks, q.codebook_size):
+        return None
+    trained = (state.get("config") or {}).get("model", {})
+    hint = f" (its run had model.n_codebook {trained['n_codebook']})" if "n_codebook" in trained else ""
+    return (f"--rq_ckpt {path} holds {n} codebook(s) x {k} entries{hint}, but the experiment {config_path} builds "
+            f"{q.num_codebooks} x {q.codebook_size} (model.n_codebook; entries: the largest size of "
+            f"progressive_learning.embedding_schedule, legacy mode rq_model.codebook_size): evaluate with the "
+            f"experiment config the checkpoint was trained with, or --set those keys to match")
