@@ -39,7 +39,7 @@ def test_a_checkpoint_of_other_codebooks_is_named_not_a_load_state_dict_tracebac
     from types import SimpleNamespace
     from pcdet_ext.engine.progressive_rq.evaluate import quantizer_mismatch
     q = ResidualQuantizer(dim=4, num_codebooks=2, codebook_size=64, schedule=(16, 64))
-    state = {"model_state": {f"rq_bottleneck.{k}": v for k, v in q.state_dict().items()},
+    state = {"model_state": {f"rq_bottleneck.quantizer.{k}": v for k, v in q.state_dict().items()},
              "config": {"model": {"n_codebook": 2}}}
     same = SimpleNamespace(quantizer=q)
     assert quantizer_mismatch(same, state, "ck.pth", "exp.yaml") is None
