@@ -87,6 +87,7 @@ def plot(summary: Dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plain = [r for r in summary["cells"] if not r.get("rate_lambda")]
     curve = [r for r in summary["cells"] if r.get("rate_lambda")]
@@ -100,9 +101,10 @@ def plot(summary: Dict, path: Path) -> Path:
         if all(r.get("kb_per_frame_measured") is not None for r in rows):
             ax.plot([r["kb_per_frame_measured"] for r in rows], [r["mAP"] for r in rows], "s-", color=line.get_color(),
                     linewidth=2, label=f"{n} codebook{'s' if n > 1 else ''} (measured bytes)")
-        for r in rows:
-            ax.annotate(str(r["num_embeddings"]), (r["kb_per_frame_fixed"], r["mAP"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+        for j, r in enumerate(rows):  # entries per cell; depths and neighbours offset apart
+            ax.annotate(f"k={r['num_embeddings']}", (r["kb_per_frame_fixed"], r["mAP"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4 + 9 * (depths.index(n) % 2) - 18 * (j % 2)),
+                        color=line.get_color())
     if curve:
         last = next(r for r in reversed(plain) if (r["num_codebooks"], r["num_embeddings"]) ==
                     (curve[0]["num_codebooks"], curve[0]["num_embeddings"]))
@@ -113,6 +115,10 @@ def plot(summary: Dict, path: Path) -> Path:
     ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":",
                label=f"uncompressed ({summary['uncompressed_kb_per_frame'] / 1024:.1f} MB/frame)")
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 5, 10, 20: not 2x10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.1g}"[0] in "25" else ""))
     ax.set_xlabel("KB per frame")
     ax.set_ylabel("mAP (3D, moderate, R40)")
     ax.set_title("PointPillarRQ: accuracy vs rate")
