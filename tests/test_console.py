@@ -1,4 +1,4 @@
-"""Known third-party warnings filtered; progress bars only on a terminal."""
+"""Known third-party warnings filtered; progress as a bar on a terminal, as log lines elsewhere."""
 import warnings
 
 from pcdet_ext.utils import console
@@ -17,7 +17,19 @@ def test_known_warnings_filtered_others_kept():
     assert logging.getLogger("torch.fx._symbolic_trace").getEffectiveLevel() == logging.ERROR
 
 
-def test_progress_bar_off_when_stderr_is_not_a_terminal(capsys):
-    bar = console.progress(range(3), desc="x")  # pytest captures stderr: not a terminal
-    assert bar.disable and list(bar) == [0, 1, 2]
-    assert console.progress(range(3), main=False).disable
+def test_a_redirected_log_gets_progress_lines_not_a_bar(capsys, monkeypatch):
+    """pytest captures stderr: not a terminal. The loop still reports iterations, rate, ETA and its postfix
+    (here the loss) as whole lines, never carriage-return redraws; other ranks print nothing."""
+    monkeypatch.setenv(console.PROGRESS_SECONDS, "0")
+    bar = console.progress(range(4), desc="epoch 1")
+    for i in bar:
+        bar.set_postfix(loss=f"{1.0 / (i + 1):.3f}")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and "\r" not in "".join(lines) and lines[-1].startswith("epoch 1: 100%")
+    assert "4/4" in lines[-1] and "it/s" in lines[-1] and "loss=0.250" in lines[-1]
+    assert any("<" in line for line in lines)  # elapsed<remaining: the ETA
+    quiet = console.progress(range(3), main=False)
+    assert quiet.disable and list(quiet) == [0, 1, 2] and capsys.readouterr().err == ""
+    monkeypatch.setenv(console.PROGRESS_SECONDS, "3600")  # the default cadence: start and end lines only
+    list(console.progress(range(50), desc="eval"))
+    assert len(capsys.readouterr().err.splitlines()) <= 3

@@ -19,6 +19,7 @@ from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positio
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError, check_velodyne
 from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, model_state_of
+from pcdet_ext.utils.console import progress
 
 def grid_geometry(dataset, levels: int = 4) -> GridGeometry:
     """BEV grid of an OpenPCDet dataset: rows = y cells, cols = x cells, sensor at the origin."""
@@ -59,7 +60,7 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
     sparse = model.rq_cfg.MODE == "sparse"
     models = ProbabilityModels.empty(geo, depth, sizes, context=context)
     model.eval()
-    for points in frames:
+    for points in progress(frames, desc="fitting bitstream models", unit="frame"):
         feats, cells = head_features(model, dataset, points, geo)
         occ = None
         if sparse:

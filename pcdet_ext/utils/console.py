@@ -1,9 +1,11 @@
-"""What the tools print: known third-party warnings filtered once, progress bars only on a terminal."""
+"""What the tools print: known third-party warnings filtered once, progress as a bar on a terminal and as
+log lines elsewhere, a full disk as one line."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import logging
+import os
 import sys
 import warnings
 from typing import Iterator
@@ -33,11 +35,36 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
 
 
+PROGRESS_SECONDS = "PCDET_EXT_PROGRESS_SECONDS"  # how often a redirected log gets a progress line (default 30)
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines on ``stream``."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for part in text.replace("\r", "\n").split("\n"):
+            if part.strip():
+                self.stream.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(iterable=None, *, main: bool = True, **kwargs) -> tqdm.tqdm:
-    """A tqdm bar on rank 0 when stderr is a terminal; off otherwise, so a redirected log
-    (``> train.log 2>&1``) holds the logger's lines, not carriage-return bar updates."""
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm.tqdm(iterable, disable=not (main and sys.stderr.isatty()), **kwargs)
+    """Progress on rank 0: a tqdm bar when stderr is a terminal; when it is not (``| tee``, a log file, a
+    batch job) one line at the start, every ``PCDET_EXT_PROGRESS_SECONDS`` (30) seconds and at the end
+    (iterations, rate, ETA and the loop's postfix, e.g. the loss), so a long step shows it is alive."""
+    if not main:
+        return tqdm.tqdm(iterable, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm.tqdm(iterable, **kwargs)
+    every = float(os.environ.get(PROGRESS_SECONDS, "30"))
+    return tqdm.tqdm(iterable, file=_Lines(sys.stderr), mininterval=every, maxinterval=max(every, 1.0), ascii=True,
+                     ncols=100, **kwargs)
 
 
 class DiskFull(Exception):

@@ -14,6 +14,7 @@ import numpy as np
 
 from pcdet_ext.openpcdet.datasets.kitti_format import Calibration, kitti_label_lines, write_gray_png
 from pcdet_ext.openpcdet.datasets.synthetic import CONSTRUCTION_SCENE, KITTI_SCENE, SceneSpec, class_counts_for, generate_scene
+from pcdet_ext.utils.console import progress
 
 CONSTRUCTION_CLASSES = ("dumptruck", "excavator", "grader", "roller")
 
@@ -63,7 +64,7 @@ def write_kitti(out_dir: Path, num_frames: int = 8, seed: int = 0, val_fraction:
         for d in sub.values():
             d.mkdir(parents=True)
         (tmp / "testing").mkdir()
-        for i, frame in enumerate(train + val):
+        for i, frame in enumerate(progress(train + val, desc="synthetic KITTI frames", unit="frame")):
             scene = generate_scene(seed * 100003 + i, spec)
             scene.points.astype(np.float32).tofile(sub["velodyne"] / f"{frame}.bin")
             (sub["calib"] / f"{frame}.txt").write_text(calib.to_text())
@@ -92,7 +93,7 @@ def write_custom(out_dir: Path, num_frames: int = 8, seed: int = 0, val_fraction
     try:
         (tmp / "points").mkdir()
         (tmp / "labels").mkdir()
-        for i, frame in enumerate(train + val):
+        for i, frame in enumerate(progress(train + val, desc="synthetic frames", unit="frame")):
             scene = generate_scene(seed * 100003 + i, spec)
             if len(scene.boxes) == 0:
                 raise RuntimeError(f"synthetic frame {frame} has no objects; widen the scene ranges")
