@@ -285,15 +285,19 @@ def _ddp_worker(rank, world, port, results):
         q.set_mode("ema")
         for _ in range(3):
             q(x)
-        results[rank] = (q.codebooks[0].detach().clone(), q.ema_count.clone())
+        q.set_mode("gradient")
+        torch.manual_seed(100 + rank)  # each rank would draw its own operating points: rank 0's are broadcast
+        points = [tuple(q(x).num_embeddings) for _ in range(8)]
+        results[rank] = (q.codebooks[0].detach().clone(), q.ema_count.clone(), points)
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_ema_sync_two_gloo_processes():
     results = run_gloo_ranks(_ddp_worker)
-    (cb0, cnt0), (cb1, cnt1) = results[0], results[1]
+    (cb0, cnt0, pts0), (cb1, cnt1, pts1) = results[0], results[1]
     assert torch.equal(cb0, cb1) and torch.equal(cnt0, cnt1)
+    assert pts0 == pts1 and len(set(pts0)) > 1  # one sampled (n, k) per step on every rank
 
 
 def test_codebook_loss_equals_direct_mse_in_value_and_gradient():
@@ -474,3 +478,69 @@ def test_lloyd_refinement_lowers_held_out_error_at_small_and_large_k():
                 q.start_stage(c, k, x)
             errors[iters, k] = mse(q, held)
     assert errors[4, 16] < errors[0, 16] and errors[4, 64] < errors[0, 64]
+
+
+def test_min_sq_dist_kmeans_pp_and_lloyd_against_brute_force():
+    """Over several chunks: the squared distance to the nearest centre, one Lloyd step with fixed
+    centres keeping their points, k-means++'s edge cases and its generator."""
+    from pcdet_ext.algorithms.quantization.nn_search import lloyd, min_sq_dist
+    g = torch.Generator().manual_seed(3)
+    x, centres = torch.randn(257, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    brute = torch.cdist(x, centres).pow(2).min(1).values
+    torch.testing.assert_close(min_sq_dist(x, centres, chunk=50), brute)
+    assert torch.isinf(min_sq_dist(x, centres[:0])).all()
+    fixed, start = centres[:3], centres[3:]
+    owner = torch.cdist(x, centres).argmin(1) - 3
+    ref = start.clone()
+    for j in range(4):  # the mean of the points nearest to each new centre; none won: it stays
+        if (owner == j).any():
+            ref[j] = x[owner == j].mean(0)
+    torch.testing.assert_close(lloyd(x, fixed, start, iterations=1, chunk=50), ref)
+    assert kmeans_pp(x, centres, 0).shape == (0, 5)
+    with pytest.raises(ValueError, match="at least one data vector"):
+        kmeans_pp(x[:0], centres, 2)
+    same = x[:1].repeat(10, 1)  # every point on an existing centre: uniform picks, still num_new of them
+    assert kmeans_pp(same, same[:1], 3).shape == (3, 5)
+    a = kmeans_pp(x, centres, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(a, kmeans_pp(x, centres, 4, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, kmeans_pp(x, centres, 4, torch.Generator().manual_seed(2)))
+
+
+def test_legacy_operating_points_sample_every_depth_and_allowed_size():
+    """Without freeze_earlier, gradient batches sample n in 1..depth and k among the schedule sizes up to
+    the active size, truncating every used codebook to k."""
+    x, _, _ = mixture(k=16, noise=0.5)
+    q = make(freeze_earlier=False)
+    q.train()
+    q.start_together(3, 16, x)
+    q.set_mode("gradient")
+    torch.manual_seed(0)
+    seen = {tuple(q(x).num_embeddings) for _ in range(80)}
+    assert {len(s) for s in seen} == {1, 2, 3} and {s[0] for s in seen} == set(SCHED)
+    assert all(len(set(s)) == 1 for s in seen)
+
+
+@pytest.mark.parametrize("kwargs", [dict(codebook_size=1, schedule=(1,)), dict(schedule=(1, 16)),
+                                    dict(decay=0.5), dict(dead_threshold=0.0)])
+def test_constructor_edges_accepted(kwargs):
+    assert make(**kwargs) is not None
+
+
+def test_bounds_refuse_just_beyond_the_edges():
+    for kwargs, match in ((dict(codebook_size=0), "codebook_size must be >= 1"),
+                          (dict(schedule=(4, 4)), "strictly increasing"), (dict(schedule=(0, 4)), "1..codebook_size"),
+                          (dict(decay=0.0), "decay"), (dict(decay=1.0), "decay"),
+                          (dict(dead_threshold=1.0), "dead_threshold")):
+        with pytest.raises(ValueError, match=match):
+            make(**kwargs)
+    q = make()
+    with pytest.raises(ValueError, match=r"codebook must be in 0..2, got 3"):
+        q.start_stage(3, 4)
+    q.set_active(1, 1)  # one entry is a valid operating point
+    with pytest.raises(ValueError, match="num_embeddings must be in 1..16"):
+        q.set_active(1, 0)
+    with pytest.raises(ValueError, match=r"codes must be \[N, n\]"):
+        q.decode(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"code indices must lie in 0..15"):
+        q.decode(torch.full((2, 1), 16, dtype=torch.long))
+    assert q.decode(torch.full((2, 1), 15, dtype=torch.long)).shape == (2, 6)
