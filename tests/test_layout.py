@@ -104,3 +104,18 @@ def test_every_tool_runs_as_a_module_and_a_console_script(tmp_path):
     for cmd in runs:
         res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and res.stdout.startswith("usage: "), (cmd, res.stderr[-1000:])
+
+
+def test_copy_cfgs_gives_a_fork_every_config_and_keeps_its_own(tmp_path):
+    from pcdet_ext.cli import copy_cfgs
+    tools = tmp_path / "tools"
+    (tools / "cfgs/kitti_models").mkdir(parents=True)
+    (tools / "train.py").write_text("")
+    own = tools / "cfgs/kitti_models/pointpillar_rq.yaml"
+    own.write_text("# the fork's own\n")
+    assert copy_cfgs.main([str(tools)]) == 0
+    ours = sorted(p.relative_to(PKG.parent / "cfgs") for p in (PKG.parent / "cfgs").rglob("*.yaml"))
+    assert ours and all((tools / "cfgs" / rel).is_file() for rel in ours)
+    assert own.read_text() == "# the fork's own\n"  # kept
+    assert copy_cfgs.main([str(tools), "--overwrite"]) == 0 and own.read_text() != "# the fork's own\n"
+    assert copy_cfgs.main([str(tmp_path)]) == 2  # not a tools/ folder

@@ -27,9 +27,12 @@ def fork(synthetic_isarc, tmp_path_factory):
     shutil.copytree(Path(pcdet.__file__).resolve().parent.parent / "tools", tools)
     train = tools / "train.py"
     train.write_text("import pcdet_ext\n" + train.read_text())
-    (tools / "cfgs/custom_models").mkdir(exist_ok=True)
-    shutil.copy(REPO / FINETUNE, tools / FINETUNE)
-    dataset = (REPO / "cfgs/dataset_configs/custom_dataset_isarc.yaml").read_text()
+    stock = {p.relative_to(tools) for p in (tools / "cfgs").rglob("*.yaml")}
+    res = subprocess.run([sys.executable, "-m", "pcdet_ext.cli.copy_cfgs", str(tools)], capture_output=True, text=True,
+                         timeout=300)  # the documented way to give a fork this package's configs
+    assert res.returncode == 0 and "copied" in res.stdout, res.stderr[-2000:]
+    assert (tools / FINETUNE).is_file() and {p.relative_to(tools) for p in (tools / "cfgs").rglob("*.yaml")} > stock
+    dataset = (tools / "cfgs/dataset_configs/custom_dataset_isarc.yaml").read_text()
     for old, new in SMALL_DATASET + (("DATA_PATH: '../data/isarc'", f"DATA_PATH: '{synthetic_isarc}'"),):
         assert old in dataset
         dataset = dataset.replace(old, new)
