@@ -89,7 +89,8 @@ def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpil
                    "--rq_ckpt", str(run / "checkpoints" / ck.best_name(2, 2)), "--set", *SMALL)
     assert bad.returncode == 2 and "trained with [64] entries; expected 1..64" in bad.stderr
     other_cells = run_tool("--config", str(config), "--mode", "eval", "--eval_sweep", "--rq_ckpt",
-                           str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", "model.n_codebook", "3", *SMALL)
+                           str(run / "checkpoints" / ck.GLOBAL_BEST), "--set", "model.n_codebook", "3",
+                           "training.max_epoch", "12", *SMALL)  # 3 codebooks x 2 sizes x 2 epochs: a valid experiment
     assert other_cells.returncode == 2 and other_cells.stderr.strip().splitlines()[-1].startswith(
         f"error: --rq_ckpt {run / 'checkpoints' / ck.GLOBAL_BEST} holds 2 codebook(s) x 64 entries (its run had "
         f"model.n_codebook 2), but the experiment {config} builds 3 x 64"), other_cells.stderr[-2000:]
