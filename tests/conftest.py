@@ -8,6 +8,9 @@ import pytest
 from pcdet_ext.openpcdet.locator import pcdet_root
 
 REPO = Path(__file__).resolve().parent.parent
+# the tests run against this checkout, as its tools/ scripts do (pcdet_ext.paths: <root>), also where
+# the package is installed from a wheel
+os.environ.setdefault("PCDET_EXT_ROOT", str(REPO))
 
 # tools/setup_env.sh records the OpenPCDet checkout in .pcdet_env; the locator exports it when
 # PCDET_ROOT is unset (as every tool does), so the tests' child processes see it too.

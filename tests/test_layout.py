@@ -69,13 +69,17 @@ def test_every_algorithm_module_imports_without_openpcdet_being_imported():
 
 
 def test_tools_are_thin_entries_into_cli():
-    """``tools/<name>.py`` imports ``pcdet_ext.cli.<name>.main`` and calls it; no library code, no sys.path."""
+    """``tools/<name>.py`` imports ``pcdet_ext.cli.<name>.main`` and calls it, after naming its checkout as
+    the root of relative paths (pcdet_ext.paths); no library code, no sys.path."""
     tools = sorted(p for p in (PKG.parent / "tools").glob("*.py"))
     assert len(tools) >= 10
     for path in tools:
         tree = ast.parse(path.read_text())
         imports = [m for m in _imports(path) if m not in ("sys", "pathlib")]
-        assert imports == [f"pcdet_ext.cli.{path.stem}"], (path.name, imports)
+        assert imports == [f"pcdet_ext.cli.{path.stem}", "pcdet_ext.paths"], (path.name, imports)
+        guard = [n for n in tree.body if isinstance(n, ast.If)]
+        assert len(guard) == 1 and [ast.unparse(n) for n in guard[0].body] == [
+            "use_checkout(__file__)", "sys.exit(main())"], path.name
         assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], path.name
         assert (PKG / "cli" / path.name).is_file()
 

@@ -30,7 +30,7 @@ def test_shipped_configs_validate():
 def test_defaults_filled(tmp_path):
     cfg = schema.validate(raw(tmp_path))
     assert cfg.training.batch_size == 6 and cfg.training.max_epoch == 100 and cfg.loss_weights.det_weight == 0.8
-    assert cfg.rq_model.latent_shape == [496, 432, 64] and cfg.logging.saved_path == "progressive_rq_logs"
+    assert cfg.rq_model.latent_shape == [496, 432, 64] and cfg.logging.saved_path == str(REPO / "progressive_rq_logs")
     assert cfg.training.init_lr == 0.001 and isinstance(cfg.training.init_lr, float)
 
 

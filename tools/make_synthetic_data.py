@@ -6,6 +6,8 @@ The implementation (flags, checks, the call into pcdet_ext) is ``pcdet_ext/cli/m
 import sys
 
 from pcdet_ext.cli.make_synthetic_data import main
+from pcdet_ext.paths import use_checkout
 
 if __name__ == "__main__":
+    use_checkout(__file__)  # this checkout is <root> of relative YAML paths and output/ (pcdet_ext.paths)
     sys.exit(main())

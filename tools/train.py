@@ -5,9 +5,10 @@ The implementation (flags, checks, the call into pcdet_ext) is ``pcdet_ext/cli/t
 ``python tools/train.py --help`` lists the flags.
 """
 import sys
-from pathlib import Path
 
 from pcdet_ext.cli.train import main
+from pcdet_ext.paths import use_checkout
 
 if __name__ == "__main__":
-    sys.exit(main(repo=Path(__file__).resolve().parents[1]))
+    use_checkout(__file__)  # this checkout is <root> of relative YAML paths and output/ (pcdet_ext.paths)
+    sys.exit(main())

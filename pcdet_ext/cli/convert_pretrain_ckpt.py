@@ -8,9 +8,7 @@ projection heads / frame queue / masking state, and report coverage against a fi
 """
 import argparse
 import sys
-from pathlib import Path
 
-from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
                                         read_weights)
 from pcdet_ext.engine.cli import add_set_argument, load_config
@@ -18,7 +16,7 @@ from pcdet_ext.engine.convert import convert_pretrain
 from pcdet_ext.utils.checkpoint import atomic_save
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="Phase 1 or Phase 2 pretraining checkpoint")
     p.add_argument("--out", required=True, help="output .pth (OpenPCDet format, model_state only)")
@@ -35,7 +33,7 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     print(f"kept {len(kept)} tensors ({args.use} encoder + VFE); dropped {len(dropped)} "
           f"({', '.join(sorted({k.split('.')[1] if k.startswith('backbone_3d.') else k.split('.')[0] for k in dropped}))})")
     if args.cfg_file:
-        model = build_model_without_data(load_config(args.cfg_file, args.set_cfgs, repo))
+        model = build_model_without_data(load_config(args.cfg_file, args.set_cfgs))
         table, _ = coverage(model.state_dict(), kept)
         print(f"coverage against {args.cfg_file}:\n{format_coverage(table)}")
     atomic_save({"model_state": kept, "epoch": 0, "it": 0, "version": "pcdet_ext+convert",

@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.cli import add_set_argument, load_config, output_dir
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate, load_for_eval, mark_done, pending_checkpoints
@@ -19,7 +18,7 @@ from pcdet_ext.engine.loop import create_logger
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint, model_state_of
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_file", required=True)
     p.add_argument("--batch_size", type=int, default=None)
@@ -36,11 +35,11 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     add_set_argument(p, default=None)
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.cfg_file, args.set_cfgs, repo)
+        cfg = load_config(args.cfg_file, args.set_cfgs)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = output_dir(cfg, args.extra_tag, repo)
+    out = output_dir(cfg, args.extra_tag)
     if not args.ckpt and not args.eval_all:
         print("error: give --ckpt PATH or --eval_all", file=sys.stderr)
         return 2

@@ -10,9 +10,7 @@ when the backbone coverage is below ``--pretrained_min_coverage``.
 """
 import argparse
 import sys
-from pathlib import Path
 
-from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError
 from pcdet_ext.engine.cli import add_train_args
@@ -24,7 +22,7 @@ from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
+def main(argv=None) -> int:
     parser = add_train_args(argparse.ArgumentParser(description=__doc__,
                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--pretrained_min_coverage", type=float, default=0.9,
@@ -35,9 +33,9 @@ def main(argv=None, repo: Path = REPO_ROOT) -> int:
     splits = ("train",) if args.skip_eval else ("train", "test")  # the final evaluation reads the test split
     try:
         if args.preflight_only:
-            check_training_inputs(args, repo, splits=splits)
+            check_training_inputs(args, splits=splits)
             return 0
-        run = prepare_training(args, repo, min_backbone_coverage=args.pretrained_min_coverage, splits=splits)
+        run = prepare_training(args, min_backbone_coverage=args.pretrained_min_coverage, splits=splits)
     except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

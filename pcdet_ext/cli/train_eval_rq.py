@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     names = experiment.class_names(cfg)
     if exp.training.mode == "train":
         log.info("experiment %s -> %s", args.config, root)
-        model.load_pretrained_pointpillars(str(schema.resolve(exp.model.pretrained_weight, Path.cwd())), log)
+        model.load_pretrained_pointpillars(exp.model.pretrained_weight, log)
         try:
             with disk_full_is_one_line():
                 ProgressiveTrainer(exp, model, (train, selection), cfg, run, log, info,

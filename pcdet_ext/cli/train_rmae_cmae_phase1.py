@@ -12,10 +12,8 @@ main process logs the masked-occupancy AP on the test split (fixed masks) beside
 """
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.cli import add_train_args
@@ -68,7 +66,7 @@ def validate(run, loader, epoch: int, iteration: int) -> None:
                         for key, val in row.items()}, iteration)
 
 
-def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable] = None,
+def pretrain(argv, detector: str, doc: str, setup: Optional[Callable] = None,
              new_modules: Sequence[str] = ()) -> int:
     """The pretraining tool of ``detector``: OpenPCDet's flags, checks, resume, the EMA teacher step
     after every optimizer step, occupancy validation. ``setup(run)`` runs before the first step
@@ -82,9 +80,9 @@ def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable
     check = pretraining_check(detector)
     try:
         if args.preflight_only:
-            check_training_inputs(args, repo, check)
+            check_training_inputs(args, check)
             return 0
-        run = prepare_training(args, repo, check_cfg=check, dataset_hook=allow_unlabelled, new_modules=new_modules)
+        run = prepare_training(args, check_cfg=check, dataset_hook=allow_unlabelled, new_modules=new_modules)
         if setup is not None:
             setup(run)
     except (ConfigError, CheckpointError, ResumeError, PretrainedWeightsError, FileNotFoundError) as exc:
@@ -107,8 +105,8 @@ def pretrain(argv, repo: Path, detector: str, doc: str, setup: Optional[Callable
     return 0
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
-    return pretrain(argv, repo, "RMAECMAEDetectorPhase1", __doc__)
+def main(argv=None) -> int:
+    return pretrain(argv, "RMAECMAEDetectorPhase1", __doc__)
 
 
 if __name__ == "__main__":  # python -m pcdet_ext.cli.train_rmae_cmae_phase1

@@ -13,13 +13,11 @@ differing keys. A Phase 1 checkpoint as --pretrained_model initialises the encod
 decoder and teacher; the coverage table shows the Phase 2 modules starting fresh.
 """
 import sys
-from pathlib import Path
 
 from pcdet_ext.algorithms.contrastive import check_queue_size
 from pcdet_ext.cli.train_rmae_cmae_phase1 import pretrain
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import unwrap
-from pcdet_ext.openpcdet.locator import REPO_ROOT
 from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase2 import PHASE2_ADDED_MODULES
 
 DETECTOR = "RMAECMAEDetectorPhase2"
@@ -43,8 +41,8 @@ def setup(run) -> None:
                     backbone.momentum_start, backbone.total_steps)
 
 
-def main(argv=None, repo: Path = REPO_ROOT) -> int:
-    return pretrain(argv, repo, DETECTOR, __doc__, setup=setup,
+def main(argv=None) -> int:
+    return pretrain(argv, DETECTOR, __doc__, setup=setup,
                     new_modules=[f"backbone_3d.{m}" for m in PHASE2_ADDED_MODULES])
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.engine.preflight import check_config, resolve_data_path
+from pcdet_ext.paths import output_root, yaml_base
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,15 +41,15 @@ def add_set_argument(parser: argparse.ArgumentParser, default=None) -> None:
                         help="config overrides, KEY VALUE pairs (up to the next --flag)")
 
 
-def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Path):
+def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]]):
     """The EasyDict config with ``--set`` applied, ``TAG`` (file stem) and ``EXP_GROUP_PATH`` (its
     folders below ``cfgs/``, as OpenPCDet computes them), checked before any data is loaded
     (:func:`~pcdet_ext.engine.preflight.check_config`). A relative ``DATA_CONFIG.DATA_PATH`` from a
-    YAML file is taken relative to ``<repo>/tools`` (OpenPCDet's convention), one given with
-    ``--set`` relative to the working directory."""
+    YAML file is taken relative to ``<root>/tools`` (OpenPCDet's convention), one given with
+    ``--set`` relative to the working directory (:mod:`pcdet_ext.paths`)."""
     path = find_config(cfg_file, what="--cfg_file")
     cfg = cfg_from_yaml_file(path)
-    resolve_data_path(cfg.get("DATA_CONFIG"), repo_root / "tools")
+    resolve_data_path(cfg.get("DATA_CONFIG"), yaml_base())
     if set_cfgs:
         cfg_from_list(list(set_cfgs), cfg)
         if "DATA_CONFIG.DATA_PATH" in list(set_cfgs)[0::2]:
@@ -61,8 +61,7 @@ def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]], repo_root: Pat
     return cfg
 
 
-def output_dir(cfg, extra_tag: str, repo_root: Path) -> Path:
-    """``<root>/output/<EXP_GROUP_PATH>/<TAG>/<extra_tag>`` (OpenPCDet's layout); ``<root>`` is this
-    repo, or ``$PCDET_EXT_OUTPUT_ROOT`` when set (e.g. a read-only checkout)."""
-    root = Path(os.environ.get("PCDET_EXT_OUTPUT_ROOT") or repo_root)
-    return root / "output" / cfg.EXP_GROUP_PATH / cfg.TAG / extra_tag
+def output_dir(cfg, extra_tag: str) -> Path:
+    """``<root>/output/<EXP_GROUP_PATH>/<TAG>/<extra_tag>`` (OpenPCDet's layout); ``<root>`` as in
+    :mod:`pcdet_ext.paths`, or ``$PCDET_EXT_OUTPUT_ROOT`` when set (e.g. a read-only checkout)."""
+    return output_root() / "output" / cfg.EXP_GROUP_PATH / cfg.TAG / extra_tag

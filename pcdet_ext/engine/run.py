@@ -54,14 +54,14 @@ class TrainingRun:
             dist.destroy_process_group()
 
 
-def check_training_inputs(args: argparse.Namespace, repo_root: Path,
+def check_training_inputs(args: argparse.Namespace,
                           check_cfg: Optional[Callable[[Any], None]] = None, splits: Sequence[str] = ("train",)):
     """The config (:func:`~pcdet_ext.engine.cli.load_config`, plus the tool's own ``check_cfg``),
     the training dataset's files, ``--ckpt`` and ``--pretrained_model``: every error a one-line
     ConfigError / CheckpointError / PretrainedWeightsError, before any process group, data or
     output. ``splits``: the dataset splits the tool reads. Returns the config. ``--preflight_only``
     (dist_train.sh) stops here."""
-    cfg = load_config(args.cfg_file, args.set_cfgs, repo_root)
+    cfg = load_config(args.cfg_file, args.set_cfgs)
     if check_cfg is not None:
         check_cfg(cfg)
     check_dataset_files(cfg.DATA_CONFIG, tuple(splits))
@@ -75,7 +75,7 @@ def check_training_inputs(args: argparse.Namespace, repo_root: Path,
     return cfg
 
 
-def prepare_training(args: argparse.Namespace, repo_root: Path,
+def prepare_training(args: argparse.Namespace,
                      check_cfg: Optional[Callable[[Any], None]] = None,
                      dataset_hook: Optional[Callable[[Any], None]] = None,
                      min_backbone_coverage: float = 0.9, splits: Sequence[str] = ("train",),
@@ -89,13 +89,13 @@ def prepare_training(args: argparse.Namespace, repo_root: Path,
     from pcdet.config import log_config_to_file
     from pcdet.utils import common_utils
 
-    cfg = check_training_inputs(args, repo_root, check_cfg, splits)
+    cfg = check_training_inputs(args, check_cfg, splits)
     info = init_dist(args.launcher, args.tcp_port)
     batch_size = args.batch_size or cfg.OPTIMIZATION.BATCH_SIZE_PER_GPU
     total_epochs = args.epochs or cfg.OPTIMIZATION.NUM_EPOCHS
     if args.fix_random_seed:
         common_utils.set_random_seed(666 + info.rank)
-    out = output_dir(cfg, args.extra_tag, repo_root)
+    out = output_dir(cfg, args.extra_tag)
     fresh, writer = not out.exists(), None
     try:
         ckpt_dir = out / "ckpt"

@@ -22,7 +22,7 @@ def test_shipped_rmae_configs_build_their_backbone_with_stock_spconv(rel):
     encoder = cfg_from_yaml_file(REPO / rel).MODEL.BACKBONE_3D.get("ENCODER", "VoxelResBackBone8xVoxelNeXt")
     if encoder not in backbones_3d.__all__:
         pytest.skip(f"this OpenPCDet has no {encoder} (v0.6.0 predates VoxelNeXt)")
-    cfg = load_config(rel, None, REPO)
+    cfg = load_config(rel, None)
     bb_cfg = cfg.MODEL.BACKBONE_3D
     data = cfg.DATA_CONFIG
     voxel = next(p for p in data.DATA_PROCESSOR if p.NAME == "transform_points_to_voxels").VOXEL_SIZE

@@ -49,7 +49,7 @@ def test_workers_share_the_parent_threads_safely(synthetic_isarc):
     DataLoader workers with gt_sampling draw batches."""
     import numpy as np
     from pcdet_ext.algorithms import rotated_boxes
-    cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL], REPO)
+    cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL])
     rotated_boxes.bev_overlap(np.random.rand(64, 7) + 1, np.random.rand(64, 7) + 1)
     (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc, batch_size=2, workers=2)
     assert train_loader.num_workers == 2
@@ -68,7 +68,7 @@ def test_typos_refused_before_any_work(tmp_path):
               r"code_weights: 6 weights")]
     for base, text, match in cases:
         with pytest.raises(ConfigError, match=match):
-            load_config(str(user_config(tmp_path, base, text)), None, REPO)
+            load_config(str(user_config(tmp_path, base, text)), None)
 
 
 def users_rmae_config(tmp_path):
@@ -90,7 +90,7 @@ def users_rmae_config(tmp_path):
 
 def test_users_rmae_keys_are_accepted_and_loss_config_honoured(synthetic_isarc, tmp_path, monkeypatch):
     path = users_rmae_config(tmp_path)
-    cfg = load_config(str(path), ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL], REPO)
+    cfg = load_config(str(path), ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL])
     (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
     backbone = loop.build_model(cfg, train_set).backbone_3d
     assert (backbone.rmae_weight, backbone.ts_weight, backbone.mask_cfg.angular_group_size) == (0.7, 0.5, 10.0)
@@ -124,9 +124,9 @@ def test_dist_train_reports_one_line_not_tracebacks(synthetic_isarc, tmp_path):
 
 def test_yaml_data_path_is_relative_to_tools_not_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(SECOND_FT, None, REPO)
+    cfg = load_config(SECOND_FT, None)
     assert cfg.DATA_CONFIG.DATA_PATH == str(REPO / "data" / "isarc")
-    cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", "mine"], REPO)  # a command-line path: the shell's
+    cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", "mine"])  # a command-line path: the shell's
     assert cfg.DATA_CONFIG.DATA_PATH == str(tmp_path / "mine")
 
 

@@ -15,6 +15,7 @@ from pcdet_ext.engine.preflight import check_data, check_dataset_files
 from pcdet_ext.engine.progressive_rq import schema
 from pcdet_ext.config import agree
 from pcdet_ext.engine.progressive_rq.schema import ConfigError
+from pcdet_ext.paths import from_cli
 
 RQ = "MODEL.RQ_BOTTLENECK."
 # RQ_BOTTLENECK keys of the model config that are experiment settings under another name: a --set of
@@ -67,16 +68,20 @@ def load_experiment(path: Path, set_pairs: Sequence[str] = (), cli: Optional[Dic
                     no_wandb: bool = False) -> Tuple[EasyDict, List[str], List[str]]:
     """The experiment YAML with ``--set`` pairs and flag values (``{(section, key): value}``, None: not
     given) applied and validated, before any work. Returns ``(experiment, model-config --set pairs,
-    notes to print)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    notes to print)``. ``path`` is found like ``--cfg_file`` (:func:`~pcdet_ext.config.find_config`); a
+    relative path given with ``--set`` or a flag is relative to the working directory, one in the file to
+    ``<root>/tools`` (:mod:`pcdet_ext.paths`)."""
+    raw = yaml.safe_load(find_config(str(path), what="--config").read_text()) or {}
     ours, pcdet_set = split_overrides(list(set_pairs))
     raw = schema.set_overrides(raw, ours)
+    given = {tuple(key.split(".")) for key in ours[0::2]}
     for (section, key), val in (cli or {}).items():
         if val is not None:
             raw.setdefault(section, {})[key] = val
+            given.add((section, key))
+    for section, key in set(schema.PATH_KEYS) & given:
+        if isinstance(raw[section][key], str) and raw[section][key]:
+            raw[section][key] = str(from_cli(raw[section][key]))
     if no_wandb:
         raw.setdefault("logging", {})["use_wandb"] = False
     exp = schema.validate(raw)
@@ -137,7 +142,7 @@ def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
     trains on the rest), with ``val`` the validation split itself."""
     from pcdet.datasets import build_dataloader
     from pcdet.models import build_network
-    root = schema.resolve(exp.dataset.dir, Path.cwd())
+    root = Path(exp.dataset.dir)
     check_dataset_files(cfg.DATA_CONFIG, ("train", "test"), root=root, root_key="dataset.dir")
     common = dict(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES, batch_size=exp.training.batch_size,
                   root_path=root, workers=exp.training.num_workers, logger=logger)

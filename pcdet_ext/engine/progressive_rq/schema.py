@@ -26,6 +26,7 @@ import yaml
 from easydict import EasyDict
 
 from pcdet_ext.config import ConfigError, NoneType, Opt, agree, from_cfg, unknown_keys_error
+from pcdet_ext.paths import from_yaml
 
 POS = dict(lo=0, lo_open=True)   # > 0
 NONNEG = dict(lo=0)              # >= 0
@@ -78,17 +79,22 @@ SCHEMA: Dict[str, Dict[str, Opt]] = {
                                             note="not produced; the sweep writes sweep.png (rate vs accuracy)")},
     "logging": {"use_wandb": Opt(True, (bool,)), "wandb_project": Opt("pcdet_ext_rq", (str,)),
                 "wandb_name": Opt(None, (str, NoneType)), "log_freq": Opt(8, (int,), **POS),
-                "saved_path": Opt("progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,)),
+                "saved_path": Opt("../progressive_rq_logs", (str,)), "save_stage_weights": Opt(True, (bool,)),
                 "save_detailed_results": Opt(None, (bool, NoneType), note="the sweep always writes sweep.csv and sweep.json")},
     "hardware": {"gpu": Opt(0, (int, NoneType))},
 }
+# keys that name files or folders: relative in a YAML file -> <root>/tools, given with --set or a flag -> the
+# working directory (pcdet_ext.paths); made absolute once, when the experiment is loaded
+PATH_KEYS = (("dataset", "dir"), ("model", "pretrained_weight"), ("logging", "saved_path"),
+             ("evaluation", "rq_ckpt"), ("evaluation", "weights_path"))
 # users' experiment and evaluation files: top-level keys, and free-form sections accepted and reported
 TOP_LEVEL = {"seed": Opt(None, (int, NoneType)), "save_stage_weights": Opt(None, (bool, NoneType))}
 FREE_SECTIONS = ("hyperparameters", "pre-trained_model", "wandb")
 
 
-def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[Path] = None) -> EasyDict:
-    """Fill defaults and check every key; raises :class:`ConfigError` before any work starts."""
+def validate(raw: Dict[str, Any], check_paths: bool = True) -> EasyDict:
+    """Fill defaults and check every key; raises :class:`ConfigError` before any work starts. A relative
+    path in ``raw`` (:data:`PATH_KEYS`) is one written in a YAML file (:func:`pcdet_ext.paths.from_yaml`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
     known = list(SCHEMA) + list(TOP_LEVEL) + list(FREE_SECTIONS)
@@ -108,9 +114,12 @@ def validate(raw: Dict[str, Any], check_paths: bool = True, base_dir: Optional[P
     ev.test_combinations = cells(agree("evaluation.test_combinations", ev.test_combinations,
                                        "evaluation.specific_evaluations", ev.specific_evaluations))
     ev.rate_lambdas = lambdas(ev.rate_lambdas, "evaluation.rate_lambdas")
+    for section, key in PATH_KEYS:
+        if isinstance(cfg[section][key], str) and cfg[section][key]:
+            cfg[section][key] = str(from_yaml(cfg[section][key]))
     _check_values(cfg)
     if check_paths:
-        _check_paths(cfg, base_dir or Path.cwd())
+        _check_paths(cfg)
     return cfg
 
 
@@ -201,32 +210,17 @@ def _check_values(cfg: EasyDict) -> None:
                           f"{stage_epochs(cfg)} per stage, fewer than warmup_epochs + 1 = {pl.warmup_epochs + 1}")
 
 
-def _check_paths(cfg: EasyDict, base: Path) -> None:
-    data = resolve(cfg.dataset.dir, base)
+def _check_paths(cfg: EasyDict) -> None:
+    data = Path(cfg.dataset.dir)
     if not data.is_dir():
         raise ConfigError(f"dataset.dir: {data} is not a directory")
     if cfg.training.mode == "train":
         if cfg.model.pretrained_weight is None:
             raise ConfigError("model.pretrained_weight: required for training (the trained PointPillars "
                               "checkpoint whose frozen head and tail surround the bottleneck)")
-        weight = resolve(cfg.model.pretrained_weight, base)
+        weight = Path(cfg.model.pretrained_weight)
         if not weight.is_file():
             raise ConfigError(f"model.pretrained_weight: {weight} does not exist")
-
-
-def resolve(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (base / p)
-
-
-def load(path: Path, check_paths: bool = True) -> EasyDict:
-    """Read and validate an experiment YAML; relative paths resolve against the working directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {path} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    return validate(raw, check_paths=check_paths)
 
 
 def set_overrides(cfg_dict: Dict[str, Any], pairs: List[str]) -> Dict[str, Any]:
