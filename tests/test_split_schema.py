@@ -140,11 +140,17 @@ def test_run_dir_resume_and_refusal(tmp_path):
         other.resume_point(a)
 
 
-def test_fingerprint_ignores_logging_and_workers(tmp_path):
+def test_fingerprint_ignores_logging_workers_and_where_files_are(tmp_path):
     a = schema.validate(raw(tmp_path))
     b = schema.validate(raw(tmp_path, logging={"use_wandb": False}, training={"num_workers": 1}))
     c = schema.validate(raw(tmp_path, training={"init_lr": 0.01}))
     assert ck.fingerprint(a) == ck.fingerprint(b) != ck.fingerprint(c)
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "pp.pth").write_bytes(b"x")  # the dataset and the weights moved to another disk
+    moved = schema.validate(raw(tmp_path, dataset={"dir": str(tmp_path / "moved")},
+                                model={"pretrained_weight": str(tmp_path / "moved" / "pp.pth")}))
+    assert ck.fingerprint(moved) == ck.fingerprint(a)
+    assert ck.fingerprint(schema.validate(raw(tmp_path, dataset={"selection": "val"}))) != ck.fingerprint(a)
 
 
 def test_rate_meter():
