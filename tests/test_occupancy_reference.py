@@ -214,3 +214,20 @@ def test_decoder_blocks_are_dilated_as_configured_and_residual():
             c.weight.zero_()
         x = torch.randn(1, 8, 6, 6)
         assert torch.allclose(block(x), F.relu(x + block.body(x)))  # input + body, then ReLU
+
+
+def test_decoder_output_covers_an_odd_grid_the_encoder_rounded_down():
+    """Full grid 41 x 59 at target stride 2 -> 21 x 30 target cells; the stride-8 encoder's 5 x 7 output
+    upsamples to 20 x 28: the last row and columns repeat their neighbours, nothing is left uncovered."""
+    from pcdet_ext.algorithms.occupancy import OccupancyDecoder
+    cfg = OccupancyConfig(target_stride_xy=2, context_dilations=(1,), hidden_channels=8, reduce_channels=4)
+    dec = OccupancyDecoder(cfg, input_channels=6, input_depth=1, input_stride=8, full_shape=(2, 41, 59)).eval()
+    idx = torch.tensor([[0, 0, 1, 1], [0, 0, 4, 6], [0, 0, 2, 3]])
+    with torch.no_grad():
+        out = dec(torch.randn(3, 6), idx, [1, 5, 7], 1)
+    assert out.shape == (1, 1, 21, 30)
+    assert torch.equal(out[..., 20, :], out[..., 19, :]) and torch.equal(out[..., 28], out[..., 27])
+    assert torch.equal(out[..., 29], out[..., 27]) and not torch.equal(out[..., 19, :28], out[..., 18, :28])
+    narrow = OccupancyDecoder(cfg, input_channels=6, input_depth=1, input_stride=8, full_shape=(2, 40, 59)).eval()
+    with torch.no_grad():  # only the width falls short
+        assert narrow(torch.randn(3, 6), idx, [1, 5, 7], 1).shape == (1, 1, 20, 30)

@@ -375,3 +375,19 @@ def test_selection_holdout_is_deterministic_disjoint_and_leaves_training_frames(
     sampler = torch.utils.data.distributed.DistributedSampler(list(range(10)), num_replicas=2, rank=0)
     holdout.resize_sampler(sampler, [0, 1, 2])
     assert len(list(iter(sampler))) == 2 and sampler.total_size == 4
+
+
+def test_sweep_table_names_its_unit_metric_and_frames():
+    from pcdet_ext.deploy.sweep import format_table
+    cell = {"num_codebooks": 2, "num_embeddings": 64, "rate_lambda": 0.0, "mAP": 9.87, "kb_per_frame_measured": 1.234,
+            "kb_per_frame_fixed": 2.5, "kb_per_frame_entropy": 1.5}
+    summary = {"cells": [cell], "uncompressed_mAP": 10.5, "uncompressed_kb_per_frame": 6400.0,
+               "reported_on": "val split, 16 frames", "selected_on": "a held-out 10 % of the train split"}
+    lines = format_table(summary).splitlines()
+    assert lines[0].split()[3:5] == ["mAP", "%"] and "1.23" in lines[2].split() and "9.87" in lines[2].split()
+    assert "mAP %: mean over classes of the 3D AP (KITTI metric, R40, moderate difficulty" in format_table(summary)
+    assert "on the val split, 16 frames" in format_table(summary)
+    assert "measured needs bitstream models" not in format_table(summary)
+    unmeasured = dict(summary, cells=[dict(cell, kb_per_frame_measured=None)])
+    assert "-" in format_table(unmeasured).splitlines()[2].split() and "measured needs bitstream models" in \
+        format_table(unmeasured)

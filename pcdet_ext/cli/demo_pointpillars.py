@@ -21,6 +21,7 @@ from pcdet_ext.openpcdet.datasets import synthetic
 from pcdet_ext.openpcdet.datasets import synthetic_writer
 from pcdet_ext.engine import loop
 from pcdet_ext.engine.evaluation import evaluate_model
+from pcdet_ext.engine.progressive_rq.trainer import seed_everything
 from pcdet_ext.utils.checkpoint import atomic_save
 
 LAYOUTS = {
@@ -69,7 +70,7 @@ def write_dataset(data: Path, layout: str, num_frames: int, seed: int) -> None:
 
 def run(args) -> tuple:
     """Data, infos, training, evaluation, checkpoint. Returns (data root, checkpoint path)."""
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)  # python, numpy (OpenPCDet's augmentations) and torch: every run alike
     spec = LAYOUTS[args.layout]
     data = args.out / f"synthetic_{args.layout}_{args.num_frames}f_s{args.seed}"
     if not data.is_dir():

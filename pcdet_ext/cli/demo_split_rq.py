@@ -3,7 +3,8 @@
 1. a synthetic LiDAR set (KITTI layout) and its OpenPCDet infos,
 2. a small PointPillars trained on it (tools/demo_pointpillars.py; reused when its checkpoint exists),
 3. a short progressive RQ schedule on that model (default 2 codebooks x [16, 64]),
-4. the evaluation sweep: rate/accuracy table, CSV/JSON and the plot.
+4. the bitstream models fitted on the train frames, the val frames coded to real bytes,
+5. the evaluation sweep: rate/accuracy table (measured bytes), CSV/JSON and the plot.
 
     python tools/demo_split_rq.py [--out output/split_demo] [--iters 300] [--schedule 16,64]
 
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from pcdet_ext.cli import demo_pointpillars, train_eval_rq
+from pcdet_ext.cli import demo_pointpillars, split_infer, train_eval_rq
+from pcdet_ext.engine.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.progressive_rq import experiment, schema
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_pointpillars.add_arguments(parser)
-    parser.set_defaults(out=Path("output/split_demo"), iters=300, num_frames=24)
+    parser.set_defaults(out=Path("output/split_demo"), iters=300, num_frames=64)  # 48 train, 16 val frames
     parser.add_argument("--n_codebook", type=int, default=2)
     parser.add_argument("--schedule", default="16,64")
     parser.add_argument("--stage_epochs", type=int, default=2)
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     schedule = [int(s) for s in args.schedule.split(",")]
     stages = args.n_codebook * len(schedule)
     model_cfg = write_model_cfg(args)
-    exp = {"dataset": {"name": "KITTI" if args.layout == "kitti" else "custom", "dir": str(data.resolve()),
+    exp = {"seed": args.seed, "dataset": {"name": "KITTI" if args.layout == "kitti" else "custom", "dir": str(data.resolve()),
                        "num_classes": 3 if args.layout == "kitti" else 4},
            "model": {"n_codebook": args.n_codebook, "pretrained_weight": str(ckpt.resolve()),
                      "cfg_file": str(model_cfg.resolve())},
@@ -49,9 +52,25 @@ def main(argv=None) -> int:
            "logging": {"use_wandb": False, "saved_path": str((args.out / "rq").resolve())}}
     config = args.out / "split_demo.yaml"
     config.write_text(yaml.safe_dump(exp, sort_keys=False))
+    rc = train_eval_rq.main(["--config", str(config)])
+    if rc:
+        return rc
+    bitstream = fit_bitstream(config, data)
     print(f"experiment config: {config} (model config {model_cfg}); the evaluation again: "
-          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep")
-    return train_eval_rq.main(["--config", str(config), "--eval_sweep"])
+          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep --rq_ckpt {bitstream}")
+    return train_eval_rq.main(["--config", str(config), "--mode", "eval", "--eval_sweep", "--rq_ckpt", str(bitstream)])
+
+
+def fit_bitstream(config: Path, data: Path) -> Path:
+    """The bitstream models fitted on the train frames (``split_infer.py --fit_models``, which then codes
+    the val frames to real bytes, one line each), so the sweep's "measured" column holds measured bytes.
+    Returns the checkpoint that carries them."""
+    exp, _, _ = experiment.load_experiment(config)
+    best = ck.RunDir(Path(exp.logging.saved_path)).latest_stage_best(schema.stage_plan(exp))
+    rc = split_infer.main(["--ckpt", str(best), "--data_path", str(data), "--fit_models", "--fit_split", "train"])
+    if rc:
+        raise SystemExit(rc)
+    return best.with_name(best.stem + "_bitstream.pth")
 
 
 def write_model_cfg(args) -> Path:

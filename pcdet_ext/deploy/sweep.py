@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from pcdet_ext.engine.progressive_rq.evaluate import check_cell, run_eval, trained_cells
+from pcdet_ext.engine.progressive_rq.evaluate import MAP_DEFINITION, check_cell, run_eval, trained_cells
 from pcdet_ext.algorithms.rate import dense_float32_kb
 
 COLUMNS = ["num_codebooks", "num_embeddings", "rate_lambda", "mAP", "kb_per_frame_measured", "kb_per_frame_fixed", "kb_per_frame_entropy",
@@ -63,7 +63,7 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
 def format_table(summary: Dict) -> str:
     """Cells with their measured KB/frame (when the checkpoint has bitstream models) and the two
     estimates (fixed-length codes, empirical entropy)."""
-    lines = [f"{'codebooks':>9} {'entries':>7} {'lambda':>7} {'mAP':>7} {'KB/frame':>9} {'KB/frame':>9} {'KB/frame':>9}",
+    lines = [f"{'codebooks':>9} {'entries':>7} {'lambda':>7} {'mAP %':>7} {'KB/frame':>9} {'KB/frame':>9} {'KB/frame':>9}",
              f"{'':>9} {'':>7} {'':>7} {'':>7} {'measured':>9} {'fixed*':>9} {'entropy*':>9}"]
     for r in summary["cells"]:
         measured = f"{r['kb_per_frame_measured']:9.2f}" if r.get("kb_per_frame_measured") is not None else f"{'-':>9}"
@@ -74,6 +74,7 @@ def format_table(summary: Dict) -> str:
                                   "; measured needs bitstream models in the checkpoint (split_infer.py --fit_models)"))
     lines.append(f"{'uncompressed':>17} {summary['uncompressed_mAP']:7.2f} "
                  f"{summary['uncompressed_kb_per_frame']:9.1f} (float32 BEV pseudo-image)")
+    lines.append(f"mAP %: {MAP_DEFINITION}, on the {summary.get('reported_on')}")
     if summary.get("checkpoint"):
         lines.append(f"every cell from one model: {summary['checkpoint']}")
     lines.append(f"reported on: {summary.get('reported_on')}; the checkpoint was selected on: "

@@ -9,8 +9,12 @@ import torch
 from pcdet_ext.algorithms.rate import RateMeter
 
 
+MAP_DEFINITION = ("mean over classes of the 3D AP (KITTI metric, R40, moderate difficulty, each class at its "
+                  "strict IoU: 0.7 for Car)")
+
+
 def mean_moderate_ap(result_dict: Dict[str, float]) -> float:
-    """mAP = mean over classes of the 3D AP (R40) at moderate difficulty."""
+    """mAP (%) = :data:`MAP_DEFINITION`."""
     vals = [v for k, v in result_dict.items() if k.endswith("_3d/moderate_R40")]
     return float(sum(vals) / len(vals)) if vals else 0.0
 
