@@ -41,6 +41,18 @@ def frame_paths(args, dataset, split):
     return paths
 
 
+def frame_reader(args, cfg, num_features: int):
+    """``path -> points`` as the detector sees them: a KITTI-layout ``--data_path`` under a config with
+    ``FOV_POINTS_ONLY`` is cropped to the camera's field of view, as OpenPCDet's KittiDataset crops it for
+    training and evaluation (so the bytes are those of the frames the mAP is measured on)."""
+    fov = bool(args.data_path and (Path(args.data_path) / "training" / "velodyne").is_dir()
+               and cfg.DATA_CONFIG.get("FOV_POINTS_ONLY", False))
+    if fov:
+        print("frames cropped to the camera's field of view (DATA_CONFIG.FOV_POINTS_ONLY), as in training")
+    return lambda path: (runtime.kitti_fov_points(runtime.read_points(path, num_features), path) if fov
+                         else runtime.read_points(path, num_features))
+
+
 def main(argv=None) -> int:
     try:
         return run(argv)
@@ -80,13 +92,13 @@ def run(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ckpt = Path(args.ckpt)
-    num_features = dataset.point_feature_encoder.num_point_features
+    read = frame_reader(args, cfg, dataset.point_feature_encoder.num_point_features)
     if args.fit_models:
         if not args.data_path:
             raise SystemExit("--fit_models needs --data_path (its --fit_split frames)")
         model.load_state_dict(load_checkpoint(ckpt)["model_state"])
         schedule = model.rq_cfg.EMBEDDING_SCHEDULE
-        frames = [runtime.read_points(f, num_features) for f in frame_paths(args, dataset, args.fit_split)[:args.fit_frames]]
+        frames = [read(f) for f in frame_paths(args, dataset, args.fit_split)[:args.fit_frames]]
         models = runtime.fit_probability_models(model, dataset, frames, schedule)
         ckpt_out = Path(args.save_ckpt) if args.save_ckpt else ckpt.with_name(ckpt.stem + "_bitstream.pth")
         runtime.save_with_models(ckpt, models, ckpt_out)
@@ -104,7 +116,7 @@ def run(argv=None) -> int:
     rows = []
     print(f"{'frame':>16} {'bytes':>8} {'occ':>7} {'codes':>7} {'pillars':>7} {'edge ms':>8} {'server ms':>9} {'boxes':>5}")
     for path in frame_paths(args, dataset, args.split):
-        data, edge_t = edge.encode(runtime.read_points(path, num_features))
+        data, edge_t = edge.encode(read(path))
         hdr = read_header(data)
         if client is not None:
             reply = json.loads(client.request(data))

@@ -213,6 +213,27 @@ def rq_checkpoint(path, flag: str) -> dict:
     return state
 
 
+def kitti_fov_points(points: np.ndarray, frame) -> np.ndarray:
+    """The points of a KITTI-layout frame (``training/velodyne/<id>.bin``) inside its camera's field of
+    view, as OpenPCDet's KittiDataset keeps them with ``FOV_POINTS_ONLY``: what the detector was
+    trained and is evaluated on (calibration ``calib/<id>.txt``, image size ``image_2/<id>.png``)."""
+    from pathlib import Path
+
+    from pcdet.datasets.kitti.kitti_dataset import KittiDataset
+    from pcdet.utils import calibration_kitti
+    from skimage import io
+    frame = Path(frame)
+    calib_file, image_file = (frame.parents[1] / d / f"{frame.stem}{ext}" for d, ext in (("calib", ".txt"),
+                                                                                         ("image_2", ".png")))
+    for needed in (calib_file, image_file):
+        if not needed.is_file():
+            raise DatasetFormatError(f"{needed} does not exist: FOV_POINTS_ONLY crops {frame.name} to the camera's "
+                                     "field of view with its calibration and image size")
+    calib = calibration_kitti.Calibration(calib_file)
+    shape = np.array(io.imread(image_file).shape[:2], dtype=np.int32)
+    return points[KittiDataset.get_fov_flag(calib.lidar_to_rect(points[:, 0:3]), shape, calib)]
+
+
 def read_points(path, num_features: int) -> np.ndarray:
     """A KITTI ``.bin`` (float32 x, y, z, intensity; a size that is not a positive multiple of 16 bytes is
     refused, as ``create_data`` refuses it) or an ``.npy`` array, cut to ``num_features``; a

@@ -61,6 +61,9 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
     totals = next(line for line in ev.stdout.splitlines() if line.startswith("rate estimates")).split("total ")[1].split()
     fixed, entropy = float(totals[0]), float(totals[4])  # "X KB (fixed) / Y KB (entropy)"
     assert kb < fixed and 0.6 * entropy < kb < 1.4 * entropy, ev.stdout[-600:]  # the coder lands near the entropy
+    # the same frames as the evaluation: cropped to the camera's field of view as OpenPCDet crops them
+    assert "frames cropped to the camera's field of view" in local.stdout
+    assert float(measured.split()[2]) == pytest.approx(rows["summary"]["mean_bytes"], abs=0.5), ev.stdout[-600:]
     plain_ckpt = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
                       "--rq_ckpt", str(checkpoint), "--set", *SMALL)
     assert plain_ckpt.returncode == 0 and "the rates below are estimates" in plain_ckpt.stdout
