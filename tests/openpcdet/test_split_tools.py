@@ -60,7 +60,8 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
     kb = float(measured.split("= ")[1].split()[0])
     totals = next(line for line in ev.stdout.splitlines() if line.startswith("rate estimates")).split("total ")[1].split()
     fixed, entropy = float(totals[0]), float(totals[4])  # "X KB (fixed) / Y KB (entropy)"
-    assert kb < fixed and 0.6 * entropy < kb < 1.4 * entropy, ev.stdout[-600:]  # the coder lands near the entropy
+    # context coding (quadtree occupancy, codes given neighbours) beats the zeroth-order entropy estimate
+    assert 0.3 * entropy < kb < entropy < fixed, ev.stdout[-600:]
     # the same frames as the evaluation: cropped to the camera's field of view as OpenPCDet crops them
     assert "frames cropped to the camera's field of view" in local.stdout
     assert float(measured.split()[2]) == pytest.approx(rows["summary"]["mean_bytes"], abs=0.5), ev.stdout[-600:]
