@@ -33,3 +33,9 @@ def test_a_redirected_log_gets_progress_lines_not_a_bar(capsys, monkeypatch):
     monkeypatch.setenv(console.PROGRESS_SECONDS, "3600")  # the default cadence: start and end lines only
     list(console.progress(range(50), desc="eval"))
     assert len(capsys.readouterr().err.splitlines()) <= 3
+
+
+def test_error_messages_carry_no_stray_quotes():
+    from pcdet_ext.utils.console import message
+    assert message(KeyError("dataset.dir: /x is not a directory")) == "dataset.dir: /x is not a directory"
+    assert message(ValueError("a 'quoted' word")) == "a 'quoted' word" and message(KeyError()) == ""

@@ -56,7 +56,8 @@ def frame_reader(args, cfg, num_features: int):
 def main(argv=None) -> int:
     try:
         return run(argv)
-    except DatasetFormatError as exc:  # a frame file that is not a point cloud: one line naming it
+    except (DatasetFormatError, CheckpointError) as exc:  # a frame that is not a point cloud, a checkpoint
+        # without bitstream models: one line naming the file
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     try:
         model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
         server_side = runtime.ServerRuntime.from_checkpoint(model, dataset, args.ckpt)
-    except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

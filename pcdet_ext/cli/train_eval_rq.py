@@ -31,7 +31,7 @@ from pcdet_ext.deploy.sweep import format_table, sweep
 from pcdet_ext.engine.progressive_rq.trainer import ProgressiveTrainer
 from pcdet_ext.deploy.runtime import rq_checkpoint
 from pcdet_ext.engine.progressive_rq.measured import stored_models
-from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
+from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line, message
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
 from pcdet_ext.engine.cli import add_set_argument
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"config error: {message(exc)}", file=sys.stderr)
         return 2
     for line in notes:
         print(line, file=sys.stderr)

@@ -18,7 +18,7 @@ from pcdet_ext.algorithms.bitstream import GridGeometry, ProbabilityModels, deco
 from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positions
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError, check_velodyne
 from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
-from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, model_state_of
+from pcdet_ext.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_state_of
 from pcdet_ext.utils.console import progress
 
 def grid_geometry(dataset, levels: int = 4) -> GridGeometry:
@@ -102,7 +102,8 @@ class _Side:
     def from_checkpoint(cls, model, dataset, ckpt_path, *args):
         state = load_checkpoint(ckpt_path)
         if STATE_KEY not in state:
-            raise KeyError(f"{ckpt_path} has no '{STATE_KEY}': fit them first (tools/split_infer.py --fit_models)")
+            raise CheckpointError(f"{ckpt_path} has no bitstream models ('{STATE_KEY}'): fit them first "
+                                  "(tools/split_infer.py --fit_models)")
         model.load_state_dict(state["model_state"])
         return cls(model, dataset, ProbabilityModels.from_state(state[STATE_KEY]), *args)
 

@@ -22,6 +22,11 @@ KNOWN_WARNINGS = (
 )
 
 
+def message(exc: BaseException) -> str:
+    """An exception's text for a one-line error (a KeyError's ``str`` wraps it in quotes)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def quiet_known_warnings() -> None:
     """Filter :data:`KNOWN_WARNINGS`, numba's performance warnings and torch.fx's ``is_fx_tracing``
     deprecation log line (spconv calls it on every sparse forward) (idempotent; others still show)."""

@@ -130,8 +130,13 @@ def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_k
 
 
 def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti):
+    """One line, no traceback and no stray quotes, from the client and from the server."""
+    line = (f"error: {checkpoint} has no bitstream models ('bitstream_models'): fit them first "
+            "(tools/split_infer.py --fit_models)")
     proc = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti))
-    assert proc.returncode != 0 and "has no 'bitstream_models'" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
+    proc = tool("split_server.py", "--ckpt", str(checkpoint), "--port", "0")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
 
 
 def test_wrong_checkpoints_are_one_line_errors(checkpoint, synthetic_kitti, tmp_path):
