@@ -81,7 +81,7 @@ def test_top_level_sections_loss_config_and_experiment_notes(voxelnext):
 def test_dataset_files_and_relative_data_path(tmp_path, voxelnext):
     data = mutate(voxelnext, lambda c: None).DATA_CONFIG
     data.DATA_PATH = "../data/isarc"
-    preflight.resolve_data_path(data, REPO / "tools")
+    preflight.resolve_data_path(data)  # a YAML value: relative to <root>/tools (the tests' root: this checkout)
     assert data.DATA_PATH == str(REPO / "data" / "isarc")
     data.DATA_PATH = str(tmp_path)
     with pytest.raises(ConfigError, match=rf"DATA_CONFIG.INFO_PATH.train: {tmp_path}/custom_infos_train.pkl; "

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.engine.preflight import check_config, resolve_data_path
-from pcdet_ext.paths import output_root, yaml_base
+from pcdet_ext.paths import from_cli, from_yaml, output_root
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,11 +49,11 @@ def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]]):
     ``--set`` relative to the working directory (:mod:`pcdet_ext.paths`)."""
     path = find_config(cfg_file, what="--cfg_file")
     cfg = cfg_from_yaml_file(path)
-    resolve_data_path(cfg.get("DATA_CONFIG"), yaml_base())
+    resolve_data_path(cfg.get("DATA_CONFIG"), from_yaml)
     if set_cfgs:
         cfg_from_list(list(set_cfgs), cfg)
         if "DATA_CONFIG.DATA_PATH" in list(set_cfgs)[0::2]:
-            resolve_data_path(cfg.DATA_CONFIG, Path.cwd())
+            resolve_data_path(cfg.DATA_CONFIG, from_cli)
     cfg.TAG = path.stem
     parts = Path(cfg_file).parts
     cfg.EXP_GROUP_PATH = "/".join(parts[parts.index("cfgs") + 1:-1] if "cfgs" in parts else parts[1:-1])

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 from pcdet_ext.config import ConfigError, agree, unknown_keys_error
 from pcdet_ext.utils.safe_pickle import UnsafePickleError, load_infos
+from pcdet_ext.paths import from_yaml
 
 # OpenPCDet's sections, the keys its tools add at run time, and the two of users' configs
 TOP_LEVEL = ("CLASS_NAMES", "DATA_CONFIG", "MODEL", "OPTIMIZATION", "LOSS_CONFIG", "EXPERIMENT",
@@ -176,12 +177,12 @@ def _check_gt_sampling(data_cfg) -> None:
 
 
 # ---- dataset paths ------------------------------------------------------------------------------
-def resolve_data_path(data_cfg, base: Path) -> None:
-    """A relative ``DATA_PATH`` from a YAML file means ``base / DATA_PATH`` (OpenPCDet's convention: its
-    configs say ``../data/kitti`` relative to ``tools/``), whatever the working directory."""
+def resolve_data_path(data_cfg, resolve: Callable[[str], Path] = from_yaml) -> None:
+    """``DATA_PATH`` made absolute by ``resolve``: :func:`~pcdet_ext.paths.from_yaml` for a value from a YAML
+    file (OpenPCDet's convention: ``../data/kitti`` relative to ``<root>/tools``, whatever the working
+    directory), :func:`~pcdet_ext.paths.from_cli` for one given with ``--set``."""
     if data_cfg is not None and data_cfg.get("DATA_PATH") is not None:
-        path = Path(str(data_cfg.DATA_PATH)).expanduser()
-        data_cfg.DATA_PATH = str(path if path.is_absolute() else (base / path).resolve())
+        data_cfg.DATA_PATH = str(resolve(data_cfg.DATA_PATH))
 
 
 def check_dataset_files(data_cfg, splits: Iterable[str] = ("train", "test"), root: Optional[Path] = None,
