@@ -19,7 +19,7 @@ import torch
 
 import pcdet_ext  # noqa: F401
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.algorithms.quantization import ResidualQuantizer
 from pcdet_ext.algorithms.quantization.fit import fit_progressive
 from pcdet_ext.utils.checkpoint import load_checkpoint
@@ -28,8 +28,8 @@ from pcdet_ext.utils.checkpoint import load_checkpoint
 def pillar_features(cfg, data, ckpt, training):
     from pcdet.models import load_data_to_gpu
     cfg.DATA_CONFIG.DATA_AUGMENTOR.DISABLE_AUG_LIST = [a.NAME for a in cfg.DATA_CONFIG.DATA_AUGMENTOR.AUG_CONFIG_LIST]
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, data, batch_size=1)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(cfg, data, batch_size=1)
+    model = builders.build_model(cfg, train_set)
     state = load_checkpoint(ckpt)["model_state"]
     model.load_state_dict({k: v for k, v in state.items() if k.startswith("vfe.")}, strict=False)
     model.eval()

@@ -31,12 +31,12 @@ PRE2 = REPO / "cfgs/custom_models/rmae_cmae_isarc_4class_pretraining_phase2.yaml
 
 
 def runner_for(cfg, ds, total_steps):
-    from pcdet_ext.engine import loop
-    from pcdet_ext.engine.hooks import CallbackHook
+    from pcdet_ext.engine.startup import builders
+    from pcdet_ext.engine.loop.hooks import CallbackHook
     from pcdet_ext.engine.optimization import build_optimizer
-    from pcdet_ext.engine.runner import Runner
+    from pcdet_ext.engine.loop.runner import Runner
     torch.manual_seed(0)
-    model = loop.build_model(cfg, ds)
+    model = builders.build_model(cfg, ds)
     if hasattr(model, "set_total_steps"):
         model.set_total_steps(total_steps)
     if torch.cuda.is_available():
@@ -159,8 +159,8 @@ def phase1_nearest(model, loader, scales):
 
 
 def cmd_evidence(args):
-    from pcdet_ext.engine import loop
-    from pcdet_ext.engine.occupancy_eval import masked_occupancy_ap
+    from pcdet_ext.engine.startup import builders
+    from pcdet_ext.engine.recipes.occupancy_validation import masked_occupancy_ap
     from pcdet_ext.openpcdet.datasets.create_infos import create_unlabelled
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     scans = sorted(Path(args.train_dir).glob("*.bin"))
@@ -178,11 +178,11 @@ def cmd_evidence(args):
         models = {}
         for name, path in (("phase 1", PRE1), ("phase 2", PRE2)):
             cfg = config(path, root, args.half, args.voxel)
-            (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=2, workers=args.workers)
+            (ds, loader, _), _ = builders.build_loaders(cfg, root, batch_size=2, workers=args.workers)
             allow_unlabelled(ds)
             models[name] = train_pretraining(cfg, ds, loader, args.iters, desc=name)
         eval_cfg = config(PRE2, eval_root, args.half, args.voxel)
-        _, (eval_ds, eval_loader, _) = loop.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
+        _, (eval_ds, eval_loader, _) = builders.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
         allow_unlabelled(eval_ds)
         p2 = phase2_figures(models["phase 2"], eval_loader)
         p1 = phase1_nearest(models["phase 1"], eval_loader, models["phase 2"].backbone_3d.phase2.MLFR.SCALES)

@@ -61,13 +61,13 @@ def datasets(args, tmp: Path):
 
 def pretrained_encoders(args, cfgs, pretrain_root, seed):
     """Phase 1 and Phase 2 pretraining from one seed; the converted encoder weights of each."""
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     from pcdet_ext.engine.convert import convert_pretrain
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     out = {}
     for phase in ("phase 1", "phase 2"):
         cfg = config(cfgs[phase], pretrain_root, args.half, args.voxel)
-        (ds, loader, _), _ = loop.build_loaders(cfg, pretrain_root, batch_size=args.batch_size, workers=args.workers)
+        (ds, loader, _), _ = builders.build_loaders(cfg, pretrain_root, batch_size=args.batch_size, workers=args.workers)
         allow_unlabelled(ds)
         model = train_pretraining(cfg, ds, loader, args.pretrain_iters, desc=f"seed {seed} {phase}", seed=seed)
         out[phase] = convert_pretrain(model.state_dict())[0]
@@ -99,13 +99,14 @@ def held_out_loss(model, batch) -> float:
 def finetune(args, cfg, loaders, init, weights, labels: str, seed: int) -> dict:
     """One arm: build, load ``weights`` (encoder) unless random, train ``--finetune_iters``, then the
     held-out mAP and detection loss."""
-    from pcdet_ext.engine import loop
     from pcdet_ext.engine.evaluation import evaluate_model
+    from pcdet_ext.engine.loop.runner import train_steps
+    from pcdet_ext.engine.startup import builders
     from pcdet_ext.engine.optimization import build_optimizer, build_scheduler
-    from pcdet_ext.engine.progressive_rq.evaluate import mean_moderate_ap
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import mean_moderate_ap
     (train_set, train_loader, _), (test_set, test_loader, _) = loaders
     torch.manual_seed(seed)
-    model = loop.build_model(cfg, train_set)
+    model = builders.build_model(cfg, train_set)
     loaded = None
     if weights is not None:
         own = model.state_dict()
@@ -124,7 +125,7 @@ def finetune(args, cfg, loaders, init, weights, labels: str, seed: int) -> dict:
     loader = subset_loader(train_set, train_loader, 0.1, seed) if labels == "10 %" else train_loader
     opt = build_optimizer(model, optim, loaded)
     sched, _ = build_scheduler(opt, args.finetune_iters, 1, -1, optim)
-    loop.train_steps(model, loader, opt, steps=args.finetune_iters, scheduler=sched)
+    train_steps(model, loader, opt, steps=args.finetune_iters, scheduler=sched)
     model.eval()
     losses = []
     _, _, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES,
@@ -191,13 +192,13 @@ def main():
     from pcdet.models import backbones_3d
     encoder = args.encoder or ("voxelnext" if "VoxelResBackBone8xVoxelNeXt" in backbones_3d.__all__ else "second")
     cfgs = configs(encoder)
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     t0 = time.time()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         labelled, pretrain_root, n_scans = datasets(args, Path(tmp))
         ft_cfg = config(cfgs["finetune"], labelled, args.half, args.voxel)
-        loaders = loop.build_loaders(ft_cfg, labelled, batch_size=args.batch_size, workers=args.workers)
+        loaders = builders.build_loaders(ft_cfg, labelled, batch_size=args.batch_size, workers=args.workers)
         for seed in args.seeds:
             enc = pretrained_encoders(args, cfgs, pretrain_root, seed)
             results[str(seed)] = {}

@@ -56,9 +56,9 @@ def synthetic_set(tmp: Path) -> Path:
 
 
 def first_batch(cfg, root, batch_size=2):
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
-    (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=batch_size)
+    (ds, loader, _), _ = builders.build_loaders(cfg, root, batch_size=batch_size)
     allow_unlabelled(ds)
     return ds, next(iter(loader))
 
@@ -66,11 +66,11 @@ def first_batch(cfg, root, batch_size=2):
 def step_time(cfg, ds, batch, reps):
     import copy
 
-    from pcdet_ext.engine import loop
-    from pcdet_ext.engine.hooks import CallbackHook
+    from pcdet_ext.engine.startup import builders
+    from pcdet_ext.engine.loop.hooks import CallbackHook
     from pcdet_ext.engine.optimization import build_optimizer
-    from pcdet_ext.engine.runner import Runner
-    model = loop.build_model(cfg, ds)
+    from pcdet_ext.engine.loop.runner import Runner
+    model = builders.build_model(cfg, ds)
     opt = build_optimizer(model, cfg.OPTIMIZATION)
     runner = Runner(model, opt, hooks=[CallbackHook(model.update_teacher)] if hasattr(model, "update_teacher") else [])
     model.train()
@@ -185,12 +185,12 @@ def decoder_peak(kind, blob):
 
 
 def cmd_memory(args):
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic_set(Path(tmp))
         cfg = config(PRE, root, args.half, args.voxel)
         ds, batch = first_batch(cfg, root)
-        model = loop.build_model(cfg, ds)
+        model = builders.build_model(cfg, ds)
         from pcdet.models import load_data_to_gpu
         load_data_to_gpu(batch)
         model.train()
@@ -226,10 +226,10 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     """``iters`` pretraining steps (OpenPCDet's model_fn, the shipped schedule) from ``seed``; with
     ``freeze_encoder`` the encoder keeps its random initial weights and only the decoder learns (the
     random-encoder baseline)."""
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     from pcdet_ext.engine.optimization import build_optimizer, build_scheduler
     torch.manual_seed(seed)
-    model = loop.build_model(cfg, ds)
+    model = builders.build_model(cfg, ds)
     if hasattr(model, "set_total_steps"):  # Phase 2: the teacher momentum schedule spans the run
         model.set_total_steps(iters)
     bb = model.backbone_3d
@@ -240,8 +240,9 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     opt = build_optimizer(model, cfg.OPTIMIZATION)
     sched, _ = build_scheduler(opt, iters, 1, -1, cfg.OPTIMIZATION)
     t0 = time.time()
-    from pcdet_ext.engine.hooks import CallbackHook
-    losses, _ = loop.train_steps(model, loader, opt, steps=iters, scheduler=sched, progress=True,
+    from pcdet_ext.engine.loop.hooks import CallbackHook
+    from pcdet_ext.engine.loop.runner import train_steps
+    losses, _ = train_steps(model, loader, opt, steps=iters, scheduler=sched, progress=True,
                                  hooks=[CallbackHook(model.update_teacher)])
     print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> "
           f"{statistics.mean(losses[-10:]):.3f}", file=sys.stderr)
@@ -250,8 +251,8 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
 
 def cmd_occupancy(args):
     from pcdet_ext.openpcdet.datasets.create_infos import create_unlabelled
-    from pcdet_ext.engine import loop
-    from pcdet_ext.engine.occupancy_eval import masked_occupancy_ap
+    from pcdet_ext.engine.startup import builders
+    from pcdet_ext.engine.recipes.occupancy_validation import masked_occupancy_ap
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     train = sorted(Path(args.train_dir).glob("*.bin"))
     held = sorted(Path(args.eval_dir).glob("*.bin"))
@@ -265,10 +266,10 @@ def cmd_occupancy(args):
         root = create_unlabelled(train, Path(tmp) / "train", ds_cfg, val_fraction=0.0)
         eval_root = create_unlabelled(held, Path(tmp) / "eval", ds_cfg, val_fraction=1.0)
         cfg = config(PRE, root, args.half, args.voxel)
-        (ds, loader, _), _ = loop.build_loaders(cfg, root, batch_size=2, workers=args.workers)
+        (ds, loader, _), _ = builders.build_loaders(cfg, root, batch_size=2, workers=args.workers)
         allow_unlabelled(ds)
         eval_cfg = config(PRE, eval_root, args.half, args.voxel)
-        _, (eval_ds, eval_loader, _) = loop.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
+        _, (eval_ds, eval_loader, _) = builders.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
         allow_unlabelled(eval_ds)
         models = {"model": train_pretraining(cfg, ds, loader, args.iters),
                   "random encoder": train_pretraining(cfg, ds, loader, args.iters, freeze_encoder=True,

@@ -92,7 +92,7 @@ def test_non_finite_numbers_are_refused_naming_the_key():
 
 def test_set_takes_pairs_up_to_the_next_flag():
     import argparse
-    from pcdet_ext.engine.cli import add_train_args
+    from pcdet_ext.engine.startup.args import add_train_args
     parser = add_train_args(argparse.ArgumentParser())
     args = parser.parse_args(["--cfg_file", "x.yaml", "--set", "A.B", "-1", "C", "[-2.5, 3]", "--epochs", "3"])
     assert args.set_cfgs == ["A.B", "-1", "C", "[-2.5, 3]"] and args.epochs == 3  # --epochs is a flag again

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pcdet_ext import paths
-from pcdet_ext.engine.cli import load_config
-from pcdet_ext.engine.progressive_rq import experiment
+from pcdet_ext.engine.startup.args import load_config
+from pcdet_ext.engine.recipes.progressive_rq import experiment
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from easydict import EasyDict
 
 from _subproc import run_python
 from pcdet_ext.config import ConfigError, cfg_from_yaml_file
-from pcdet_ext.engine import preflight
+from pcdet_ext.engine.startup import preflight
 
 REPO = Path(__file__).resolve().parent.parent
 VOXELNEXT_FT = REPO / "cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcdet_ext.engine.hooks import CallbackHook, EveryEpochs, ScalarLogHook, ScheduleHook
-from pcdet_ext.engine.runner import Hook, Runner
+from pcdet_ext.engine.loop.hooks import CallbackHook, EveryEpochs, ScalarLogHook, ScheduleHook
+from pcdet_ext.engine.loop.runner import Hook, Runner
 
 
 def forward(model, batch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pcdet_ext.algorithms.quantization import ResidualQuantizer
-from pcdet_ext.engine.progressive_rq.evaluate import check_cell
+from pcdet_ext.engine.recipes.progressive_rq.evaluate import check_cell
 
 
 def trained(stages):
@@ -37,7 +37,7 @@ def test_a_refused_cell_names_where_its_value_came_from():
 
 def test_a_checkpoint_of_other_codebooks_is_named_not_a_load_state_dict_traceback():
     from types import SimpleNamespace
-    from pcdet_ext.engine.progressive_rq.evaluate import quantizer_mismatch
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import quantizer_mismatch
     q = ResidualQuantizer(dim=4, num_codebooks=2, codebook_size=64, schedule=(16, 64))
     state = {"model_state": {f"rq_bottleneck.quantizer.{k}": v for k, v in q.state_dict().items()},
              "config": {"model": {"n_codebook": 2}}}

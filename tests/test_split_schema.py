@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
-from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.recipes.progressive_rq import schema
 from pcdet_ext.algorithms.rate import RateMeter, binary_entropy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def _run_stage(patience, early, maps):
     """The progressive trainer's StagePolicy over gradient epochs with scripted validation mAPs: the epochs
     at which the LR was cut (and the LR after each epoch) and the epoch it stopped at."""
     from types import SimpleNamespace
-    from pcdet_ext.engine.progressive_rq.trainer import StagePolicy
+    from pcdet_ext.engine.recipes.progressive_rq.trainer import StagePolicy
     scripted = iter(maps)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     exp = SimpleNamespace(training=SimpleNamespace(patience=patience, early_stopping_patience=early, ckpt_freq_epoch=99),
@@ -306,7 +306,7 @@ def _exp_file(tmp_path, **sections):
 
 def test_rq_keys_of_the_model_config_set_the_experiment_value(tmp_path):
     """--set MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS 3 used to be overwritten by model.n_codebook: one value now."""
-    from pcdet_ext.engine.progressive_rq import experiment
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
     _needs_openpcdet_cfgs()
     exp, pcdet_set, _ = experiment.load_experiment(_exp_file(tmp_path), [
         "MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS", "3", "MODEL.RQ_BOTTLENECK.DECAY", "0.95",
@@ -320,7 +320,7 @@ def test_rq_keys_of_the_model_config_set_the_experiment_value(tmp_path):
 
 
 def test_rq_alias_and_experiment_key_disagreeing_on_the_command_line_name_both(tmp_path):
-    from pcdet_ext.engine.progressive_rq import experiment
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
     with pytest.raises(schema.ConfigError, match=r"--set model.n_codebook=4 conflicts with "
                                                  r"--set MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS=3"):
         experiment.load_experiment(_exp_file(tmp_path), ["model.n_codebook", "4",
@@ -331,7 +331,7 @@ def test_rq_alias_and_experiment_key_disagreeing_on_the_command_line_name_both(t
 
 
 def test_derived_codebook_size_refused_when_it_disagrees(tmp_path):
-    from pcdet_ext.engine.progressive_rq import experiment
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
     _needs_openpcdet_cfgs()
     exp, pcdet_set, _ = experiment.load_experiment(_exp_file(tmp_path), ["MODEL.RQ_BOTTLENECK.CODEBOOK_SIZE", "128"])
     with pytest.raises(schema.ConfigError, match=r"CODEBOOK_SIZE 128 conflicts with 256 entries from the largest "

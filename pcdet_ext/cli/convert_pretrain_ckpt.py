@@ -11,7 +11,7 @@ import sys
 
 from pcdet_ext.engine.pretrained import (PretrainedWeightsError, build_model_without_data, coverage, format_coverage,
                                         read_weights)
-from pcdet_ext.engine.cli import add_set_argument, load_config
+from pcdet_ext.engine.startup.args import add_set_argument, load_config
 from pcdet_ext.engine.convert import convert_pretrain
 from pcdet_ext.utils.checkpoint import atomic_save
 

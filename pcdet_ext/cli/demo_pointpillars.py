@@ -19,9 +19,10 @@ from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.openpcdet.datasets import create_infos
 from pcdet_ext.openpcdet.datasets import synthetic
 from pcdet_ext.openpcdet.datasets import synthetic_writer
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.loop.runner import train_steps
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.engine.evaluation import evaluate_model
-from pcdet_ext.engine.progressive_rq.trainer import seed_everything
+from pcdet_ext.engine.recipes.progressive_rq.trainer import seed_everything
 from pcdet_ext.utils.checkpoint import atomic_save
 
 LAYOUTS = {
@@ -77,13 +78,13 @@ def run(args) -> tuple:
         write_dataset(data, args.layout, args.num_frames, args.seed)
     cfg = cfg_from_yaml_file(find_config(spec["cfg"]))
     cfg_from_list(overrides(args.layout), cfg)
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(
         cfg, data, args.batch_size, args.workers)
-    model = loop.build_model(cfg, train_set).cuda()
+    model = builders.build_model(cfg, train_set).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.iters, pct_start=0.3)
     t0 = time.time()
-    losses, _ = loop.train_steps(model, train_loader, optimizer, args.iters, scheduler, progress=True)
+    losses, _ = train_steps(model, train_loader, optimizer, args.iters, scheduler, progress=True)
     train_s = time.time() - t0
     k = max(1, len(losses) // 10)
     print(f"trained {args.iters} iterations in {train_s:.0f} s: loss {sum(losses[:k]) / k:.3f} (first {k}) -> "

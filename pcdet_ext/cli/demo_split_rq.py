@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from pcdet_ext.cli import demo_pointpillars, split_infer, train_eval_rq
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
-from pcdet_ext.engine.progressive_rq import experiment, schema
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.recipes.progressive_rq import experiment, schema
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from pcdet_ext.deploy.transport import FrameClient
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
-from pcdet_ext.engine.cli import add_set_argument
+from pcdet_ext.engine.startup.args import add_set_argument
 from pcdet_ext.utils.console import quiet_known_warnings
 
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from pcdet_ext.config import ConfigError
-from pcdet_ext.engine.cli import add_set_argument, load_config, output_dir
+from pcdet_ext.engine.startup.args import add_set_argument, load_config, output_dir
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate, load_for_eval, mark_done, pending_checkpoints
-from pcdet_ext.engine.loop import create_logger
+from pcdet_ext.engine.startup.builders import create_logger
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint, model_state_of
 
 

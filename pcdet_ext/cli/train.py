@@ -13,11 +13,11 @@ import sys
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError
-from pcdet_ext.engine.cli import add_train_args
+from pcdet_ext.engine.startup.args import add_train_args
 from pcdet_ext.engine.evaluation import build_test_loader, evaluate
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
-from pcdet_ext.engine.run import check_training_inputs, prepare_training
-from pcdet_ext.engine.train_loop import train_model
+from pcdet_ext.engine.startup.prepare import check_training_inputs, prepare_training
+from pcdet_ext.engine.recipes.epochs import train_model
 from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError
 

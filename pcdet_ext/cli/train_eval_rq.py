@@ -20,20 +20,20 @@ import torch
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError
-from pcdet_ext.engine.launch import init_dist
-from pcdet_ext.engine.loop import create_logger
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
-from pcdet_ext.engine.progressive_rq import experiment
-from pcdet_ext.engine.progressive_rq import schema
-from pcdet_ext.engine.progressive_rq.evaluate import check_cell, quantizer_mismatch, run_eval
+from pcdet_ext.engine.startup.distributed import init_dist
+from pcdet_ext.engine.startup.builders import create_logger
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.recipes.progressive_rq import experiment
+from pcdet_ext.engine.recipes.progressive_rq import schema
+from pcdet_ext.engine.recipes.progressive_rq.evaluate import check_cell, quantizer_mismatch, run_eval
 from pcdet_ext.algorithms.rate import dense_float32_kb
 from pcdet_ext.deploy.sweep import format_table, sweep
-from pcdet_ext.engine.progressive_rq.trainer import ProgressiveTrainer
+from pcdet_ext.engine.recipes.progressive_rq.trainer import ProgressiveTrainer
 from pcdet_ext.deploy.runtime import rq_checkpoint
-from pcdet_ext.engine.progressive_rq.measured import stored_models
+from pcdet_ext.engine.recipes.progressive_rq.measured import stored_models
 from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line, message
 from pcdet_ext.utils.checkpoint import CheckpointError, plain
-from pcdet_ext.engine.cli import add_set_argument
+from pcdet_ext.engine.startup.args import add_set_argument
 
 
 def parse_args(argv=None):

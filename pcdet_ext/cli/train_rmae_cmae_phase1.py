@@ -16,13 +16,13 @@ from typing import Callable, Optional, Sequence
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
-from pcdet_ext.engine.cli import add_train_args
-from pcdet_ext.engine.occupancy_eval import GROW_VISIBLE, masked_occupancy_ap
-from pcdet_ext.engine.preflight import check_dataset_files
+from pcdet_ext.engine.startup.args import add_train_args
+from pcdet_ext.engine.recipes.occupancy_validation import GROW_VISIBLE, masked_occupancy_ap
+from pcdet_ext.engine.startup.preflight import check_dataset_files
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
-from pcdet_ext.engine.run import check_training_inputs, prepare_training
-from pcdet_ext.engine.hooks import CallbackHook, EveryEpochs
-from pcdet_ext.engine.train_loop import train_model
+from pcdet_ext.engine.startup.prepare import check_training_inputs, prepare_training
+from pcdet_ext.engine.loop.hooks import CallbackHook, EveryEpochs
+from pcdet_ext.engine.recipes.epochs import train_model
 from pcdet_ext.utils.console import DiskFull, disk_full_is_one_line
 from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled

@@ -17,7 +17,7 @@ import torch
 from pcdet_ext.algorithms.bitstream import GridGeometry, ProbabilityModels, decode_frame, encode_frame
 from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate, cell_positions
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError, check_velodyne
-from pcdet_ext.engine.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
+from pcdet_ext.engine.recipes.progressive_rq.measured import STATE_KEY, batch_cells, codebook_array
 from pcdet_ext.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_state_of
 from pcdet_ext.utils.console import progress
 
@@ -53,7 +53,7 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
     """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
     trained codebooks; with ``context`` also given the previous codebook's code and given a
     neighbouring pillar's code) from training frames, on exactly what the edge codes."""
-    from pcdet_ext.engine.progressive_rq.evaluate import operating_point
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
     depth = q.trained_depth or q.num_codebooks
@@ -169,7 +169,7 @@ def boxes_payload(pred: Dict[str, torch.Tensor], class_names: List[str]) -> Dict
 
 def in_process(model, dataset, points: np.ndarray, num_codebooks: int, num_embeddings: Optional[int]):
     """The reference: the whole PointPillarRQ in one process at (n, k)."""
-    from pcdet_ext.engine.progressive_rq.evaluate import operating_point
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point
     model.eval()
     with torch.no_grad(), operating_point(model.quantizer, num_codebooks, num_embeddings):
         pred_dicts, _ = model(_batch(dataset, points))

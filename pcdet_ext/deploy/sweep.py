@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from pcdet_ext.engine.progressive_rq.evaluate import MAP_DEFINITION, check_cell, run_eval, trained_cells
+from pcdet_ext.engine.recipes.progressive_rq.evaluate import MAP_DEFINITION, check_cell, run_eval, trained_cells
 from pcdet_ext.algorithms.rate import dense_float32_kb
 
 COLUMNS = ["num_codebooks", "num_embeddings", "rate_lambda", "mAP", "kb_per_frame_measured", "kb_per_frame_fixed", "kb_per_frame_entropy",

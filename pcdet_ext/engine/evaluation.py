@@ -12,7 +12,7 @@ from pcdet_ext.utils.checkpoint import CheckpointError, describe_checkpoint, loa
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.checkpointing import epoch_checkpoints, epoch_of, unwrap
-from pcdet_ext.engine.preflight import check_dataset_files, check_not_empty
+from pcdet_ext.engine.startup.preflight import check_dataset_files, check_not_empty
 
 
 def load_for_eval(model, path: Path, logger=None) -> int:

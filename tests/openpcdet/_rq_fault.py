@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from pcdet_ext.engine.progressive_rq import checkpoints
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints
 
 FAULT = os.environ["RQ_FAULT"]
 AT = int(os.environ.get("RQ_FAULT_AT", "1"))

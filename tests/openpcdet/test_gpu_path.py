@@ -5,7 +5,7 @@ import pytest
 
 from pcdet_ext.config import cfg_from_yaml_file
 from pcdet_ext.openpcdet.cpu.spconv_patch import stock_conv_forward
-from pcdet_ext.engine.cli import load_config
+from pcdet_ext.engine.startup.args import load_config
 from tier2 import REPO
 
 SHIPPED = sorted(str(p.relative_to(REPO)) for p in (REPO / "cfgs").glob("*/rmae_cmae*.yaml"))

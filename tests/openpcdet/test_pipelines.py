@@ -7,7 +7,8 @@ import torch
 
 from tier2 import REPO, seed_everything, set_voxelization
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.loop.runner import train_steps
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.engine.evaluation import evaluate_model
 
 
@@ -27,11 +28,11 @@ def test_pointpillars_kitti_train_step_eval_and_metric(synthetic_kitti, stock_op
     build_optimizer = stock_optimization.build_optimizer
     seed_everything()
     cfg = kitti_pointpillar_cfg()
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)  # adam_onecycle: fastai OptimWrapper
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses, tb_dict = loop.train_steps(model, train_loader, optimizer, steps=1)
+    losses, tb_dict = train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and losses[0] > 0 and "rpn_loss_cls" in tb_dict
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone_2d") for k in changed) and any(k.startswith("dense_head") for k in changed)
@@ -47,12 +48,12 @@ def test_pointpillars_4class_custom_train_step_eval_and_metric(synthetic_isarc, 
     cfg = cfg_from_yaml_file(REPO / "cfgs/custom_models/pointpillar_isarc_4class.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[-40.96, -40.96, -6, 40.96, 40.96, 10]"], cfg)
     set_voxelization(cfg, [0.32, 0.32, 16], 6000)
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_isarc)
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(cfg, synthetic_isarc)
     assert train_set.class_names == ["dumptruck", "excavator", "grader", "roller"]
-    model = loop.build_model(cfg, train_set)
+    model = builders.build_model(cfg, train_set)
     assert model.dense_head.conv_cls.out_channels == (4 * 2) * 4  # (4 classes x 2 rotations) anchors x 4 scores
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
-    losses, _ = loop.train_steps(model, train_loader, optimizer, steps=1)
+    losses, _ = train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and losses[0] > 0
     det_annos, result_str, result_dict = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES)
     assert len(det_annos) == 2
@@ -72,10 +73,10 @@ def test_sparse_voxel_backbones_forward_backward_eval(synthetic_kitti, cfg_name)
         cfg_from_yaml_file(REPO / "cfgs/kitti_models/voxelnext_kitti.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -25.6, -3, 51.2, 25.6, 1]"], cfg)
     set_voxelization(cfg, [0.1, 0.1, 0.1], 12000)
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    losses, _ = loop.train_steps(model, train_loader, optimizer, steps=1)
+    losses, _ = train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0])
     grads = [p.grad for n, p in model.named_parameters() if n.startswith("backbone_3d")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -95,18 +96,18 @@ def test_onecycle_checkpoint_round_trip_under_weights_only(synthetic_kitti, stoc
     from pcdet.utils import common_utils
     seed_everything()
     cfg = kitti_pointpillar_cfg()
-    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
     scheduler, _ = build_scheduler(optimizer, total_iters_each_epoch=len(train_loader), total_epochs=2,
                                    last_epoch=-1, optim_cfg=cfg.OPTIMIZATION)
     scheduler.step(1)
-    loop.train_steps(model, train_loader, optimizer, steps=1)
+    train_steps(model, train_loader, optimizer, steps=1)
     save_checkpoint(checkpoint_state(model, optimizer, epoch=1, it=3), filename=str(tmp_path / "checkpoint_epoch_1"))
     ckpt = tmp_path / "checkpoint_epoch_1.pth"
     state = torch.load(ckpt, weights_only=True)  # numpy scalars in optimizer_state load
     assert isinstance(state["optimizer_state"], dict) and state["epoch"] == 1
-    fresh = loop.build_model(cfg, train_set)
+    fresh = builders.build_model(cfg, train_set)
     fresh_opt = build_optimizer(fresh, cfg.OPTIMIZATION)
     logger = common_utils.create_logger()
     it, epoch = fresh.load_params_with_optimizer(str(ckpt), to_cpu=True, optimizer=fresh_opt, logger=logger)

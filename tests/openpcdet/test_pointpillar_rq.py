@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.loop.runner import train_steps
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.engine.evaluation import evaluate_model
 from pcdet_ext.utils.checkpoint import atomic_save
 from tier2 import REPO, seed_everything, set_voxelization
@@ -25,8 +26,8 @@ def pretrained(synthetic_kitti, tmp_path_factory):
     seed_everything(1)
     cfg = rq_cfg()
     cfg.MODEL.NAME = "PointPillar"
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     path = tmp_path_factory.mktemp("pp") / "pointpillar.pth"
     atomic_save({"model_state": model.state_dict(), "epoch": 1, "it": 0}, path)
     return path, model.state_dict()
@@ -43,8 +44,8 @@ def test_trains_only_the_bottleneck_and_evaluates(synthetic_kitti, pretrained, m
     seed_everything()
     cfg = rq_cfg(mode)
     cfg.MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS = {"DET": 1.0, "VQ": 0.0, "CODEBOOK": 0.0}  # only detection can train
-    (train_set, train_loader, _), (test_set, test_loader, _) = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), (test_set, test_loader, _) = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     assert type(model).__name__ == "PointPillarRQ"
     report = model.load_pretrained_pointpillars(str(pretrained[0]))
     assert all(a == b for n, (a, b) in report.items() if n != "rq_bottleneck")
@@ -57,7 +58,7 @@ def test_trains_only_the_bottleneck_and_evaluates(synthetic_kitti, pretrained, m
     optimizer = torch.optim.Adam(params, lr=1e-2)
     model.train()
     assert not model.backbone_2d.blocks[0][2].training  # BN of the frozen tail stays in eval mode
-    losses, tb = loop.train_steps(model, train_loader, optimizer, steps=1)
+    losses, tb = train_steps(model, train_loader, optimizer, steps=1)
     assert np.isfinite(losses[0]) and {"loss_det", "loss_vq", "loss_total", "rq_perplexity_0"} <= set(tb)
     assert tb["loss_total"] == pytest.approx(tb["loss_det"])  # VQ weight 0: the step is the detection loss's
     after = frozen_state(model)
@@ -77,8 +78,8 @@ def test_loss_weights_mean_what_users_training_script_meant(synthetic_kitti, pre
         seed_everything()
         cfg = rq_cfg()
         cfg.MODEL.RQ_BOTTLENECK.LOSS_WEIGHTS = weights
-        (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-        model = loop.build_model(cfg, train_set)
+        (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+        model = builders.build_model(cfg, train_set)
         model.load_pretrained_pointpillars(str(pretrained[0]))
         model.quantizer.start_stage(0, 16)
         model.quantizer.set_mode("gradient")
@@ -94,8 +95,8 @@ def test_loss_weights_mean_what_users_training_script_meant(synthetic_kitti, pre
 def test_sparse_mode_keeps_empty_cells_zero_and_exposes_codes(synthetic_kitti, pretrained):
     seed_everything()
     cfg = rq_cfg("sparse")
-    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     model.load_pretrained_pointpillars(str(pretrained[0]))
     model.quantizer.start_stage(0, 16)
     model.eval()
@@ -116,8 +117,8 @@ def test_sparse_mode_keeps_empty_cells_zero_and_exposes_codes(synthetic_kitti, p
 
 def test_pretrained_mismatch_reports_and_fails(synthetic_kitti, pretrained, tmp_path):
     cfg = rq_cfg()
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     state = dict(pretrained[1])
     state["dense_head.conv_cls.weight"] = torch.zeros(32, 384, 1, 1)  # a 4-class head
     bad = tmp_path / "four_class.pth"
@@ -130,8 +131,8 @@ def test_4class_config_builds(synthetic_isarc):
     cfg = cfg_from_yaml_file(REPO / "cfgs/custom_models/pointpillar_rq_isarc_4class.yaml")
     cfg_from_list(["DATA_CONFIG.POINT_CLOUD_RANGE", "[-40.96, -40.96, -6, 40.96, 40.96, 10]"], cfg)
     set_voxelization(cfg, [0.32, 0.32, 16], 6000)
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-    model = loop.build_model(cfg, train_set)
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_isarc)
+    model = builders.build_model(cfg, train_set)
     assert model.quantizer.num_codebooks == 5 and model.quantizer.codebook_size == 256
     assert model.dense_head.num_class == 4
 

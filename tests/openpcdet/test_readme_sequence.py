@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from pcdet_ext.engine.cli import load_config, output_dir
-from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.engine.startup.args import load_config, output_dir
+from pcdet_ext.engine.recipes.progressive_rq import schema
 from tier2 import REPO, has_voxelnext
 
 TRAINERS = ("train.py", "train_rmae_cmae_phase1.py", "train_rmae_cmae_phase2.py", "scripts/dist_train.sh")

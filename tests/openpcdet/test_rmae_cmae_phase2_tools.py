@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pcdet_ext.config import cfg_from_yaml_file
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.utils.checkpoint import load_checkpoint
 from tier2 import REPO, SMALL, has_voxelnext, phase_cfgs, seed_everything, small_cfg, tool
 
@@ -85,8 +85,8 @@ def test_convert_drops_phase2_modules_and_finetune_loads_the_whole_backbone(cfgs
     assert not any("mask_token" in k or ".teacher." in k for k in kept)
     seed_everything()
     cfg = small_cfg(cfgs2[1], synthetic_isarc)
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-    model = loop.build_model(cfg, train_set)
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_isarc)
+    model = builders.build_model(cfg, train_set)
     model.load_params_from_file(str(ckpt), logger=_quiet(), to_cpu=True)  # the stock loader, as dist_train.sh
     pretrained_state = load_checkpoint(ckpt)["model_state"]
     backbone = [k for k in model.state_dict() if k.startswith("backbone_3d.")]
@@ -111,7 +111,7 @@ def test_shipped_phase2_configs_build(rel):
     if "second" not in rel and not has_voxelnext():
         pytest.skip("VoxelNeXt config; this OpenPCDet (v0.6.0) has no VoxelNeXt")
     from pcdet_ext.engine.pretrained import build_model_without_data
-    from pcdet_ext.engine.preflight import check_config
+    from pcdet_ext.engine.startup.preflight import check_config
     cfg = cfg_from_yaml_file(REPO / rel)
     check_config(cfg)
     model = build_model_without_data(cfg)
@@ -124,7 +124,7 @@ def test_shipped_phase2_configs_build(rel):
 
 
 def test_users_loss_config_with_phase2_weights_is_folded_in(synthetic_isarc):
-    from pcdet_ext.engine.preflight import apply_loss_config
+    from pcdet_ext.engine.startup.preflight import apply_loss_config
     cfg = small_cfg("cfgs/custom_models/rmae_cmae_second_isarc_4class_pretraining_phase2.yaml", synthetic_isarc)
     cfg.LOSS_CONFIG = {"RMAE_WEIGHT": 1.0, "TEACHER_STUDENT_WEIGHT": 0.0, "MLFR_WEIGHT": 1.0,
                        "VOXEL_CONTRASTIVE_WEIGHT": 0.6, "DETECTION_WEIGHT": 1.0}

@@ -9,7 +9,8 @@ import torch
 from easydict import EasyDict
 
 from pcdet_ext.config import cfg_from_yaml_file
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.loop.runner import train_steps
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.utils.checkpoint import load_checkpoint
 from tier2 import CONFIGS, RAW, REPO, SMALL, has_voxelnext, seed_everything, set_voxelization, small_cfg, tool
 
@@ -75,8 +76,8 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     seed_everything()
     cfg = small_cfg(cfgs[1], synthetic_isarc)
     cfg.OPTIMIZATION.LR = 0.001  # a 20-step schedule on 4 frames
-    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_isarc)
+    model = builders.build_model(cfg, train_set)
     import logging
     records = []
     logger = logging.getLogger("coverage")
@@ -93,7 +94,7 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
     optimizer = build_optimizer(model, cfg.OPTIMIZATION, loaded)
     scheduler, _ = build_scheduler(optimizer, steps, 1, -1, cfg.OPTIMIZATION)
 
-    from pcdet_ext.engine.runner import Hook
+    from pcdet_ext.engine.loop.runner import Hook
 
     class RatiosHold(Hook):  # runs before every step, after the schedule has set that step's LRs
         def before_step(self, runner):
@@ -101,7 +102,7 @@ def test_convert_then_finetune_loads_every_backbone_key_and_loss_falls(cfgs, pre
             assert lrs["backbone_3d"] / lrs["dense_head"] == pytest.approx(0.05)
             assert all(lr / lrs["dense_head"] == pytest.approx(0.5) for g, lr in lrs.items() if g == "default")
 
-    losses, _ = loop.train_steps(model, train_loader, optimizer, steps, scheduler, hooks=[RatiosHold()])
+    losses, _ = train_steps(model, train_loader, optimizer, steps, scheduler, hooks=[RatiosHold()])
     assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 
@@ -228,10 +229,10 @@ def test_second_style_encoder_pretraining_step(synthetic_isarc):
     cfg = small_cfg(CONFIGS["second"][0], synthetic_isarc)
     cfg.MODEL.BACKBONE_3D.TEACHER_STUDENT_WEIGHT = 0.5
     set_voxelization(cfg, [0.2, 0.2, 0.2], 20000)
-    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_isarc)
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     allow_unlabelled(train_set)
-    model = loop.build_model(cfg, train_set)
+    model = builders.build_model(cfg, train_set)
     from pcdet.models.backbones_3d import VoxelBackBone8x
     assert isinstance(model.backbone_3d, VoxelBackBone8x)
     from pcdet.models import model_fn_decorator

@@ -5,7 +5,7 @@ import torch
 
 from pcdet_ext.algorithms.bitstream import BitstreamError, read_header
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
-from pcdet_ext.engine import loop
+from pcdet_ext.engine.startup import builders
 from pcdet_ext.deploy import runtime
 from tier2 import REPO, seed_everything
 
@@ -26,8 +26,8 @@ def trained(request, synthetic_kitti):
     seed_everything(3)
     cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
     cfg_from_list(SMALL + ["MODEL.RQ_BOTTLENECK.MODE", request.param], cfg)
-    (train_set, train_loader, _), (test_set, _, _) = loop.build_loaders(cfg, synthetic_kitti)
-    model = loop.build_model(cfg, train_set)
+    (train_set, train_loader, _), (test_set, _, _) = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
     q = model.quantizer
     q.set_mode("ema")
     from pcdet.models import load_data_to_gpu

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pcdet_ext.algorithms.bitstream.codec import HEADER
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.deploy.transport import FrameClient, TransportError
 from tier2 import REPO
 
@@ -25,14 +25,14 @@ def tool(name, *args, timeout=600):
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_kitti, tmp_path_factory):
     from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
-    from pcdet_ext.engine import loop
+    from pcdet_ext.engine.startup import builders
     from pcdet_ext.utils.checkpoint import atomic_save
     tmp = tmp_path_factory.mktemp("split_tools")
     cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
     cfg_from_list(SMALL, cfg)
     cfg.MODEL.NAME = "PointPillar"
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
-    atomic_save({"model_state": loop.build_model(cfg, train_set).state_dict()}, tmp / "pp.pth")
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    atomic_save({"model_state": builders.build_model(cfg, train_set).state_dict()}, tmp / "pp.pth")
     exp = {"dataset": {"dir": str(synthetic_kitti)}, "model": {"n_codebook": 2, "pretrained_weight": str(tmp / "pp.pth")},
            "progressive_learning": {"embedding_schedule": [16], "embedding_stage_epochs": 2, "warmup_epochs": 1},
            "training": {"batch_size": 2, "num_workers": 0, "max_epoch": 4},

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
-from pcdet_ext.engine import loop
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.startup import builders
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
 from tier2 import REPO, seed_everything
 
@@ -24,9 +24,9 @@ def pointpillars_ckpt(synthetic_kitti, tmp_path_factory):
     cfg = cfg_from_yaml_file(REPO / "cfgs/kitti_models/pointpillar_rq.yaml")
     cfg_from_list(SMALL, cfg)
     cfg.MODEL.NAME = "PointPillar"
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_kitti)
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_kitti)
     path = tmp_path_factory.mktemp("pp") / "pointpillar.pth"
-    atomic_save({"model_state": loop.build_model(cfg, train_set).state_dict()}, path)
+    atomic_save({"model_state": builders.build_model(cfg, train_set).state_dict()}, path)
     return path
 
 
@@ -123,7 +123,7 @@ def test_legacy_mode_trains_all_codebooks_together(tmp_path, synthetic_kitti, po
 
 def test_selection_frames_are_held_out_of_training_and_apart_from_val(tmp_path, synthetic_kitti, pointpillars_ckpt):
     import logging
-    from pcdet_ext.engine.progressive_rq import experiment
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
     config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt)
     exp, pcdet_set, _ = experiment.load_experiment(config, ["dataset.selection_fraction", "0.5", *SMALL])
     cfg = experiment.build_model_cfg(exp, pcdet_set)

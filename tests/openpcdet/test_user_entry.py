@@ -9,8 +9,8 @@ import pytest
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets import create_infos
 from pcdet_ext.openpcdet.datasets import synthetic_writer
-from pcdet_ext.engine import loop
-from pcdet_ext.engine.cli import load_config
+from pcdet_ext.engine.startup import builders
+from pcdet_ext.engine.startup.args import load_config
 from tier2 import CUSTOM_TEST_SCENE, REPO
 
 SECOND_FT = "cfgs/custom_models/rmae_cmae_second_isarc_4class_finetune_phase1.yaml"
@@ -51,7 +51,7 @@ def test_workers_share_the_parent_threads_safely(synthetic_isarc):
     from pcdet_ext.algorithms import rotated_boxes
     cfg = load_config(SECOND_FT, ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL])
     rotated_boxes.bev_overlap(np.random.rand(64, 7) + 1, np.random.rand(64, 7) + 1)
-    (train_set, train_loader, _), _ = loop.build_loaders(cfg, synthetic_isarc, batch_size=2, workers=2)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_isarc, batch_size=2, workers=2)
     assert train_loader.num_workers == 2
     batches = [b["batch_size"] for _, b in zip(range(3), train_loader)]
     assert batches == [2, 2, 2][:len(batches)] and batches
@@ -91,8 +91,8 @@ def users_rmae_config(tmp_path):
 def test_users_rmae_keys_are_accepted_and_loss_config_honoured(synthetic_isarc, tmp_path, monkeypatch):
     path = users_rmae_config(tmp_path)
     cfg = load_config(str(path), ["DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL])
-    (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-    backbone = loop.build_model(cfg, train_set).backbone_3d
+    (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_isarc)
+    backbone = builders.build_model(cfg, train_set).backbone_3d
     assert (backbone.rmae_weight, backbone.ts_weight, backbone.mask_cfg.angular_group_size) == (0.7, 0.5, 10.0)
     # a fork's own train.py loads into OpenPCDet's global cfg and builds from it: LOSS_CONFIG still applies
     from pcdet.config import cfg as global_cfg, cfg_from_yaml_file

@@ -88,8 +88,8 @@ def test_detection_weight_scales_the_heads_loss(synthetic_isarc):
     """LOSS_CONFIG.DETECTION_WEIGHT of a fine-tune config is what the detection loss is multiplied by."""
     import torch
     from pcdet.models import load_data_to_gpu
-    from pcdet_ext.engine import loop
-    from pcdet_ext.engine.preflight import check_config
+    from pcdet_ext.engine.startup import builders
+    from pcdet_ext.engine.startup.preflight import check_config
     from tier2 import seed_everything, small_cfg
     losses = {}
     for weight in (1.0, 0.25):
@@ -97,8 +97,8 @@ def test_detection_weight_scales_the_heads_loss(synthetic_isarc):
         cfg.LOSS_CONFIG.DETECTION_WEIGHT = weight
         check_config(cfg)
         seed_everything()
-        (train_set, _, _), _ = loop.build_loaders(cfg, synthetic_isarc)
-        model = loop.build_model(cfg, train_set)
+        (train_set, _, _), _ = builders.build_loaders(cfg, synthetic_isarc)
+        model = builders.build_model(cfg, train_set)
         model.train()
         batch = train_set.collate_batch([train_set[0]])
         load_data_to_gpu(batch)

@@ -174,3 +174,14 @@ class Runner:
             bar.update()
         bar.close()
         return losses
+
+
+def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,
+                progress: bool = False, hooks: Sequence[Hook] = ()) -> Tuple[List[float], Dict]:
+    """``steps`` iterations of the :class:`Runner` (cycling the loader),
+    the schedule set to step ``i`` before step ``i``, then ``hooks``. Returns the losses and the last
+    step's ``tb_dict``."""
+    from pcdet_ext.engine.loop.hooks import ScheduleHook  # hooks import this module
+    runner = Runner(model, optimizer, hooks=[ScheduleHook(scheduler), *hooks], grad_clip=grad_clip, is_main=progress)
+    losses = runner.run_steps(loader, steps)
+    return losses, runner.last.tb_dict if runner.last is not None else {}

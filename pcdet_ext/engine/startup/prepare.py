@@ -16,11 +16,11 @@ from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, desc
 from pcdet_ext.engine import checkpointing as ck
 from pcdet_ext.config import find_config
 from pcdet_ext.utils.checkpoint import load_checkpoint, model_state_of
-from pcdet_ext.engine.cli import load_config, output_dir
-from pcdet_ext.engine.hooks import ScalarWriter
-from pcdet_ext.engine.launch import DistInfo, init_dist
-from pcdet_ext.engine.loop import create_logger
-from pcdet_ext.engine.preflight import check_dataset_files, check_not_empty
+from pcdet_ext.engine.startup.args import load_config, output_dir
+from pcdet_ext.engine.loop.hooks import ScalarWriter
+from pcdet_ext.engine.startup.distributed import DistInfo, init_dist
+from pcdet_ext.engine.startup.builders import create_logger
+from pcdet_ext.engine.startup.preflight import check_dataset_files, check_not_empty
 from pcdet_ext.engine.pretrained import load_pretrained, read_weights
 
 
@@ -56,7 +56,7 @@ class TrainingRun:
 
 def check_training_inputs(args: argparse.Namespace,
                           check_cfg: Optional[Callable[[Any], None]] = None, splits: Sequence[str] = ("train",)):
-    """The config (:func:`~pcdet_ext.engine.cli.load_config`, plus the tool's own ``check_cfg``),
+    """The config (:func:`~pcdet_ext.engine.startup.args.load_config`, plus the tool's own ``check_cfg``),
     the training dataset's files, ``--ckpt`` and ``--pretrained_model``: every error a one-line
     ConfigError / CheckpointError / PretrainedWeightsError, before any process group, data or
     output. ``splits``: the dataset splits the tool reads. Returns the config. ``--preflight_only``

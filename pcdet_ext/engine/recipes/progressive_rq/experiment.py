@@ -11,10 +11,10 @@ from easydict import EasyDict
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
 from pcdet_ext.openpcdet.datasets.holdout import holdout_indices, infos_attr, keep, resize_sampler
-from pcdet_ext.engine.preflight import check_data, check_dataset_files
-from pcdet_ext.engine.progressive_rq import schema
+from pcdet_ext.engine.startup.preflight import check_data, check_dataset_files
+from pcdet_ext.engine.recipes.progressive_rq import schema
 from pcdet_ext.config import agree
-from pcdet_ext.engine.progressive_rq.schema import ConfigError
+from pcdet_ext.engine.recipes.progressive_rq.schema import ConfigError
 from pcdet_ext.paths import from_cli
 
 RQ = "MODEL.RQ_BOTTLENECK."

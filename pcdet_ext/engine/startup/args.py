@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file, find_config
-from pcdet_ext.engine.preflight import check_config, resolve_data_path
+from pcdet_ext.engine.startup.preflight import check_config, resolve_data_path
 from pcdet_ext.paths import from_cli, from_yaml, output_root
 
 
@@ -44,7 +44,7 @@ def add_set_argument(parser: argparse.ArgumentParser, default=None) -> None:
 def load_config(cfg_file: str, set_cfgs: Optional[Sequence[str]]):
     """The EasyDict config with ``--set`` applied, ``TAG`` (file stem) and ``EXP_GROUP_PATH`` (its
     folders below ``cfgs/``, as OpenPCDet computes them), checked before any data is loaded
-    (:func:`~pcdet_ext.engine.preflight.check_config`). A relative ``DATA_CONFIG.DATA_PATH`` from a
+    (:func:`~pcdet_ext.engine.startup.preflight.check_config`). A relative ``DATA_CONFIG.DATA_PATH`` from a
     YAML file is taken relative to ``<root>/tools`` (OpenPCDet's convention), one given with
     ``--set`` relative to the working directory (:mod:`pcdet_ext.paths`)."""
     path = find_config(cfg_file, what="--cfg_file")

@@ -1,14 +1,12 @@
-"""Minimal train/eval driver over OpenPCDet's dataloader, network, model_fn and evaluation."""
+"""Builders the tools, demos and tests share: OpenPCDet's logger, train / test loaders and network."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
 from pcdet_ext.openpcdet.locator import require_pcdet
-from pcdet_ext.engine.runner import Hook, Runner
 from pcdet_ext.utils.console import quiet_known_warnings
 
 
@@ -42,14 +40,3 @@ def build_model(cfg, dataset) -> torch.nn.Module:
     require_pcdet("pcdet_ext.engine")
     from pcdet.models import build_network
     return build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)
-
-
-def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,
-                progress: bool = False, hooks: Sequence[Hook] = ()) -> Tuple[List[float], Dict]:
-    """``steps`` iterations of the engine's :class:`~pcdet_ext.engine.runner.Runner` (cycling the loader),
-    the schedule set to step ``i`` before step ``i``, then ``hooks``. Returns the losses and the last
-    step's ``tb_dict``."""
-    from pcdet_ext.engine.hooks import ScheduleHook
-    runner = Runner(model, optimizer, hooks=[ScheduleHook(scheduler), *hooks], grad_clip=grad_clip, is_main=progress)
-    losses = runner.run_steps(loader, steps)
-    return losses, runner.last.tb_dict if runner.last is not None else {}

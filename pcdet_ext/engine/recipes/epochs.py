@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from pcdet_ext.engine.checkpointing import checkpoint_state, save_epoch
-from pcdet_ext.engine.hooks import ScalarLogHook, ScheduleHook
-from pcdet_ext.engine.runner import Hook, Runner
+from pcdet_ext.engine.loop.hooks import ScalarLogHook, ScheduleHook
+from pcdet_ext.engine.loop.runner import Hook, Runner
 
 
 class EpochCheckpoints(Hook):
@@ -24,7 +24,7 @@ class EpochCheckpoints(Hook):
 
 
 def train_model(run, hooks: Sequence[Hook] = ()) -> int:
-    """Epochs ``run.start_epoch .. run.total_epochs - 1`` of a :class:`~pcdet_ext.engine.run.TrainingRun`;
+    """Epochs ``run.start_epoch .. run.total_epochs - 1`` of a :class:`~pcdet_ext.engine.startup.prepare.TrainingRun`;
     ``hooks`` run after logging and before the epoch checkpoint (e.g. the teacher update, validation).
     Returns the final iteration count."""
     optim_cfg = run.cfg.OPTIMIZATION

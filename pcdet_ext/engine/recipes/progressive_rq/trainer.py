@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 
 from pcdet_ext import __version__
-from pcdet_ext.engine.hooks import ScalarLogHook, ScalarWriter
-from pcdet_ext.engine.launch import DistInfo
+from pcdet_ext.engine.loop.hooks import ScalarLogHook, ScalarWriter
+from pcdet_ext.engine.startup.distributed import DistInfo
 from pcdet_ext.utils.checkpoint import plain
-from pcdet_ext.engine.runner import Hook, Runner
+from pcdet_ext.engine.loop.runner import Hook, Runner
 from pcdet_ext.utils.console import progress
-from pcdet_ext.engine.progressive_rq import checkpoints as ck
-from pcdet_ext.engine.progressive_rq import schema
-from pcdet_ext.engine.progressive_rq.evaluate import run_eval
+from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
+from pcdet_ext.engine.recipes.progressive_rq import schema
+from pcdet_ext.engine.recipes.progressive_rq.evaluate import run_eval
 
 
 class ProgressiveTrainer:

@@ -101,7 +101,7 @@ def run_eval(model, dataset, loader, class_names, n: Optional[int] = None, k: Op
     meter = RateMeter(n, k, int(grid[0] * grid[1]), sparse=model.rq_cfg.MODE == "sparse") if n else None
     measured = None
     if n and bitstream is not None:
-        from pcdet_ext.engine.progressive_rq.measured import FrameBytes
+        from pcdet_ext.engine.recipes.progressive_rq.measured import FrameBytes
         measured = FrameBytes(model, bitstream, k, grid)
     losses = []
 

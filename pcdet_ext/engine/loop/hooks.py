@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from pcdet_ext.engine.optimization import group_lrs, scheduler_step
-from pcdet_ext.engine.runner import Hook, Runner, Step
+from pcdet_ext.engine.loop.runner import Hook, Runner, Step
 
 
 class ScalarWriter:
