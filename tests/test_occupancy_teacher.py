@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, ap_samples,
+from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyAP, OccupancyConfig, OccupancyDecoder,
                                              average_precision, grow_visible_scores, occupancy_loss,
-                                             occupancy_metrics, occupancy_targets, pooled_ap, ray_free_cells,
-                                             sparse_to_bev)
+                                             occupancy_metrics, occupancy_targets, ray_free_cells, sparse_to_bev)
 from pcdet_ext.algorithms.teacher_student import (FeatureRegression, ema_update_, match_features,
                                                    params_to_buffers_)
 
@@ -113,15 +112,48 @@ def test_average_precision_steps_and_weights():
     assert abs(average_precision(rand, labels) - 0.1) < 0.02  # scores that know nothing: AP = prevalence
 
 
-def test_sampled_negatives_estimate_the_full_ap():
+def test_histogram_ap_equals_the_exact_ap_over_every_free_cell_overall_and_per_band():
     cfg = OccupancyConfig(rays_per_frame=0)
     coords, masked = _voxels(n=600)
     t = _targets(cfg, coords, masked)
     scores = torch.randn(t.shape, generator=torch.Generator().manual_seed(3))
     scores.view(-1)[t.positives] += 1.0
-    full = pooled_ap([ap_samples(scores, t, 10 ** 9)])["occ_ap"]
-    sub = pooled_ap([ap_samples(scores, t, int(t.free.sum()) // 4, torch.Generator().manual_seed(0))])["occ_ap"]
-    assert sub == pytest.approx(full, abs=0.05) and 0 < full < 1
+    meter = OccupancyAP()
+    meter.add(scores, t)
+    got = meter.result()
+    free = torch.nonzero(t.free).squeeze(1)
+    ids = torch.cat([t.positives, free])
+    labels = torch.cat([torch.ones(len(t.positives)), torch.zeros(len(free))])
+    flat, band = scores.reshape(-1)[ids], t.geometry.band(ids)
+    assert got["occ_ap"] == pytest.approx(average_precision(flat, labels), abs=0.005) and 0.1 < got["occ_ap"] < 0.9
+    for i, name in enumerate(("near", "mid", "far")):
+        sel = band == i
+        if labels[sel].sum() > 0:
+            assert got[f"occ_ap_{name}"] == pytest.approx(average_precision(flat[sel], labels[sel]), abs=0.005)
+    grown = grow_visible_scores(t)  # integer scores: each its own bin, ties as in the exact AP
+    meter = OccupancyAP()
+    meter.add(grown, t)
+    assert meter.result()["occ_ap"] == pytest.approx(average_precision(grown.reshape(-1)[ids], labels), abs=1e-9)
+
+
+def test_histogram_counts_add_up_over_frames_and_processes():
+    """Frames pooled in one meter = the same frames split over two meters whose counts are summed
+    (what all_reduce does across ranks); the counts never grow with the frames."""
+    cfg = OccupancyConfig(rays_per_frame=0)
+    frames = []
+    for seed in range(4):
+        coords, masked = _voxels(n=400, seed=seed)
+        t = _targets(cfg, coords, masked, seed=seed)
+        scores = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed))
+        scores.view(-1)[t.positives] += 0.5 * seed
+        frames.append((scores, t))
+    one, a, b = OccupancyAP(), OccupancyAP(), OccupancyAP()
+    for i, (scores, t) in enumerate(frames):
+        one.add(scores, t)
+        (a if i % 2 else b).add(scores, t)
+    a.counts += b.counts
+    assert a.result() == pytest.approx(one.result(), nan_ok=True)
+    assert one.counts.numel() == 3 * 2 * one.bins
 
 
 def test_grow_visible_baseline_scores_by_distance():

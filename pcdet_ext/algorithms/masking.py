@@ -127,22 +127,38 @@ class MaskingConfig:
 
 @dataclass
 class MaskResult:
+    """The mask and its statistics; the statistics stay tensors on the voxels' device until read
+    (reading one is a device-to-host copy: training logs them every ``log_interval`` steps)."""
     masked: torch.Tensor                   # [N] bool, True = hidden from the student
-    ratio: float                           # achieved share of masked voxels, whole batch
     ratio_per_sample: torch.Tensor         # [B]
-    ratio_per_range: Dict[str, float]      # NEAR / MID / FAR
-    whole_group_share: float = 0.0         # share of the masked voxels inside whole masked groups
-    stage2_scale: float = 1.0              # mean factor applied to RANGE_MASK_PROBS (1 = as configured)
+    stats: Dict[str, torch.Tensor]         # 0-dim tensors, the names of log_dict
 
     @property
     def visible(self) -> torch.Tensor:
         return ~self.masked
 
-    def log_dict(self) -> Dict[str, float]:
-        """What training logs per step."""
-        return {"mask_ratio": self.ratio, "mask_whole_group_share": self.whole_group_share,
-                "mask_stage2_scale": self.stage2_scale,
-                **{f"mask_ratio_{b.lower()}": self.ratio_per_range[b] for b in RANGE_BINS}}
+    @property
+    def ratio(self) -> float:
+        """Achieved share of masked voxels, whole batch."""
+        return float(self.stats["mask_ratio"])
+
+    @property
+    def whole_group_share(self) -> float:
+        """Share of the masked voxels inside whole masked groups."""
+        return float(self.stats["mask_whole_group_share"])
+
+    @property
+    def stage2_scale(self) -> float:
+        """Mean factor applied to RANGE_MASK_PROBS (1 = as configured)."""
+        return float(self.stats["mask_stage2_scale"])
+
+    @property
+    def ratio_per_range(self) -> Dict[str, float]:
+        return {b: float(self.stats[f"mask_ratio_{b.lower()}"]) for b in RANGE_BINS}
+
+    def log_dict(self) -> Dict[str, torch.Tensor]:
+        """What training logs (0-dim tensors)."""
+        return dict(self.stats)
 
 
 def voxel_centres_xy(coords: torch.Tensor, voxel_size: Sequence[float], pc_range: Sequence[float]) -> torch.Tensor:
@@ -153,32 +169,49 @@ def voxel_centres_xy(coords: torch.Tensor, voxel_size: Sequence[float], pc_range
     return torch.stack([x, y], 1)
 
 
-def _generator(seed: int, sample: int, stream: int, device: torch.device) -> torch.Generator:
-    """A generator per (seed, sample, stream); distinct triples give unrelated streams."""
+_GOLDEN = -0x61C8864680B583EB          # 0x9E3779B97F4A7C15 as int64
+_MIX1, _MIX2 = -0x40A7B892E31B1A47, -0x6B2FB644ECCEEE15   # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _stream_key(seed: int, sample: int, stream: int) -> int:
+    """A 63-bit key per (seed, sample, stream); distinct triples give unrelated streams."""
     digest = hashlib.blake2b(f"{seed}/{sample}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` by ``k`` bits."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _hash_uniform(keys: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in [0, 1) from int64 ``keys`` (splitmix64's finaliser, wrapping arithmetic):
+    counter-based, so no shape or count has to reach the host."""
+    z = keys + _GOLDEN
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11).double() * (2.0 ** -53)
 
 
 def _per_sample_uniform(batch_size: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
     """[B, count] uniforms for the group order, row b from the (seed, b) group stream."""
-    if batch_size == 0:
-        return torch.zeros(0, count, dtype=torch.float64, device=device)
-    return torch.stack([torch.rand(count, generator=_generator(seed, b, _STREAM_GROUPS, device),
-                                   dtype=torch.float64, device=device)
-                        for b in range(batch_size)])  # one generator per sample (B is small)
+    keys = torch.tensor([_stream_key(seed, b, _STREAM_GROUPS) for b in range(batch_size)], dtype=torch.long)
+    counter = torch.arange(count, dtype=torch.long, device=device) * _GOLDEN
+    return _hash_uniform(keys.to(device)[:, None] + counter[None, :])
 
 
 def _per_voxel_uniform(b_idx: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-    """One uniform per voxel from the sample's voxel stream in its voxel order, so a sample's mask
-    does not depend on the other samples of the batch."""
+    """One uniform per voxel from its sample's voxel stream at its position among the sample's
+    voxels, so a sample's mask does not depend on the other samples of the batch."""
     dev = b_idx.device
+    keys = torch.tensor([_stream_key(seed, b, _STREAM_VOXELS) for b in range(batch_size)], dtype=torch.long)
     order = torch.argsort(b_idx, stable=True)
-    counts = torch.bincount(b_idx, minlength=batch_size).tolist()
-    draws = [torch.rand(c, generator=_generator(seed, b, _STREAM_VOXELS, dev), dtype=torch.float64, device=dev)
-             for b, c in enumerate(counts)]
-    noise = torch.empty(len(b_idx), dtype=torch.float64, device=dev)
-    noise[order] = torch.cat(draws) if draws else noise[:0]
-    return noise
+    counts = torch.bincount(b_idx, minlength=batch_size)
+    start = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(b_idx)
+    position[order] = torch.arange(len(b_idx), device=dev) - start[b_idx[order]]
+    return _hash_uniform(keys.to(dev)[b_idx] + position * _GOLDEN)
 
 
 def rank_in_sample(score: torch.Tensor, b_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -203,7 +236,10 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
     if grid_size is not None and coords.numel():
         c = coords.long()
         limits = torch.tensor([batch_size, grid_size[2], grid_size[1], grid_size[0]], device=dev)
-        if (c < 0).any() or (c >= limits).any():
+        inside = ((c >= 0) & (c < limits)).all()
+        if dev.type == "cuda":  # checked on the device, reported at the next synchronisation
+            torch._assert_async(inside, "voxel_coords outside the grid / batch")
+        elif not inside:
             raise ValueError("voxel_coords outside the grid / batch")
     n = coords.shape[0]
     f64 = dict(dtype=torch.float64, device=dev)
@@ -260,12 +296,13 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
                                     torch.tensor(-math.inf, **f64))
                 extra = (q > 0) & (rank_in_sample(score, b_idx, counts) < torch.round(rest)[b_idx])
             masked = whole | extra
-    n_masked = int(masked.sum())
-    per_range = {name: float(masked[rbin == i].double().mean()) if (rbin == i).any() else 0.0
-                 for i, name in enumerate(RANGE_BINS)}
+    n_masked = masked.sum()
+    in_band = torch.nn.functional.one_hot(rbin, len(RANGE_BINS)).double()          # [N, 3]
+    band_masked = (in_band * masked.double()[:, None]).sum(0) / in_band.sum(0).clamp_min(1)
     present = counts > 0
-    return MaskResult(masked=masked, ratio=n_masked / n if n else 0.0,
-                      ratio_per_sample=(per_sample_sum(masked) / counts.clamp_min(1)).float(),
-                      ratio_per_range=per_range,
-                      whole_group_share=int((masked & whole).sum()) / n_masked if n_masked else 0.0,
-                      stage2_scale=float(scale[present].mean()) if bool(present.any()) else 0.0)
+    stats = {"mask_ratio": n_masked / max(n, 1),
+             "mask_whole_group_share": (masked & whole).sum() / n_masked.clamp_min(1),
+             "mask_stage2_scale": (scale * present).sum() / present.sum().clamp_min(1),
+             **{f"mask_ratio_{b.lower()}": band_masked[i] for i, b in enumerate(RANGE_BINS)}}
+    return MaskResult(masked=masked, ratio_per_sample=(per_sample_sum(masked) / counts.clamp_min(1)).float(),
+                      stats=stats)

@@ -13,7 +13,8 @@ crossed before its return (:func:`ray_free_cells`; space behind a return or neve
 unknown and never a negative): a share right next to positives (hard, near-surface free space),
 the rest uniformly over the free cells. The loss (BCE or focal) averages positives and negatives
 separately and weighs them equally. Metrics are threshold-free: average precision of the logits
-over positives against ray-cast free cells, overall and per range band, plus precision / recall /
+over positives against every ray-cast free cell, overall and per range band, from fixed-size score
+histograms (:class:`OccupancyAP`: constant memory, summed across processes), plus precision / recall /
 IoU at logit 0. :func:`grow_visible_scores` is the baseline that learns nothing.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class OccupancyConfig:
     rays_per_frame: int = 16384       # beams traced per frame for free space (0: every point)
     ray_step: float = 0.5             # sampling step along a beam, in target cells
     ray_stop: float = 1.0             # free space ends this many target cells before the return
-    metric_negatives: int = 50000     # free cells drawn (and re-weighted) for the AP metric
+    metric_negatives: int = 50000     # accepted, unused: the AP counts every free cell (OccupancyAP)
 
     @classmethod
     def from_cfg(cls, cfg) -> "OccupancyConfig":
@@ -317,47 +318,84 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor, weights: Optio
     return float((torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum())
 
 
+AP_BINS = 8192      # histogram bins of :class:`OccupancyAP`
+AP_LIMIT = 16.0     # logits binned over [-AP_LIMIT, AP_LIMIT]: bins 1/256 wide, integers on bin edges
+
+
+class OccupancyAP:
+    """Average precision of occupancy scores, positives against *every* ray-cast free cell, overall
+    and per range band, from fixed-size score histograms: memory is constant in the number of frames,
+    the counts stay on the scores' device and sum across processes (:meth:`all_reduce`). Scores are
+    binned uniformly over [-``limit``, ``limit``] (beyond: the end bins); scores sharing a bin count as
+    one tied score, as ties do in :func:`average_precision`."""
+
+    def __init__(self, bins: int = AP_BINS, limit: float = AP_LIMIT):
+        self.bins, self.limit = int(bins), float(limit)
+        self.counts: Optional[torch.Tensor] = None   # [band, label (0 free, 1 positive), bin] float64
+
+    @torch.no_grad()
+    def add(self, scores: torch.Tensor, targets: OccupancyTargets, free_ids: Optional[torch.Tensor] = None) -> None:
+        """Count the positives and free cells of ``targets`` at their ``scores`` (any shape holding
+        every target cell); ``free_ids``: ``nonzero(targets.free)`` when already known."""
+        free_ids = torch.nonzero(targets.free).squeeze(1) if free_ids is None else free_ids
+        ids = torch.cat([targets.positives, free_ids])
+        labels = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+        labels[:len(targets.positives)] = 1
+        self.add_samples(scores.reshape(-1)[ids], labels, targets.geometry.band(ids))
+
+    @torch.no_grad()
+    def add_samples(self, scores: torch.Tensor, labels: torch.Tensor, bands: torch.Tensor) -> None:
+        """Count items by score, label (1 positive, 0 negative) and band index (0 .. len(BANDS) - 1)."""
+        if self.counts is None:
+            self.counts = torch.zeros(len(BANDS), 2, self.bins, dtype=torch.float64, device=scores.device)
+        scale = self.bins / (2 * self.limit)
+        b = ((scores.float().clamp(-self.limit, self.limit) + self.limit) * scale).long().clamp_(0, self.bins - 1)
+        key = (bands.long() * 2 + labels.long()) * self.bins + b
+        self.counts += torch.bincount(key, minlength=self.counts.numel()).view_as(self.counts)
+
+    def all_reduce(self) -> None:
+        """Sum the counts over every process of the default group (no-op without torch.distributed)."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.counts is None:  # a process whose shard was empty still takes part
+                nccl = dist.get_backend() == "nccl"
+                self.counts = torch.zeros(len(BANDS), 2, self.bins, dtype=torch.float64,
+                                          device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+            dist.all_reduce(self.counts)
+
+    def result(self) -> Dict[str, float]:
+        """``occ_ap`` and ``occ_ap_<band>`` (NaN where no positive was counted)."""
+        counts = self.counts.cpu() if self.counts is not None else torch.zeros(len(BANDS), 2, self.bins,
+                                                                                 dtype=torch.float64)
+        out = {"occ_ap": _histogram_ap(counts.sum(0))}
+        out.update({f"occ_ap_{name}": _histogram_ap(counts[i]) for i, name in enumerate(BANDS)})
+        return out
+
+
+def _histogram_ap(hist: torch.Tensor) -> float:
+    """AP of a [2, bins] histogram (row 0 negatives, row 1 positives), highest bin first."""
+    pos, neg = hist[1].flip(0), hist[0].flip(0)
+    level = (pos + neg) > 0
+    tp, fp = torch.cumsum(pos, 0)[level], torch.cumsum(neg, 0)[level]
+    if len(tp) == 0 or tp[-1] <= 0:
+        return float("nan")
+    recall = tp / tp[-1]
+    precision = tp / (tp + fp)
+    return float((torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum())
+
+
 @torch.no_grad()
-def ap_samples(scores: torch.Tensor, targets: OccupancyTargets, max_negatives: int,
-               generator: Optional[torch.Generator] = None, free_ids: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, ...]:
-    """(score, label, weight, band) of positives and ray-cast free cells for :func:`pooled_ap`. Free
-    cells beyond ``max_negatives`` are drawn uniformly (with replacement) and re-weighted, so the AP
-    estimates the one over every free cell. ``free_ids``: ``nonzero(targets.free)`` when already known."""
-    free_ids = torch.nonzero(targets.free).squeeze(1) if free_ids is None else free_ids
-    weight = 1.0
-    if len(free_ids) > max_negatives:
-        weight = len(free_ids) / max_negatives
-        free_ids = free_ids[torch.randint(len(free_ids), (max_negatives,), generator=generator).to(free_ids.device)]
-    ids = torch.cat([targets.positives, free_ids])
-    n_pos, dev = len(targets.positives), ids.device
-    labels = torch.cat([torch.ones(n_pos, device=dev), torch.zeros(len(free_ids), device=dev)])
-    weights = torch.cat([torch.ones(n_pos, device=dev), torch.full((len(free_ids),), weight, device=dev)])
-    return scores.reshape(-1)[ids].float(), labels, weights, targets.geometry.band(ids)
-
-
-def pooled_ap(samples: Sequence[Tuple[torch.Tensor, ...]]) -> Dict[str, float]:
-    """AP overall and per range band over the :func:`ap_samples` of one or more frames / batches."""
-    s, y, w, band = (torch.cat([part[i].cpu() for part in samples]) for i in range(4))
-    out = {"occ_ap": average_precision(s, y, w)}
-    for i, name in enumerate(BANDS):
-        sel = band == i
-        out[f"occ_ap_{name}"] = average_precision(s[sel], y[sel], w[sel])
-    return out
-
-
-@torch.no_grad()
-def occupancy_metrics(logits: torch.Tensor, targets: OccupancyTargets, max_negatives: int = 50000,
-                      generator: Optional[torch.Generator] = None) -> Dict[str, float]:
-    """AP (:func:`pooled_ap`) and precision / recall / IoU of ``logits > 0``, positives against
-    ray-cast free cells (unknown space and cells with a visible voxel in neither)."""
+def occupancy_metrics(logits: torch.Tensor, targets: OccupancyTargets) -> Dict[str, float]:
+    """AP (:class:`OccupancyAP`, every free cell) and precision / recall / IoU of ``logits > 0``,
+    positives against ray-cast free cells (unknown space and cells with a visible voxel in neither)."""
     flat = logits.reshape(-1)
     free_ids = torch.nonzero(targets.free).squeeze(1)
+    ap = OccupancyAP()
+    ap.add(logits, targets, free_ids)
     tp = int(torch.count_nonzero(flat[targets.positives] > 0))
     fp = int(torch.count_nonzero(flat[free_ids] > 0))
     fn = len(targets.positives) - tp
-    return {**pooled_ap([ap_samples(logits, targets, max_negatives, generator, free_ids)]),
-            "occ_precision": tp / max(tp + fp, 1), "occ_recall": tp / max(tp + fn, 1),
+    return {**ap.result(), "occ_precision": tp / max(tp + fp, 1), "occ_recall": tp / max(tp + fn, 1),
             "occ_iou": tp / max(tp + fp + fn, 1), "occ_positives": float(len(targets.positives)),
             "occ_free_cells": float(len(free_ids))}
 

@@ -7,8 +7,9 @@
 
 Checkpoints: output/<cfg group>/<cfg stem>/<extra_tag>/ckpt/checkpoint_epoch_N.pth (OpenPCDet
 format; the --pretrained_model of the fine-tuning run). Re-running the command resumes from the
-latest one; a checkpoint of a different config is refused. After every --val_interval epochs the
-main process logs the masked-occupancy AP on the test split (fixed masks) beside grow-visible.
+latest one; a checkpoint of a different config is refused. After every --val_interval epochs every
+process evaluates its shard of the test split (fixed masks) and the main one logs the masked-occupancy
+AP beside grow-visible.
 """
 import argparse
 import sys
@@ -17,7 +18,7 @@ from typing import Callable, Optional, Sequence
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError, unwrap
 from pcdet_ext.engine.startup.args import add_train_args
-from pcdet_ext.engine.recipes.occupancy_validation import GROW_VISIBLE, masked_occupancy_ap
+from pcdet_ext.engine.recipes.occupancy_validation import GROW_VISIBLE, masked_occupancy_ap, shard_loader
 from pcdet_ext.engine.startup.preflight import check_dataset_files
 from pcdet_ext.engine.pretrained import PretrainedWeightsError
 from pcdet_ext.engine.startup.prepare import check_training_inputs, prepare_training
@@ -38,10 +39,11 @@ def pretraining_check(detector: str) -> Callable:
 
 
 def validation_loader(run):
-    """OpenPCDet's test-split loader (no augmentation), or None with the reason logged when the split
-    has no info files; only the main process validates."""
+    """OpenPCDet's test-split loader (no augmentation), this process's shard of it under
+    torch.distributed (every process validates, the AP counts are summed), or None with the reason
+    logged when the split has no info files."""
     from pcdet.datasets import build_dataloader
-    if not run.info.is_main or run.args.val_interval <= 0:
+    if run.args.val_interval <= 0:
         return None
     try:
         check_dataset_files(run.cfg.DATA_CONFIG, ("test",))
@@ -52,13 +54,16 @@ def validation_loader(run):
                                           batch_size=1, dist=False, workers=run.args.workers, logger=run.logger,
                                           training=False)
     allow_unlabelled(dataset)
-    return loader if len(dataset) else None
+    return shard_loader(loader, run.info.rank, run.info.world_size) if len(dataset) else None
 
 
 def validate(run, loader, epoch: int, iteration: int) -> None:
-    """Masked-occupancy AP on the test split (fixed masks) with the grow-visible baseline, to the log
-    and tensorboard (``val/occ_ap*``, ``val/grow_visible_occ_ap*``)."""
-    ap = masked_occupancy_ap({"model": run.model}, loader)
+    """Masked-occupancy AP on the test split (fixed masks) with the grow-visible baseline, on every
+    process (its shard); the main one writes the log and tensorboard (``val/occ_ap*``,
+    ``val/grow_visible_occ_ap*``)."""
+    ap = masked_occupancy_ap({"model": run.model}, loader, is_main=run.info.is_main)
+    if not run.info.is_main:
+        return
     run.logger.info("epoch %d validation, AP of masked-only cells vs ray-cast free space: model %s | grow-visible %s",
                     epoch, " ".join(f"{k}={v:.3f}" for k, v in ap["model"].items()),
                     " ".join(f"{k}={v:.3f}" for k, v in ap[GROW_VISIBLE].items()))

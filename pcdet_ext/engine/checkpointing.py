@@ -12,7 +12,7 @@ from pcdet_ext import __version__
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint, plain
 
 # OPTIMIZATION keys a resumed run may change (schedule length, batch size)
-RESUME_FREE = ("NUM_EPOCHS", "BATCH_SIZE_PER_GPU")
+RESUME_FREE = ("NUM_EPOCHS", "BATCH_SIZE_PER_GPU", "USE_AMP", "LOSS_SCALE_FP16")  # a run may change these
 
 
 class ResumeError(ValueError):
@@ -54,13 +54,17 @@ def check_same_run(saved: Dict[str, Any], current: Dict[str, Any], where: str, h
         raise ResumeError(f"{where} was written by a different config{hint}; differing keys:\n  " + "\n  ".join(diff))
 
 
-def checkpoint_state(model: nn.Module, optimizer, epoch: int, it: int, cfg) -> Dict[str, Any]:
+def checkpoint_state(model: nn.Module, optimizer, epoch: int, it: int, cfg, scaler=None) -> Dict[str, Any]:
+    """OpenPCDet's checkpoint layout, plus ``scaler_state`` (the AMP GradScaler) when training with AMP."""
     import pcdet
     model_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    return {"epoch": epoch, "it": it, "model_state": model_state,
-            "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
-            "version": f"pcdet+{pcdet.__version__}",
-            "pcdet_ext": {"version": __version__, "config": run_config(cfg)}}
+    state = {"epoch": epoch, "it": it, "model_state": model_state,
+             "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+             "version": f"pcdet+{pcdet.__version__}",
+             "pcdet_ext": {"version": __version__, "config": run_config(cfg)}}
+    if scaler is not None:
+        state["scaler_state"] = scaler.state_dict()
+    return state
 
 
 def epoch_of(path: Path) -> int:
@@ -87,9 +91,11 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[logging.Logger] = None) -> Tuple[int, int]:
-    """Load model and optimizer from ``path``; returns ``(next_epoch, iteration)``. A checkpoint from
-    a different config (model, classes, optimizer) is refused with the differing keys."""
+def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[logging.Logger] = None,
+           scaler=None) -> Tuple[int, int]:
+    """Load model, optimizer and (with AMP) the GradScaler from ``path``; returns ``(next_epoch,
+    iteration)``. A checkpoint from a different config (model, classes, optimizer) is refused with the
+    differing keys; one written without AMP leaves ``scaler`` at its initial scale."""
     from pcdet_ext.engine.optimization.builder import inner_optimizer, load_optimizer_state
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model_state" not in state:
@@ -108,6 +114,8 @@ def resume(path: Path, model: nn.Module, optimizer, cfg, logger: Optional[loggin
             load_optimizer_state(inner_optimizer(optimizer), state["optimizer_state"])
         except ValueError as exc:
             raise ResumeError(f"--ckpt {path}: {exc}") from exc
+    if scaler is not None and state.get("scaler_state"):
+        scaler.load_state_dict(state["scaler_state"])
     if logger:
         logger.info("resumed from %s (epoch %d, iteration %d)", path, state["epoch"], state.get("it", 0))
     return int(state["epoch"]), int(state.get("it", 0))

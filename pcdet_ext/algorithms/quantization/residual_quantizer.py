@@ -14,7 +14,7 @@ exists; without one it is not computed or reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ class RQOutput:
     quantized: torch.Tensor                  # same shape as the input
     codes: torch.Tensor                      # [N, n] long
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, Any] = field(default_factory=dict)  # 0-dim tensors / floats, read when logged
     num_codebooks: int = 0                   # the (n, k) this output was computed at
     num_embeddings: List[int] = field(default_factory=list)
 
@@ -328,7 +328,8 @@ class ResidualQuantizer(nn.Module):
             stats = self._stats(counts, sizes)
             if self.training:
                 stats.update(self._restart_dead(residuals, counts, sizes))
-        return RQOutput(quantized=out.to(x.dtype), codes=codes, losses=losses, stats=stats,
+        half = x.dtype in (torch.float16, torch.bfloat16)  # under AMP the quantized features stay fp32
+        return RQOutput(quantized=out if half else out.to(x.dtype), codes=codes, losses=losses, stats=stats,
                         num_codebooks=len(sizes), num_embeddings=sizes)
 
     def _gather_sum(self, codes: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -461,13 +462,14 @@ class ResidualQuantizer(nn.Module):
 
     # ---- statistics --------------------------------------------------------------------------
     @torch.no_grad()
-    def _stats(self, counts, sizes: Sequence[int]) -> Dict[str, float]:
-        stats: Dict[str, float] = {}
+    def _stats(self, counts, sizes: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """Perplexity, usage and dead share per codebook, as 0-dim tensors (read when logged)."""
+        stats: Dict[str, torch.Tensor] = {}
         for c, k in enumerate(sizes):
-            p = counts[c] / counts[c].sum().clamp_min(1)
-            nz = p[p > 0]
-            stats[f"perplexity_{c}"] = float((-(nz * nz.log()).sum()).exp())
-            stats[f"usage_{c}"] = float((counts[c] > 0).float().mean())
-            limit = self.dead_count(float(counts[c].sum()), k)
-            stats[f"dead_{c}"] = float((self.ema_count[c, :k] < limit).float().mean())
+            total = counts[c].sum()
+            p = counts[c] / total.clamp_min(1)
+            stats[f"perplexity_{c}"] = (-(p * p.clamp_min(1e-30).log()).sum()).exp()
+            stats[f"usage_{c}"] = (counts[c] > 0).float().mean()
+            limit = self.dead_threshold * total / max(k, 1)  # dead_count, kept on the device
+            stats[f"dead_{c}"] = (self.ema_count[c, :k] < limit).float().mean()
         return stats

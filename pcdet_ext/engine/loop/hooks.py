@@ -64,16 +64,26 @@ class ScheduleHook(Hook):
 
 class ScalarLogHook(Hook):
     """Every ``every`` iterations: ``train/loss``, every ``tb_dict`` term, each parameter group's LR,
-    the gradient norm, iteration and data time."""
+    the gradient norm, iteration and data time. Before each step it tells every module of the model
+    with a ``compute_metrics`` attribute whether this step is logged, so training-time metrics (and
+    their device-to-host copies) are computed only then."""
 
     def __init__(self, writer: ScalarWriter, every: int = 1):
         self.writer, self.every = writer, max(int(every), 1)
+        self._metric_modules = None
+
+    def before_step(self, runner: Runner) -> None:
+        if self._metric_modules is None:
+            self._metric_modules = [m for m in runner.model.modules() if hasattr(m, "compute_metrics")]
+        due = (runner.iteration + 1) % self.every == 0
+        for m in self._metric_modules:
+            m.compute_metrics = due
 
     def after_step(self, runner: Runner, step: Step) -> None:
         if step.index % self.every:
             return
         values = {"train/loss": step.loss}
-        values.update({f"train/{k}": float(v) for k, v in step.tb_dict.items()
+        values.update({f"train/{k}": v for k, v in step.tb_dict.items()
                        if isinstance(v, numbers.Number) or (torch.is_tensor(v) and v.numel() == 1)})
         if runner.optimizer is not None:
             values.update({f"meta_data/learning_rate/{k}": v for k, v in group_lrs(runner.optimizer).items()})

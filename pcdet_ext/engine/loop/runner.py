@@ -2,9 +2,10 @@
 benchmarks) runs its iterations here and adds behaviour through hooks.
 
 An iteration: ``before_step`` hooks (e.g. the LR schedule), forward through OpenPCDet's ``model_fn``
-(or the given ``forward``), a finite-loss check, and when the runner trains: zero grad, backward,
-gradient all-reduce when asked (a model not wrapped in DDP), clipping, optimizer step; then
-``after_step`` hooks (e.g. the EMA teacher, logging). An epoch: ``before_epoch`` hooks, the
+(or the given ``forward``; under ``torch.autocast`` with ``amp``), a finite-loss check (the one
+device-to-host copy of a step), and when the runner trains: zero grad, backward (through the
+``GradScaler`` with ``amp``), gradient all-reduce when asked (a model not wrapped in DDP), unscale,
+clipping, optimizer step; then ``after_step`` hooks (e.g. the EMA teacher, logging). An epoch: ``before_epoch`` hooks, the
 iterations with a tqdm bar, ``after_epoch`` hooks (validation, early stopping via ``runner.stop``,
 checkpoints).
 """
@@ -29,9 +30,9 @@ class Step:
     index: int
     epoch: int
     loss: float
-    tb_dict: Dict[str, Any]
+    tb_dict: Dict[str, Any]      # values may be 0-dim tensors: read them when logging
     disp_dict: Dict[str, Any]
-    grad_norm: Optional[float]
+    grad_norm: Optional[torch.Tensor]
     iter_time: float
     data_time: float
     trained: bool
@@ -63,7 +64,8 @@ def openpcdet_forward() -> Forward:
 class Runner:
     """``train`` False runs the forward only, under ``no_grad`` (e.g. an EMA warm-up, where the
     forward updates the codebooks); ``world_size`` > 1 all-reduces gradients (a model not wrapped in
-    DDP); ``is_main`` shows the progress bars."""
+    DDP); ``is_main`` shows the progress bars. ``amp``: mixed precision as OpenPCDet's ``--use_amp``
+    (autocast fp16 on CUDA, bf16 on CPU; the loss in fp32) with ``scaler`` (:func:`grad_scaler`)."""
     model: torch.nn.Module
     optimizer: Optional[torch.optim.Optimizer]
     hooks: List[Hook] = field(default_factory=list)
@@ -76,6 +78,8 @@ class Runner:
     epoch: int = 0
     stop: bool = False
     last: Optional[Step] = None
+    amp: bool = False
+    scaler: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -92,20 +96,26 @@ class Runner:
         grad_norm = None
         if self.train:
             self.optimizer.zero_grad()
-            loss, tb_dict, disp_dict = self.forward(self.model, batch)
+            loss, tb_dict, disp_dict = self._forward(batch)
             value = self._finite(loss, tb_dict)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             params = [p for p in self.model.parameters() if p.grad is not None]
             if self.world_size > 1:
                 import torch.distributed as dist
                 for p in params:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world_size
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip).detach()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skipped when the unscaled gradients are not finite
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         else:
             with torch.no_grad():
-                loss, tb_dict, disp_dict = self.forward(self.model, batch)
+                loss, tb_dict, disp_dict = self._forward(batch)
             value = self._finite(loss, tb_dict)
         self.iteration += 1
         out = Step(self.iteration, self.epoch, value, tb_dict, disp_dict, grad_norm, time.time() - start + data_time,
@@ -113,6 +123,15 @@ class Runner:
         self.last = out
         self._call("after_step", out)
         return out
+
+    def _forward(self, batch: Dict[str, Any]):
+        """The forward, under autocast with ``amp``; the loss returned in fp32."""
+        if not self.amp:
+            return self.forward(self.model, batch)
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16):
+            loss, tb_dict, disp_dict = self.forward(self.model, batch)
+        return loss.float(), tb_dict, disp_dict
 
     def _finite(self, loss: torch.Tensor, tb_dict: Dict[str, Any]) -> float:
         value = float(loss.detach())
@@ -174,6 +193,11 @@ class Runner:
             bar.update()
         bar.close()
         return losses
+
+
+def grad_scaler(amp: bool, device: str, init_scale: float = 2.0 ** 16) -> Optional[Any]:
+    """OpenPCDet's GradScaler (``OPTIMIZATION.LOSS_SCALE_FP16`` the initial scale) when ``amp``, else None."""
+    return torch.amp.GradScaler(device, init_scale=init_scale) if amp else None
 
 
 def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,

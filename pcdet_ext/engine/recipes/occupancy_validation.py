@@ -1,14 +1,18 @@
-"""Masked-occupancy evaluation of Phase 1 pretraining over an OpenPCDet loader: AP of masked-only
-cells against ray-cast free space, pooled over every frame, for one or more models and the
-grow-visible baseline on the same cells (eval-mode masks are fixed, so every model sees the same
-masks and targets)."""
+"""Masked-occupancy evaluation of Phase 1 / 2 pretraining over an OpenPCDet loader: AP of masked-only
+cells against every ray-cast free cell, for one or more models and the grow-visible baseline on the
+same cells (eval-mode masks are fixed, so every model sees the same masks and targets).
+
+The AP comes from fixed-size score histograms on the model's device
+(:class:`~pcdet_ext.algorithms.occupancy.OccupancyAP`): memory does not grow with the split, and under
+torch.distributed every process evaluates its own shard (:func:`shard_loader`) and the counts are
+summed, so no rank waits on another through the whole split."""
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
 
-from pcdet_ext.algorithms.occupancy import ap_samples, grow_visible_scores, pooled_ap
+from pcdet_ext.algorithms.occupancy import OccupancyAP, grow_visible_scores
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.checkpointing import unwrap
 
@@ -17,17 +21,18 @@ GROW_VISIBLE = "grow-visible"
 
 @torch.no_grad()
 def masked_occupancy_ap(models: Dict[str, torch.nn.Module], loader, grow_visible: bool = True,
-                        max_negatives: int = 400000) -> Dict[str, Dict[str, float]]:
+                        is_main: bool = True) -> Dict[str, Dict[str, float]]:
     """``{name: {occ_ap, occ_ap_near, occ_ap_mid, occ_ap_far}}`` for each pretraining model (and
-    ``grow-visible``); each model's training mode is restored afterwards."""
+    ``grow-visible``) over ``loader`` (this process's shard; the counts are summed over every process
+    of the default group); each model's training mode is restored afterwards."""
     from pcdet.models import load_data_to_gpu
     nets = {name: unwrap(m) for name, m in models.items()}
     modes = {name: m.training for name, m in nets.items()}
-    samples = {name: [] for name in [*nets, *([GROW_VISIBLE] if grow_visible else [])]}
+    meters = {name: OccupancyAP() for name in [*nets, *([GROW_VISIBLE] if grow_visible else [])]}
     try:
         for m in nets.values():
             m.eval()
-        for i, batch in enumerate(progress(loader, desc="occupancy eval")):
+        for batch in progress(loader, desc="occupancy eval", main=is_main):
             load_data_to_gpu(batch)
             first = None
             for name, m in nets.items():
@@ -37,11 +42,24 @@ def masked_occupancy_ap(models: Dict[str, torch.nn.Module], loader, grow_visible
                     first = targets
                 elif not torch.equal(targets.positives, first.positives):
                     raise RuntimeError("models evaluated on different masks (different masking configs?)")
-                samples[name].append(ap_samples(logits, targets, max_negatives, torch.Generator().manual_seed(i)))
+                meters[name].add(logits, targets)
             if grow_visible and first is not None:
-                samples[GROW_VISIBLE].append(ap_samples(grow_visible_scores(first), first, max_negatives,
-                                                        torch.Generator().manual_seed(i)))
+                meters[GROW_VISIBLE].add(grow_visible_scores(first), first)
     finally:
         for name, m in nets.items():
             m.train(modes[name])
-    return {name: pooled_ap(parts) for name, parts in samples.items() if parts}
+    for meter in meters.values():
+        meter.all_reduce()
+    return {name: meter.result() for name, meter in meters.items()}
+
+
+def shard_loader(loader, rank: int, world_size: int):
+    """``loader``'s dataset and settings over frames ``rank, rank + world_size, ...`` (every frame
+    exactly once over all processes, none padded in twice)."""
+    if world_size <= 1:
+        return loader
+    indices = list(range(rank, len(loader.dataset), world_size))
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices,
+                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                       pin_memory=loader.pin_memory, drop_last=False, timeout=loader.timeout,
+                                       worker_init_fn=loader.worker_init_fn)

@@ -24,7 +24,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
     p.add_argument("--tcp_port", type=int, default=18888, help="rendezvous port when MASTER_PORT is unset")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--sync_bn", action="store_true", default=False)
+    p.add_argument("--sync_bn", action="store_true", default=False,
+                   help="SyncBatchNorm under torch.distributed (pretraining: the student; the teacher follows it)")
+    p.add_argument("--use_amp", action="store_true", default=False,
+                   help="mixed precision (also OPTIMIZATION.USE_AMP; initial loss scale LOSS_SCALE_FP16)")
+    p.add_argument("--logger_iter_interval", type=int, default=50,
+                   help="log training scalars (and compute training-time metrics) every N iterations")
     p.add_argument("--fix_random_seed", action="store_true", default=False)
     p.add_argument("--ckpt_save_interval", type=int, default=1)
     p.add_argument("--max_ckpt_save_num", type=int, default=30)

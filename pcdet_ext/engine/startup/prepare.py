@@ -16,6 +16,7 @@ from pcdet_ext.engine.optimization import build_optimizer, build_scheduler, desc
 from pcdet_ext.engine import checkpointing as ck
 from pcdet_ext.config import find_config
 from pcdet_ext.utils.checkpoint import load_checkpoint, model_state_of
+from pcdet_ext.engine.loop.runner import grad_scaler
 from pcdet_ext.engine.startup.args import load_config, output_dir
 from pcdet_ext.engine.loop.hooks import ScalarWriter
 from pcdet_ext.engine.startup.distributed import DistInfo, init_dist
@@ -44,6 +45,8 @@ class TrainingRun:
     start_iter: int
     total_epochs: int
     loaded: Optional[Set[str]]
+    amp: bool = False
+    scaler: Any = None
 
     def finish(self) -> None:
         """Close tensorboard; under torchrun wait for every rank and leave the process group."""
@@ -119,8 +122,11 @@ def prepare_training(args: argparse.Namespace,
             dataset_hook(train_set)
         model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)
         if args.sync_bn and info.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+            model = convert_sync_batchnorm(model)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device)
+        amp = bool(getattr(args, "use_amp", False) or cfg.OPTIMIZATION.get("USE_AMP", False))
+        scaler = grad_scaler(amp, device.type, cfg.OPTIMIZATION.get("LOSS_SCALE_FP16", 2.0 ** 16))
         loaded = None
         if args.pretrained_model:
             loaded = load_pretrained(model, args.pretrained_model, min_backbone_coverage, logger=logger,
@@ -132,19 +138,45 @@ def prepare_training(args: argparse.Namespace,
         if args.ckpt and not ckpt.is_file():
             raise FileNotFoundError(f"--ckpt: {ckpt} does not exist")
         if ckpt is not None:
-            start_epoch, start_iter = ck.resume(ckpt, model, optimizer, cfg, logger)
+            start_epoch, start_iter = ck.resume(ckpt, model, optimizer, cfg, logger, scaler)
         if info.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank % torch.cuda.device_count()] if torch.cuda.is_available() else None)
         scheduler, warmup = build_scheduler(optimizer, len(train_loader), total_epochs, -1, cfg.OPTIMIZATION)
+        logger.info("mixed precision (AMP): %s", f"on, {'fp16' if device.type == 'cuda' else 'bf16'} autocast"
+                    if amp else "off")
         return TrainingRun(args, cfg, info, out, ckpt_dir, logger, writer, train_set, train_loader, sampler, model,
-                           optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded)
+                           optimizer, scheduler, warmup, start_epoch, start_iter, total_epochs, loaded, amp, scaler)
     except BaseException:  # a start refused after the run folder was made leaves none behind
         if writer is not None:
             writer.close()
         if fresh and info.is_main:
             _discard(out)
         raise
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``--sync_bn``: every BatchNorm of the trained model becomes SyncBatchNorm. Frozen copies (a
+    pretraining teacher, whose BatchNorm weights are buffers: :mod:`pcdet_ext.algorithms.teacher_student`)
+    are left as they are: they never train, and their statistics follow the student's by EMA."""
+    frozen: list = []
+    for name, m in model.named_modules():
+        if name and not any(name.startswith(f + ".") for f in frozen) and any(
+                isinstance(x, torch.nn.modules.batchnorm._NormBase) and "weight" in x._buffers for x in m.modules()) \
+                and not any(True for _ in m.parameters()):
+            frozen.append(name)
+    held = []
+    for name in frozen:  # out of the tree while converting, then back in place
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        held.append((parent, child, parent._modules[child]))
+        parent._modules[child] = torch.nn.Identity()
+    try:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    finally:
+        for parent, child, module in held:
+            parent._modules[child] = module
+    return model
 
 
 def _discard(out: Path) -> None:

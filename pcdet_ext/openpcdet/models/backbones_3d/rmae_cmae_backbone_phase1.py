@@ -161,6 +161,8 @@ class RMAECMAEBackbonePhase1(nn.Module):
         self.mask_cfg = MaskingConfig.from_cfg(cfg)
         self.mask_seed = cfg.MASK_SEED
         self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
+        self._host_step = None  # mask_step mirrored on the host (read once, then counted: no sync per step)
+        self.compute_metrics = True  # training-time metrics (AP, P/R/IoU); the log hook sets it per step
         self.rmae_weight = cfg.RMAE_WEIGHT
         self.ts_weight = cfg.TEACHER_STUDENT_WEIGHT
         self.use_teacher = cfg.ENABLE_TEACHER_STUDENT
@@ -249,11 +251,27 @@ class RMAECMAEBackbonePhase1(nn.Module):
             for m, mode in modes.items():
                 m.training = mode
 
+    def steps_done(self) -> int:
+        """Training forwards so far (``mask_step``), read from the device once per loaded state."""
+        if self._host_step is None:
+            self._host_step = int(self.mask_step)
+        return self._host_step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host_step = None  # mask_step may change: read it again
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _seed(self) -> int:
         if not self.training:
             return self.mask_seed + 1_000_003  # validation: the same masks every time
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        return self.mask_seed + int(self.mask_step) * world + rank
+        return self.mask_seed + self.steps_done() * world + rank
+
+    def runs_teacher(self) -> bool:
+        """Whether this forward encodes the complete voxels with the teacher: only for a loss that
+        uses it (training with ``TEACHER_STUDENT_WEIGHT`` > 0); evaluation never needs it. The
+        teacher is kept up to date by EMA either way."""
+        return self.use_teacher and self.training and self.ts_weight > 0
 
     def forward(self, batch_dict: Dict) -> Dict:
         if not self.pretraining:
@@ -269,14 +287,15 @@ class RMAECMAEBackbonePhase1(nn.Module):
             if self.use_teacher:  # here the student's state is what DDP broadcast from rank 0 (identical on
                 # every rank); the teacher itself is never broadcast. First step: the teacher starts as the student
                 # (also after --pretrained_model); then its BatchNorm statistics follow the student's by EMA.
-                first = int(self.mask_step) == 0
+                first = self.steps_done() == 0
                 self._ema_teacher(0.0 if first else self.momentum, params=first)
             self.mask_step += 1
+            self._host_step = self.steps_done() + 1
         mask = mask_voxels(coords, batch_size, self.voxel_size, self.point_cloud_range, self.mask_cfg,
                            seed=seed, grid_size=self.grid_size)
         masked = mask.masked
-        visible = ~masked
-        n_vis = int(visible.sum())
+        visible = torch.nonzero(~masked).squeeze(1)  # the student's voxels: a shape that depends on the data
+        n_vis = len(visible)
         if n_vis:
             student = super().forward(dict(batch_dict, voxel_features=feats[visible],
                                            voxel_coords=batch_dict["voxel_coords"][visible]))
@@ -294,24 +313,27 @@ class RMAECMAEBackbonePhase1(nn.Module):
         geometry = CellGeometry.of(batch_size, self.full_shape, self.voxel_size, self.point_cloud_range,
                                    self.occ_cfg, self.mask_cfg.sensor_xyz, self.mask_cfg.distance_thresholds)
         targets = occupancy_targets(coords, masked, batch_dict["points"], geometry, self.occ_cfg, gen)
-        loss_occ = occupancy_loss(logits, targets, self.occ_cfg)
-        tb = {"loss_occupancy": loss_occ.item(), "visible_voxels": float(n_vis),
-              "masked_voxels": float(len(masked) - n_vis),
-              **occupancy_metrics(logits, targets, self.occ_cfg.metric_negatives, gen), **mask.log_dict()}
+        loss_occ = occupancy_loss(logits.float(), targets, self.occ_cfg)
+        tb = {"loss_occupancy": loss_occ.detach(), "visible_voxels": float(n_vis),
+              "masked_voxels": float(len(masked) - n_vis), **mask.log_dict()}
+        if self.compute_metrics or not self.training:
+            tb.update(occupancy_metrics(logits.detach().float(), targets))
         # logits and targets stay for evaluation against baselines on the same cells (benchmarks)
         self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb, "occupancy": (logits.detach(), targets)}
         if self.use_teacher:
+            tb["ema_momentum"] = self.momentum
+        if self.runs_teacher():
             if len(coords):  # the encoder cannot run on zero voxels
                 with torch.no_grad():
                     teacher = self.teacher(dict(batch_dict))
                 batch_dict["teacher_multi_scale_3d_features"] = teacher["multi_scale_3d_features"]
-            tb["ema_momentum"] = self.momentum
             matched = self._matched(batch_dict, n_vis)
-            tb.update(cosine_similarity(matched))
+            if self.compute_metrics:
+                tb.update(cosine_similarity(matched))
             if self.ts_weight > 0:
                 loss_ts = self._get_teacher_student_loss(matched)
                 self.forward_ret_dict["loss_teacher_student"] = loss_ts
-                tb["loss_teacher_student"] = loss_ts.item()
+                tb["loss_teacher_student"] = loss_ts.detach()
         return batch_dict
 
     def _matched(self, batch_dict: Dict, n_vis: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -339,7 +361,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         loss = self.rmae_weight * ret["loss_occupancy"]
         if "loss_teacher_student" in ret:
             loss = loss + self.ts_weight * ret["loss_teacher_student"]
-        tb = dict(ret["tb_dict"], loss_pretrain=loss.item())
+        tb = dict(ret["tb_dict"], loss_pretrain=loss.detach())
         return loss, tb
 
     @torch.no_grad()

@@ -131,7 +131,7 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
             if self.phase2.MOMENTUM.NAME == "cosine" and self.total_steps is None:
                 raise RuntimeError("RMAECMAEBackbonePhase2: the cosine MOMENTUM_SCHEDULE needs set_total_steps(n) "
                                    "before training (tools/train_rmae_cmae_phase2.py calls it)")
-            step = int(self.mask_step)
+            step = self.steps_done()
             self.momentum = self._momentum_at(step)
             if step == 0:  # the teacher heads start as the student's (the encoder: Phase 1's forward)
                 self._ema_heads(0.0, 0.0)
@@ -148,6 +148,11 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
             ret["loss_frame_contrast"] = self._frame_loss(student, teacher, batch_dict, batch_size, tb)
         return batch_dict
 
+    def runs_teacher(self) -> bool:
+        """Phase 1's rule, and whenever a Phase 2 term (MLFR, voxel / frame contrast) trains."""
+        return super().runs_teacher() or (self.use_teacher and self.training
+                                          and (self.use_mlfr or self.use_voxel or self.use_frame))
+
     def _mlfr_loss(self, student, teacher, batch_size: int, tb: Dict) -> torch.Tensor:
         """Per scale: decoder on the teacher's sites, loss on the sites the student lacks; the
         weighted mean over scales (``MLFR_LOSS_WEIGHTS``)."""
@@ -159,8 +164,8 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
                 continue
             pred, masked = self.mlfr[s](student[s] if student is not None else None, t, t.spatial_shape, batch_size)
             loss = reconstruction_loss(pred, t.features, masked, cfg.LOSS, cfg.VISIBLE_WEIGHT)
-            tb[f"loss_mlfr_{s}"] = loss.item()
-            tb[f"mlfr_masked_share_{s}"] = float(masked.float().mean())
+            tb[f"loss_mlfr_{s}"] = loss.detach()
+            tb[f"mlfr_masked_share_{s}"] = masked.float().mean()
             total = total + cfg.SCALE_WEIGHTS[s] * loss
             weight += cfg.SCALE_WEIGHTS[s]
         return total / weight if weight > 0 else total
@@ -187,8 +192,9 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
         loss = voxel_infonce(proj_s, proj_t, cfg.CONTRASTIVE_TEMPERATURE, cfg.RELATIONAL_WEIGHT,
                              cfg.RELATIONAL_TEMPERATURE,
                              cfg.HARD_NEGATIVE_RATIO if cfg.ENABLE_HARD_NEGATIVE_MINING else None)
-        tb.update(loss_voxel_contrast=loss.item(), voxel_top1=top1_retrieval(proj_s, proj_t, rows=TOP1_ROWS),
-                  voxel_top1_chance=1.0 / len(pick), voxel_sites=float(len(pick)))
+        tb.update(loss_voxel_contrast=loss.detach(), voxel_top1_chance=1.0 / len(pick), voxel_sites=float(len(pick)))
+        if self.compute_metrics:
+            tb["voxel_top1"] = top1_retrieval(proj_s, proj_t, rows=TOP1_ROWS)
         return loss
 
     def _frame_loss(self, student, teacher, batch_dict: Dict, batch_size: int, tb: Dict) -> torch.Tensor:
@@ -209,8 +215,8 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
         loss = frame_infonce(s_emb, t_emb, seq, self.frame_queue, cfg.FRAME_TEMPERATURE, cfg.MAX_FRAME_NEGATIVES,
                              index=idx, window=cfg.SEQUENCE_WINDOW,
                              hard_negative_ratio=cfg.HARD_NEGATIVE_RATIO if cfg.ENABLE_HARD_NEGATIVE_MINING else None)
-        tb["loss_frame_contrast"] = loss.item()
-        tb["frame_queue_filled"] = float((self.frame_queue.sequence >= 0).float().mean())
+        tb["loss_frame_contrast"] = loss.detach()
+        tb["frame_queue_filled"] = (self.frame_queue.sequence >= 0).float().mean()
         if self.training:
             self.frame_queue.enqueue(t_emb, seq, idx)
         return loss
@@ -235,8 +241,8 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
         ret = self.forward_ret_dict
         terms = {name: ret[f"loss_{name}"] for name in self.balancer.weights if f"loss_{name}" in ret}
         loss, effective = self.balancer(terms)
-        tb = dict(ret["tb_dict"], loss_pretrain=loss.item())
-        tb.update({f"loss_{k}": v.item() for k, v in terms.items()})
+        tb = dict(ret["tb_dict"], loss_pretrain=loss.detach())
+        tb.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         tb.update({f"weight_{k}": v for k, v in effective.items()})
         return loss, tb
 

@@ -72,20 +72,20 @@ class PointPillarRQ(PointPillar):
         w = self.rq_cfg.LOSS_WEIGHTS
         loss_det, tb_dict = self.dense_head.get_loss()
         loss = w.DET * loss_det
-        tb_dict = {"loss_det": loss_det.item(), **tb_dict}
+        tb_dict = {"loss_det": loss_det.detach(), **tb_dict}  # tensors: read on the host only when logged
         if rq_out is None:  # bottleneck bypassed
-            tb_dict["loss_total"] = loss.item()
-            return loss, tb_dict, {"loss_det": f"{loss_det.item():.3f}"}
+            tb_dict["loss_total"] = loss.detach()
+            return loss, tb_dict, {}
         vq = [rq_out.losses[k] for k in ("codebook", "commitment") if k in rq_out.losses]
         if vq:  # mse(residual, quantized): pulls the trainable codebooks (and an adapter) to the features
             vq_loss = torch.stack(vq).sum()
             loss = loss + w.VQ * vq_loss
-            tb_dict["loss_vq"] = vq_loss.item()
-        tb_dict["loss_total"] = loss.item()
+            tb_dict["loss_vq"] = vq_loss.detach()
+        tb_dict["loss_total"] = loss.detach()
         tb_dict["rq_num_codebooks"] = rq_out.num_codebooks
         tb_dict["rq_num_embeddings"] = rq_out.num_embeddings[-1]
         tb_dict.update({f"rq_{k}": v for k, v in rq_out.stats.items()})
-        return loss, tb_dict, {"loss_det": f"{loss_det.item():.3f}"}
+        return loss, tb_dict, {}
 
     def load_pretrained_pointpillars(self, filename: str, logger: Optional[logging.Logger] = None
                                      ) -> Dict[str, Tuple[int, int]]:
