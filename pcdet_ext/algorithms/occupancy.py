@@ -207,13 +207,14 @@ def ray_free_cells(points: torch.Tensor, geometry: CellGeometry, cfg: OccupancyC
     inside = (end >= 0).all(1) & (end[:, 0] <= wt) & (end[:, 1] <= ht) & (end[:, 2] <= dt)
     ray, bidx = ray[inside], bidx[inside]  # returns outside the range (uncropped input) trace nothing
     length = (ray * cell).norm(dim=1)
-    step = cfg.ray_step * float(cell.min())
-    n_steps = ((length - cfg.ray_stop * float(cell.max())) / step).floor().clamp_min(0).long()
-    total = int(n_steps.sum())
+    step = cfg.ray_step * min(geometry.cell)
+    n_steps = ((length - cfg.ray_stop * max(geometry.cell)) / step).floor().clamp_min(0).long()
+    total = int(n_steps.sum())  # the number of samples: a shape that depends on the data
     if total == 0:
         return free
-    which = torch.repeat_interleave(torch.arange(len(ray), device=dev), n_steps)
-    k = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n_steps, 0) - n_steps, n_steps)
+    which = torch.repeat_interleave(torch.arange(len(ray), device=dev), n_steps, output_size=total)
+    k = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n_steps, 0) - n_steps, n_steps,
+                                                                  output_size=total)
     t = (k.float() + 0.5) * step / length[which].clamp_min(1e-6)
     # samples lie between the sensor and a return, both inside the range: only the far faces need a clamp
     pos = torch.addcmul(start, ray[which], t[:, None]).floor_().clamp_(min=0).int()

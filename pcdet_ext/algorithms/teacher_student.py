@@ -6,7 +6,8 @@ OpenPCDet's decoupled weight decay) never sees it. It is updated only by :func:`
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,25 @@ def ema_update_(teacher: nn.Module, student_params: Iterable[Tuple[str, torch.Te
         s_list.append(p.detach())
     torch._foreach_mul_(t_list, momentum)
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+@contextmanager
+def estimating_batchnorm(layers: List[nn.Module]) -> Iterator[None]:
+    """Inside: the BatchNorm ``layers`` start from reset statistics and average every batch that
+    passes equally (``momentum=None``), in training mode; afterwards their momentum and mode are as
+    before and the new statistics stay. Re-estimates statistics on other data (e.g. unmasked scans
+    for an encoder whose statistics were gathered on masked ones)."""
+    saved = [(m, m.momentum, m.training) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        yield
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
 
 
 def _unique_mean(features: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from pcdet_ext.config import ConfigError
-from pcdet_ext.engine.checkpointing import ResumeError, unwrap
+from pcdet_ext.engine.checkpointing import ResumeError, checkpoint_state, save_epoch, unwrap
 from pcdet_ext.engine.startup.args import add_train_args
 from pcdet_ext.engine.recipes.occupancy_validation import GROW_VISIBLE, masked_occupancy_ap, shard_loader
 from pcdet_ext.engine.startup.preflight import check_dataset_files
@@ -71,6 +71,17 @@ def validate(run, loader, epoch: int, iteration: int) -> None:
                         for key, val in row.items()}, iteration)
 
 
+def recalibrate(run, iteration: int, batches: int) -> None:
+    """BatchNorm statistics of the encoder and teacher re-estimated on unmasked training batches and
+    written into the last epoch's checkpoint (atomically; the fine-tuning run and the converted
+    teacher then start from full-density statistics)."""
+    used = unwrap(run.model).recalibrate_batchnorm(run.train_loader, batches)
+    state = checkpoint_state(run.model, run.optimizer, run.total_epochs, iteration, run.cfg, run.scaler)
+    path = save_epoch(state, run.ckpt_dir, run.total_epochs, run.args.max_ckpt_save_num)
+    run.logger.info("BatchNorm statistics of the encoder and teacher re-estimated on %d unmasked batches: %s",
+                    used, path)
+
+
 def pretrain(argv, detector: str, doc: str, setup: Optional[Callable] = None,
              new_modules: Sequence[str] = ()) -> int:
     """The pretraining tool of ``detector``: OpenPCDet's flags, checks, resume, the EMA teacher step
@@ -79,6 +90,9 @@ def pretrain(argv, detector: str, doc: str, setup: Optional[Callable] = None,
     ``--pretrained_model`` need not hold."""
     parser = add_train_args(argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
+    parser.add_argument("--bn_recalibration_batches", type=int, default=16,
+                        help="after training, re-estimate the encoder's and teacher's BatchNorm statistics on this "
+                             "many unmasked training batches, into the last checkpoint (0: keep the masked-input ones)")
     parser.add_argument("--val_interval", type=int, default=1,
                         help="validate masked-occupancy AP on the test split every N epochs (0: never)")
     args = parser.parse_args(argv)
@@ -102,7 +116,9 @@ def pretrain(argv, detector: str, doc: str, setup: Optional[Callable] = None,
                                                                                     runner.iteration)))
     try:
         with disk_full_is_one_line():
-            train_model(run, hooks)
+            iteration = train_model(run, hooks)
+            if run.info.is_main and args.bn_recalibration_batches > 0:
+                recalibrate(run, iteration, args.bn_recalibration_batches)
     except DiskFull:
         return 2
     run.logger.info("done: checkpoints in %s", run.ckpt_dir)

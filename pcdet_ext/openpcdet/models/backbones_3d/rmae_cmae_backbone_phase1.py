@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Dict, List, Set, Tuple
+from typing import Dict, Iterable, List, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,8 @@ from pcdet_ext.openpcdet.models.backbones_3d.loss_weights import (DETECTION_WEIG
 from pcdet_ext.algorithms.masking import MASKING_SPEC, MaskingConfig, mask_voxels
 from pcdet_ext.algorithms.occupancy import (CellGeometry, OccupancyConfig, OccupancyDecoder, occupancy_loss,
                                       occupancy_metrics, occupancy_targets)
-from pcdet_ext.algorithms.teacher_student import (FeatureRegression, cosine_similarity, ema_update_, match_features,
-                                            params_to_buffers_)
+from pcdet_ext.algorithms.teacher_student import (FeatureRegression, cosine_similarity, ema_update_,
+                                                   estimating_batchnorm, match_features, params_to_buffers_)
 
 DEFAULT_ENCODER = "VoxelResBackBone8xVoxelNeXt"
 ADDED_MODULES = ("occ_decoder", "ts_regression", "teacher")
@@ -380,6 +380,37 @@ class RMAECMAEBackbonePhase1(nn.Module):
             named = dict(self.named_buffers())
             pairs += [(n, named[n]) for n in self._encoder_stats]
         ema_update_(self.teacher, pairs, momentum)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[Dict]) -> int:
+        """Re-estimate the BatchNorm statistics of the student encoder and of the teacher on complete
+        (unmasked) voxels: during pretraining the student's statistics (and the teacher's, an EMA of
+        them) come from masked, ~20 %-density input, but a fine-tuned detector, a frozen probe or the
+        converted teacher sees complete scans. ``batches``: batch dicts after the VFE
+        (``voxel_features``, ``voxel_coords``, ``batch_size``), e.g. a few training batches. Run it
+        after pretraining, before those uses (the pretraining tool does, ``--bn_recalibration_batches``).
+        Returns the number of batches used."""
+        stat_owners = {n.rsplit(".", 1)[0] for n in self._encoder_stats}
+        layers = [m for n, m in self.named_modules() if n in stat_owners
+                  and isinstance(m, nn.modules.batchnorm._NormBase)]
+        if self.use_teacher:
+            layers += [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        used = 0
+        modes = {m: m.training for m in self.modules()}
+        self.train()  # the encoder's convolutions as in training (stock spconv's CPU kernels need it)
+        try:
+            with estimating_batchnorm(layers):
+                for batch in batches:
+                    if len(batch["voxel_coords"]) == 0:
+                        continue
+                    self.encoder_cls.forward(self, dict(batch))
+                    if self.use_teacher:
+                        self.teacher(dict(batch))
+                    used += 1
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return used
 
     def teacher_state_names(self) -> List[str]:
         """Names (relative to this module) of the teacher's tensors: identical on every DDP rank by

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
+
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.locator import require_pcdet
 from pcdet_ext.openpcdet.lr_rules import unserved
@@ -68,6 +70,20 @@ class RMAECMAEDetectorPhase1(Detector3DTemplate):
                 box_preds=batch_dict["final_box_dicts"][index]["pred_boxes"], recall_dict=recall_dict,
                 batch_index=index, data_dict=batch_dict, thresh_list=thresh)
         return batch_dict["final_box_dicts"], recall_dict
+
+    def recalibrate_batchnorm(self, loader, max_batches: int) -> int:
+        """The backbone's :meth:`~.RMAECMAEBackbonePhase1.recalibrate_batchnorm` over at most
+        ``max_batches`` batches of ``loader`` (through the VFE); returns the batches used."""
+        from pcdet.models import load_data_to_gpu
+
+        def batches():
+            for i, batch in enumerate(loader):
+                if i >= max_batches:
+                    break
+                load_data_to_gpu(batch)
+                with torch.no_grad():
+                    yield self.vfe(batch)
+        return self.backbone_3d.recalibrate_batchnorm(batches())
 
     def update_teacher(self) -> None:
         """EMA step of the backbone's teacher (pretraining); call after every optimizer step."""
