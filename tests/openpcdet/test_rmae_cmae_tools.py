@@ -257,3 +257,26 @@ def test_shipped_configs_build(rel):
     if pretraining:
         assert cfg.MODEL.BACKBONE_3D.TEACHER_STUDENT_WEIGHT == 0.0 and hasattr(model.backbone_3d, "teacher")
         assert "gt_sampling" in cfg.DATA_CONFIG.DATA_AUGMENTOR.DISABLE_AUG_LIST
+
+
+def test_amp_pretraining_saves_and_resumes_the_grad_scaler_and_recalibrates_batchnorm(cfgs, synthetic_isarc,
+                                                                                      tmp_path):
+    """--use_amp (bf16 autocast on the CPU): the GradScaler's state goes into every checkpoint and a
+    resumed run continues from it; the last checkpoint holds statistics re-estimated on unmasked input."""
+    from pcdet_ext.utils.checkpoint import atomic_save
+    args = ("--cfg_file", cfgs[0], "--batch_size", "2", "--workers", "0", "--extra_tag", "amp", "--use_amp",
+            "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL)
+    res = tool("train_rmae_cmae_phase1.py", *args, "--epochs", "2", out_root=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "output/custom_models" / Path(cfgs[0]).stem / "amp"
+    first = run / "ckpt/checkpoint_epoch_2.pth"
+    state = load_checkpoint(first)
+    assert state["scaler_state"]["scale"] == 2.0 ** 16  # LOSS_SCALE_FP16's default, no overflow in bf16
+    log = next(run.glob("train_*.log")).read_text()
+    assert "mixed precision (AMP): on, bf16 autocast" in log
+    assert "BatchNorm statistics of the encoder and teacher re-estimated on 2 unmasked batches" in log
+    state["scaler_state"]["scale"] = 1234.0  # marks the state: a resumed run must continue from it
+    atomic_save(state, first)
+    res = tool("train_rmae_cmae_phase1.py", *args, "--epochs", "3", out_root=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert load_checkpoint(run / "ckpt/checkpoint_epoch_3.pth")["scaler_state"]["scale"] == 1234.0

@@ -5,6 +5,8 @@
 * eval-mode convolutions pass their bias into the fused kernel, which the CPU kernel
   rejects (``cpu don't support act and bias``): run the convolution without bias and add
   it afterwards, exactly what spconv's training path does.
+* spconv's CPU kernels have no bfloat16: under CPU autocast (AMP's plumbing on a CPU) its
+  convolutions run in fp32.
 * with more than one thread, spconv's CPU kernels race: now and then one output voxel is wrong
   (measured: a handful of 1,200 submanifold convolutions against a dense conv3d reference, none
   with one thread). Its ops run with one thread (the calling thread's setting only); the rest of
@@ -80,6 +82,11 @@ def patch_spconv(ledger: Ledger) -> bool:
 
     @functools.wraps(original)
     def _conv_forward(self, training, input, weight, bias, add_input=None, *args, **kwargs):
+        if not input.features.is_cuda and torch.is_autocast_enabled("cpu"):  # no bf16 kernels on the CPU: fp32
+            with torch.autocast("cpu", enabled=False):
+                input = input.replace_feature(input.features.float())
+                return _conv_forward(self, training, input, weight.float(), None if bias is None else bias.float(),
+                                     add_input, *args, **kwargs)
         if bias is None or training or input.features.is_cuda or add_input is not None \
                 or kwargs.get("act_type", self.act_type) != sp_conv.tv.gemm.Activation.None_:
             return original(self, training, input, weight, bias, add_input, *args, **kwargs)
