@@ -171,6 +171,11 @@ class RMAECMAEBackbonePhase1(nn.Module):
         probe = self._probe(input_channels)
         enc = probe["encoded_spconv_tensor"]
         self._encoded_shape = [int(v) for v in enc.spatial_shape]
+        if min(self._encoded_shape) < 1:
+            raise ConfigError(f"MODEL.BACKBONE_3D.ENCODER {self.encoder_cls.__name__}: its output grid "
+                              f"{self._encoded_shape} (z, y, x) is empty for the voxel grid {list(self.sparse_shape)}; "
+                              f"DATA_CONFIG.POINT_CLOUD_RANGE / VOXEL_SIZE give too few cells for its strides "
+                              f"(e.g. SECOND's VoxelBackBone8x needs 41 z cells: 4 m at 0.1 m)")
         self.occ_cfg = OccupancyConfig.from_cfg(cfg.OCCUPANCY_DECODER)
         self.full_shape = [int(s) for s in self.sparse_shape]
         self._check_sensor_inside()
