@@ -35,7 +35,6 @@ def cmd_step(args):
     from pcdet_ext.engine.startup import builders
     from pcdet_ext.openpcdet.datasets import create_infos, synthetic_writer
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
-    from pcdet_ext.openpcdet.models.backbones_3d.rmae_cmae_backbone_phase1 import RMAECMAEBackbonePhase1
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic_writer.write_custom(Path(tmp) / "isarc", num_frames=4, seed=1, val_fraction=0.25)
         root = create_infos.create_custom(root, synthetic_writer.CONSTRUCTION_CLASSES, workers=1,
