@@ -16,6 +16,7 @@ from pcdet_ext.engine.startup.prepare import convert_sync_batchnorm
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _host_copies import count_host_copies  # noqa: E402
 from test_rmae_cmae_backbone import batch, make  # noqa: E402
 
 
@@ -154,31 +155,6 @@ def test_batchnorm_statistics_re_estimated_on_unmasked_voxels_for_student_and_te
     assert torch.allclose(bn.running_mean, expected, atol=1e-5) and not torch.allclose(masked_mean, expected)
     assert torch.allclose(bb.teacher.conv_input[1].running_mean, expected_teacher, atol=1e-5)
     assert int(bn.num_batches_tracked) == 3
-
-
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-@contextmanager
-def count_host_copies():
-    """Counts calls of the tensor methods that copy device data to the host, made from pcdet_ext's code."""
-    calls = []
-    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
-
-    def wrap(name, fn):
-        def counted(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if "/pcdet_ext/" in caller and self.numel() > 0:
-                calls.append(f"{name} {caller.split('/pcdet_ext/')[1]}:{sys._getframe(1).f_lineno}")
-            return fn(self, *args, **kwargs)
-        return counted
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def _pretraining_step(compute_metrics: bool):

@@ -150,3 +150,30 @@ def test_bad_rq_config():
         parse_rq_config({"MODE": "hybrid"})
     with pytest.raises(ConfigError, match="MODEL.RQ_BOTTLENECK.NUM_CODEBOOKS: expected int"):
         parse_rq_config({"NUM_CODEBOOKS": "5"})
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_a_gradient_step_stays_within_its_budget_of_host_copies(synthetic_kitti, mode):
+    """Budget, read from pcdet_ext's code in a steady-state step: the quantizer's finite-input check
+    (NaN / inf features would corrupt the codebooks), its operating-point draw (a CPU generator: no
+    device sync on a GPU) and the runner's finite-loss check. The configuration buffers are read once
+    per change, dead-entry restarts have fixed shapes, statistics stay tensors until logged."""
+    import sys
+    sys.path.insert(0, str(REPO / "tests"))
+    from _host_copies import count_host_copies
+    from pcdet_ext.engine.loop.runner import Runner
+    seed_everything()
+    cfg = rq_cfg(mode)
+    (train_set, train_loader, _), _ = builders.build_loaders(cfg, synthetic_kitti)
+    model = builders.build_model(cfg, train_set)
+    model.quantizer.start_stage(0, 16)
+    model.quantizer.set_mode("gradient")
+    model.train()
+    runner = Runner(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+                    is_main=False)
+    batch = next(iter(train_loader))
+    for _ in range(4):  # the operating points' first draws read the entries' initialisation once each
+        runner.step(dict(batch))
+    with count_host_copies() as calls:
+        runner.step(dict(batch))
+    assert len(calls) <= 3, "\n".join(calls)

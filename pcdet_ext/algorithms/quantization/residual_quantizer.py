@@ -14,7 +14,7 @@ exists; without one it is not computed or reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
+from typing import Tuple, Any, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -118,14 +118,29 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("stage_start", torch.zeros(num_codebooks, dtype=torch.long))
         self.register_buffer("trained_size", torch.zeros(num_codebooks, dtype=torch.long))
         self.register_buffer("mode_id", torch.tensor(0))
+        self._host: Dict[str, Any] = {}
+        self._host_key: Tuple = ()
         self._apply_freezing()
         # requires_grad is not part of a state_dict: re-derive it from the loaded depth
         self.register_load_state_dict_post_hook(lambda module, keys: module._apply_freezing())
 
     # ---- configuration -------------------------------------------------------------------
+    def _host_config(self) -> Dict[str, Any]:
+        """Mode, active sizes and stage starts as Python values, read from the configuration buffers
+        only when one of them changed (any in-place write, ``load_state_dict`` or a move bumps the
+        key): a training step makes no device-to-host copy for them."""
+        buffers = [self.mode_id, self.active_depth, self.active_size, self.stage_start, self.initialised]
+        key = tuple((b.data_ptr(), b._version) for b in buffers)
+        if key != self._host_key:
+            depth = int(self.active_depth)
+            self._host = {"mode": MODES[int(self.mode_id)], "sizes": self.active_size[:depth].tolist(),
+                          "stage_start": self.stage_start.tolist(), "initialised": {}}
+            self._host_key = key
+        return self._host
+
     @property
     def mode(self) -> str:
-        return MODES[int(self.mode_id)]
+        return self._host_config()["mode"]
 
     def set_mode(self, mode: str) -> None:
         """``'ema'``: the current stage's new entries follow EMA means of their residuals;
@@ -214,7 +229,7 @@ class ResidualQuantizer(nn.Module):
         return int((self.trained_size > 0).sum())
 
     def trainable_codebooks(self) -> List[int]:
-        return [c for c in range(int(self.active_depth)) if self.codebooks[c].requires_grad]
+        return [c for c in range(len(self.active_sizes())) if self.codebooks[c].requires_grad]
 
     # ---- core ------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +301,7 @@ class ResidualQuantizer(nn.Module):
         return self.adapter_out(out) if self.adapter_out is not None else out
 
     def active_sizes(self) -> List[int]:
-        return [int(k) for k in self.active_size[: int(self.active_depth)]]
+        return list(self._host_config()["sizes"])
 
     def _sample_operating_point(self) -> List[int]:
         """Gradient training: (n, k) with n from the active depth (only the deepest when earlier
@@ -375,7 +390,10 @@ class ResidualQuantizer(nn.Module):
     def _lazy_init(self, z: torch.Tensor, sizes: Sequence[int]) -> None:
         """One pass over the codebooks: initialise a codebook's missing entries from the current
         residual, then assign and move on to the next residual."""
-        if bool(all(self.initialised[c, :k].all() for c, k in enumerate(sizes))):
+        known = self._host_config()["initialised"]
+        if tuple(sizes) not in known:
+            known[tuple(sizes)] = bool(all(self.initialised[c, :k].all() for c, k in enumerate(sizes)))
+        if known[tuple(sizes)]:
             return
         residual = z.detach()
         for c, k in enumerate(sizes):
@@ -418,7 +436,7 @@ class ResidualQuantizer(nn.Module):
                 dist.all_reduce(cnt)
                 dist.all_reduce(s_k)
             self.ema_count[c, :k].mul_(self.decay).add_(cnt, alpha=1 - self.decay)
-            start = int(self.stage_start[c])
+            start = self._host_config()["stage_start"][c]
             if self.mode != "ema" or start >= k:
                 continue
             self.ema_sum[c, start:k].mul_(self.decay).add_(s_k[start:k], alpha=1 - self.decay)
@@ -432,32 +450,33 @@ class ResidualQuantizer(nn.Module):
         return self.dead_threshold * float(num_vectors) / max(k, 1)
 
     @torch.no_grad()
-    def _restart_dead(self, residuals, counts, sizes) -> Dict[str, float]:
+    def _restart_dead(self, residuals, counts, sizes) -> Dict[str, torch.Tensor]:
         """Entries of the current stage ([stage_start, k)) whose EMA usage fell below
-        :meth:`dead_count` restart from random current residuals (chosen on rank 0), with their EMA
+        :meth:`dead_count` restart from random current residuals (drawn on rank 0), with their EMA
         count reset to exactly that threshold (they must be used to stay). Entries of earlier stages
-        are never touched, so smaller prefixes keep working. Returns ``restarts_<c>`` per codebook."""
-        out: Dict[str, float] = {}
+        are never touched, so smaller prefixes keep working. Fixed shapes (a candidate per entry,
+        taken where dead): no device-to-host copy. Returns ``restarts_<c>`` per codebook."""
+        out: Dict[str, torch.Tensor] = {}
         for c in self.trainable_codebooks():
             if c >= len(sizes):
                 continue
-            k, start = sizes[c], int(self.stage_start[c])
+            k, start = sizes[c], self._host_config()["stage_start"][c]
+            if start >= k or residuals[c].shape[0] == 0:
+                continue
             total = counts[c].sum()
             if _dist_world() > 1:
                 total = total.clone()
                 dist.all_reduce(total)
-            limit = self.dead_count(float(total), k)
-            dead = (self.ema_count[c, start:k] < limit).nonzero().flatten() + start
-            out[f"restarts_{c}"] = float(len(dead))
-            if len(dead) == 0 or residuals[c].shape[0] == 0:
-                continue
-            pick = torch.randint(residuals[c].shape[0], (len(dead),), device=residuals[c].device)
-            new = residuals[c][pick]
+            limit = self.dead_threshold * total / max(k, 1)  # dead_count, on the device
+            dead = self.ema_count[c, start:k] < limit
+            candidates = residuals[c][torch.randint(residuals[c].shape[0], (k - start,), device=residuals[c].device)]
             if _dist_world() > 1:
-                dist.broadcast(new, 0)
-            self.codebooks[c].data[dead] = new
-            self.ema_count[c, dead] = limit
-            self.ema_sum[c, dead] = new * limit
+                dist.broadcast(candidates, 0)
+            book = self.codebooks[c].data[start:k]
+            book.copy_(torch.where(dead[:, None], candidates, book))
+            self.ema_count[c, start:k] = torch.where(dead, limit, self.ema_count[c, start:k])
+            self.ema_sum[c, start:k] = torch.where(dead[:, None], candidates * limit, self.ema_sum[c, start:k])
+            out[f"restarts_{c}"] = dead.sum()
         return out
 
     # ---- statistics --------------------------------------------------------------------------
