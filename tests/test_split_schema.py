@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from easydict import EasyDict
 
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.recipes.progressive_rq import schema
@@ -391,3 +392,29 @@ def test_sweep_table_names_its_unit_metric_and_frames():
     unmeasured = dict(summary, cells=[dict(cell, kb_per_frame_measured=None)])
     assert "-" in format_table(unmeasured).splitlines()[2].split() and "measured needs bitstream models" in \
         format_table(unmeasured)
+
+
+def test_amp_of_a_progressive_run_reaches_the_runner_and_the_resume_state(tmp_path):
+    """training.use_amp (``--use_amp``): the trainer's runner trains under autocast with a GradScaler
+    whose state is part of every resume state; AMP may change between runs of one experiment."""
+    import logging
+
+    from pcdet_ext.engine.recipes.progressive_rq.trainer import ProgressiveTrainer
+    from pcdet_ext.engine.startup.distributed import DistInfo
+    from pcdet_ext.algorithms.quantization import ResidualQuantizer
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quantizer = ResidualQuantizer(dim=4, num_codebooks=2, codebook_size=16, schedule=[16])
+
+    cfgs = {amp: schema.validate(raw(tmp_path, training={"use_amp": amp})) for amp in (False, True)}
+    assert cfgs[False].training.use_amp is False and cfgs[True].training.use_amp is True
+    assert ck.run_config(cfgs[False]) == ck.run_config(cfgs[True])  # a resumed run may switch AMP
+    trainers = {amp: ProgressiveTrainer(cfg, Model(), ((None, None, None), (None, None)), EasyDict(CLASS_NAMES=["Car"]),
+                                        ck.RunDir(tmp_path / f"run{amp}"), logging.getLogger("t"), DistInfo(),
+                                        use_wandb=False)
+                for amp, cfg in cfgs.items()}
+    assert trainers[False].scaler is None and "scaler_state" not in trainers[False]._state(None, 0, 0, 0.0, 0)
+    state = trainers[True]._state(None, 0, 0, 0.0, 0)
+    assert state["scaler_state"]["scale"] == 2.0 ** 16

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_sweep", action="store_true", help="evaluate every trained (codebooks, entries) cell")
     p.add_argument("--eval_lambdas", type=float, nargs="+", default=None,
                    help="with --eval_sweep: also the last cell coded rate-aware at each lambda (evaluation.rate_lambdas)")
+    p.add_argument("--use_amp", action="store_true", default=None,
+                   help="mixed precision (training.use_amp); the quantizer and its EMA stay fp32")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
@@ -61,7 +63,8 @@ def parse_args(argv=None):
 def cli_values(args) -> dict:
     """The flags that set an experiment key: ``{(section, key): value}`` (None: not given)."""
     return {("training", "mode"): args.mode, ("training", "batch_size"): args.batch_size,
-            ("training", "num_workers"): args.workers, ("hardware", "gpu"): args.gpu,
+            ("training", "num_workers"): args.workers, ("training", "use_amp"): args.use_amp,
+            ("hardware", "gpu"): args.gpu,
             ("evaluation", "use_num_codebook"): args.eval_num_codebooks,
             ("evaluation", "use_num_embedding"): args.eval_num_embeddings,
             ("evaluation", "rq_ckpt"): str(args.rq_ckpt) if args.rq_ckpt else None}

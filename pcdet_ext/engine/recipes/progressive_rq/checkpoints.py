@@ -33,10 +33,11 @@ RESUME = "resume_state.pth"
 
 def run_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of an experiment config that defines a training run (not evaluation, logging,
-    hardware, workers or mode, nor where the data and the pretrained weights are stored: a moved
+    hardware, workers, mode or AMP, nor where the data and the pretrained weights are stored: a moved
     dataset folder continues the run): a resumed run must have the same."""
     relevant = {k: v for k, v in cfg.items() if k not in ("evaluation", "logging", "hardware")}
-    relevant["training"] = {k: v for k, v in dict(cfg["training"]).items() if k not in ("num_workers", "mode")}
+    relevant["training"] = {k: v for k, v in dict(cfg["training"]).items()
+                            if k not in ("num_workers", "mode", "use_amp")}
     relevant["dataset"] = {k: v for k, v in dict(cfg["dataset"]).items() if k != "dir"}
     relevant["model"] = {k: v for k, v in dict(cfg["model"]).items() if k != "pretrained_weight"}
     return json.loads(json.dumps(relevant, sort_keys=True, default=str))

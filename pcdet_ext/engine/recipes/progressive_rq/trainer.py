@@ -21,7 +21,7 @@ from pcdet_ext import __version__
 from pcdet_ext.engine.loop.hooks import ScalarLogHook, ScalarWriter
 from pcdet_ext.engine.startup.distributed import DistInfo
 from pcdet_ext.utils.checkpoint import plain
-from pcdet_ext.engine.loop.runner import Hook, Runner
+from pcdet_ext.engine.loop.runner import Hook, Runner, grad_scaler
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.recipes.progressive_rq import schema
@@ -42,6 +42,8 @@ class ProgressiveTrainer:
                          dir=str(run.root)) if use_wandb else None
         self.writer = ScalarWriter(run.tensorboard, dist_info.is_main, wandb_cfg, log)
         self.q = model.quantizer
+        device = next(model.parameters()).device.type
+        self.scaler = grad_scaler(exp.training.use_amp, device)  # AMP: the GradScaler lives for the whole run
         self.global_step = 0
         self.epochs_done = 0
         self.global_best = -math.inf
@@ -71,7 +73,8 @@ class ProgressiveTrainer:
                                 "num_embeddings": st.num_embeddings, "next_epoch": next_epoch,
                                 "stage_best_map": best, "bad_epochs": bad, "global_best_map": self.global_best,
                                 "done": done},
-                "config": plain(self.exp), "pcdet_cfg": self.pcdet_cfg, "fingerprint": self.fingerprint}
+                "config": plain(self.exp), "pcdet_cfg": self.pcdet_cfg, "fingerprint": self.fingerprint,
+                **({"scaler_state": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -95,6 +98,8 @@ class ProgressiveTrainer:
             best, bad, self.global_best = ss["stage_best_map"], ss["bad_epochs"], ss["global_best_map"]
             self.global_step, self.epochs_done = resume["it"], resume["epoch"]
             opt_state = resume["optimizer_state"]
+            if self.scaler is not None and resume.get("scaler_state"):
+                self.scaler.load_state_dict(resume["scaler_state"])
             self.log.info("resuming from %s: codebook %d stage %d (%d entries) epoch %d, step %d", point[0],
                           ss["codebook"], ss["stage"], ss["num_embeddings"], start_epoch + 1, self.global_step)
             if self._stage_finished(start_stage, start_epoch, bad):  # killed before the next stage's start was saved
@@ -153,7 +158,7 @@ class ProgressiveTrainer:
                 best_state = saved["model_state"]
         policy = StagePolicy(self, idx, optimizer, best, bad, best_state)
         runner = Runner(self.model, optimizer, world_size=self.dist.world_size, is_main=self.dist.is_main,
-                        iteration=self.global_step,
+                        iteration=self.global_step, amp=self.scaler is not None, scaler=self.scaler,
                         hooks=[policy, ScalarLogHook(self.writer, self.exp.logging.log_freq)])
         limit = self.exp.progressive_learning.pretrain_ema_limit  # batches per EMA warm-up epoch
         bar = progress(range(first_epoch, st.epochs), main=self.dist.is_main,
