@@ -116,11 +116,11 @@ class FrameQueue(nn.Module):
         n = len(keys)
         if n > self.size:
             raise ValueError(f"MEMORY_BANK_SIZE {self.size} is smaller than the global batch size {n}")
-        slots = (int(self.pointer) + torch.arange(n, device=self.keys.device)) % self.size
+        slots = (self.pointer + torch.arange(n, device=self.keys.device)) % self.size  # on the device
         self.keys[slots] = keys.to(self.keys.dtype)
         self.sequence[slots] = sequence
         self.index[slots] = index
-        self.pointer.fill_((int(self.pointer) + n) % self.size)
+        self.pointer.add_(n).remainder_(self.size)
 
 
 def check_queue_size(size: int, global_batch: int) -> None:
@@ -160,7 +160,7 @@ def frame_infonce(student: torch.Tensor, teacher: torch.Tensor, sequence: torch.
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
     index = torch.zeros_like(sequence) if index is None else index
-    order = (int(queue.pointer) - 1 - torch.arange(queue.size, device=s.device)) % queue.size  # newest first
+    order = (queue.pointer - 1 - torch.arange(queue.size, device=s.device)) % queue.size  # newest first
     if max_negatives is not None:
         order = order[:max_negatives]
     bank, bank_seq, bank_idx = queue.keys[order], queue.sequence[order], queue.index[order]

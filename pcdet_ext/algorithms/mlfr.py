@@ -71,14 +71,11 @@ def reconstruction_loss(pred: torch.Tensor, teacher: torch.Tensor, masked: torch
         per_site = 1.0 - F.cosine_similarity(pred, target, dim=1)
     else:
         per_site = F.smooth_l1_loss(pred, target, reduction="none").mean(1)
-    parts = []
-    if masked.any():
-        parts.append(per_site[masked].mean())
-    if visible_weight > 0 and (~masked).any():
-        parts.append(visible_weight * per_site[~masked].mean())
-    if not parts:
-        return pred.sum() * 0.0
-    return torch.stack(parts).sum()
+    hidden = masked.to(per_site.dtype)  # means over the masked / visible sites (0 where there are none),
+    loss = (per_site * hidden).sum() / hidden.sum().clamp_min(1)  # with no device-to-host copy
+    if visible_weight > 0:
+        loss = loss + visible_weight * (per_site * (1 - hidden)).sum() / (1 - hidden).sum().clamp_min(1)
+    return loss
 
 
 @torch.no_grad()
