@@ -105,6 +105,12 @@ def timed_steps(runner, batches, device: torch.device, steps: int) -> Dict[str, 
             "figure": f"loss {runner.last.loss:.3f}"}
 
 
+def runner_for(model, optimizer, amp: bool, device: torch.device, hooks=()):
+    """The engine's runner, fp32 or AMP (with OpenPCDet's GradScaler)."""
+    from pcdet_ext.engine.loop.runner import Runner, grad_scaler
+    return Runner(model, optimizer, amp=amp, scaler=grad_scaler(amp, device.type), is_main=False, hooks=list(hooks))
+
+
 def synthetic_kitti(tmp: Path) -> Path:
     from pcdet_ext.openpcdet.datasets import create_infos, synthetic_writer
     root = synthetic_writer.write_kitti(tmp / "kitti", num_frames=10, seed=3, val_fraction=0.2)
@@ -138,7 +144,6 @@ def batches_of(cfg, data: Path, batch_size: int, n: int, device: torch.device):
 
 def check_pillars(table: Table, data: Path, device: torch.device, small: bool) -> None:
     from pcdet_ext.engine.evaluation import evaluate_model
-    from pcdet_ext.engine.loop.runner import Runner, grad_scaler
     from pcdet_ext.engine.startup import builders
     steps = 1 if small else 10
     for mode in ("sparse", "dense"):
@@ -155,8 +160,7 @@ def check_pillars(table: Table, data: Path, device: torch.device, small: bool) -
                 model.quantizer.set_mode("gradient")
                 model.train()
                 opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-                runner = Runner(model, opt, amp=amp, scaler=grad_scaler(amp, device.type), is_main=False)
-                row = timed_steps(runner, batches, device, steps)
+                row = timed_steps(runner_for(model, opt, amp, device), batches, device, steps)
                 if amp:
                     out = model.rq_bottleneck.quantizer(torch.randn(64, model.quantizer.dim, device=device))
                     assert out.quantized.dtype == torch.float32, out.quantized.dtype
@@ -224,7 +228,6 @@ def spconv_on(device: torch.device) -> bool:
 
 def check_pretraining(table: Table, data: Path, device: torch.device, small: bool) -> None:
     from pcdet_ext.engine.loop.hooks import CallbackHook
-    from pcdet_ext.engine.loop.runner import Runner, grad_scaler
     from pcdet_ext.engine.optimization import build_optimizer
     from pcdet_ext.engine.startup import builders
     have = spconv_on(device)
@@ -250,9 +253,8 @@ def check_pretraining(table: Table, data: Path, device: torch.device, small: boo
                     model = builders.build_model(cfg, train_set).to(device)
                     if phase == 2:
                         model.set_total_steps(100)
-                    opt = build_optimizer(model, cfg.OPTIMIZATION)
-                    runner = Runner(model, opt, amp=amp, scaler=grad_scaler(amp, device.type), is_main=False,
-                                    hooks=[CallbackHook(model.update_teacher)])
+                    runner = runner_for(model, build_optimizer(model, cfg.OPTIMIZATION), amp, device,
+                                        [CallbackHook(model.update_teacher)])
                     model.backbone_3d.compute_metrics = False  # an unlogged step
                     return timed_steps(runner, batches, device, 1 if small else 5)
                 table.add(f"{name} pretraining step", f"{setting}, {'AMP' if amp else 'fp32'}", step)
