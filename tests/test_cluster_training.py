@@ -192,3 +192,18 @@ def test_a_pretraining_step_stays_within_its_budget_of_host_copies(phase):
     assert len(calls) <= STEP_BUDGET, "\n".join(calls)
     logged = _pretraining_step(phase, compute_metrics=True)  # a logged step computes the metrics: many more
     assert len(logged) > len(calls)
+
+
+def test_without_a_log_hook_metrics_come_on_the_first_and_every_50th_step_and_always_at_eval():
+    """Stock OpenPCDet's loop (a fork's tools/train.py) sets no compute_metrics: the backbone keeps
+    its own cadence, so a step is not paying for the metrics' host copies 49 times out of 50."""
+    bb = make(TEACHER_STUDENT_WEIGHT=0.0)
+    bb.train()
+    has = []
+    for i in range(51):
+        bb(batch(seed=i % 2))
+        has.append("occ_ap" in bb.get_loss()[1])
+    assert [i for i, h in enumerate(has) if h] == [0, 50]
+    bb.eval()
+    bb(batch())
+    assert "occ_ap" in bb.get_loss()[1]

@@ -41,6 +41,7 @@ from pcdet_ext.algorithms.teacher_student import (FeatureRegression, cosine_simi
 
 DEFAULT_ENCODER = "VoxelResBackBone8xVoxelNeXt"
 ADDED_MODULES = ("occ_decoder", "ts_regression", "teacher")
+METRICS_INTERVAL = 50  # training steps between metrics without a log hook (OpenPCDet's logging interval)
 DETECTION_ONLY_FORBIDDEN = {"MASKED_RATIO": 0, "ENABLE_TEACHER_STUDENT": False}
 
 
@@ -162,7 +163,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         self.mask_seed = cfg.MASK_SEED
         self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
         self._host_step = None  # mask_step mirrored on the host (read once, then counted: no sync per step)
-        self.compute_metrics = True  # training-time metrics (AP, P/R/IoU); the log hook sets it per step
+        self.compute_metrics = None  # training-time metrics now? the log hook sets it per step (see metrics_due)
         self.rmae_weight = cfg.RMAE_WEIGHT
         self.ts_weight = cfg.TEACHER_STUDENT_WEIGHT
         self.use_teacher = cfg.ENABLE_TEACHER_STUDENT
@@ -272,6 +273,16 @@ class RMAECMAEBackbonePhase1(nn.Module):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         return self.mask_seed + self.steps_done() * world + rank
 
+    def metrics_due(self) -> bool:
+        """Whether this forward computes the training-time metrics (occupancy AP, P/R/IoU, cosines: host
+        copies): always in evaluation; in training as the runner's log hook says (``compute_metrics``),
+        else (e.g. stock OpenPCDet's loop in a fork) on the first and every ``METRICS_INTERVAL``-th step."""
+        if not self.training:
+            return True
+        if self.compute_metrics is not None:
+            return bool(self.compute_metrics)
+        return (self.steps_done() - 1) % METRICS_INTERVAL == 0
+
     def runs_teacher(self) -> bool:
         """Whether this forward encodes the complete voxels with the teacher: only for a loss that
         uses it (training with ``TEACHER_STUDENT_WEIGHT`` > 0); evaluation never needs it. The
@@ -321,7 +332,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
         loss_occ = occupancy_loss(logits.float(), targets, self.occ_cfg)
         tb = {"loss_occupancy": loss_occ.detach(), "visible_voxels": float(n_vis),
               "masked_voxels": float(len(masked) - n_vis), **mask.log_dict()}
-        if self.compute_metrics or not self.training:
+        if self.metrics_due():
             tb.update(occupancy_metrics(logits.detach().float(), targets))
         # logits and targets stay for evaluation against baselines on the same cells (benchmarks)
         self.forward_ret_dict = {"loss_occupancy": loss_occ, "tb_dict": tb, "occupancy": (logits.detach(), targets)}
@@ -333,7 +344,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
                     teacher = self.teacher(dict(batch_dict))
                 batch_dict["teacher_multi_scale_3d_features"] = teacher["multi_scale_3d_features"]
             matched = self._matched(batch_dict, n_vis)
-            if self.compute_metrics:
+            if self.metrics_due():
                 tb.update(cosine_similarity(matched))
             if self.ts_weight > 0:
                 loss_ts = self._get_teacher_student_loss(matched)

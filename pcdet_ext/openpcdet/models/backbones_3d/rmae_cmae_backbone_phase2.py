@@ -193,7 +193,7 @@ class RMAECMAEBackbonePhase2(RMAECMAEBackbonePhase1):
                              cfg.RELATIONAL_TEMPERATURE,
                              cfg.HARD_NEGATIVE_RATIO if cfg.ENABLE_HARD_NEGATIVE_MINING else None)
         tb.update(loss_voxel_contrast=loss.detach(), voxel_top1_chance=1.0 / len(pick), voxel_sites=float(len(pick)))
-        if self.compute_metrics:
+        if self.metrics_due():
             tb["voxel_top1"] = top1_retrieval(proj_s, proj_t, rows=TOP1_ROWS)
         return loss
 
