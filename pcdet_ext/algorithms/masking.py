@@ -238,7 +238,7 @@ def mask_voxels(coords: torch.Tensor, batch_size: int, voxel_size: Sequence[floa
         limits = torch.tensor([batch_size, grid_size[2], grid_size[1], grid_size[0]], device=dev)
         inside = ((c >= 0) & (c < limits)).all()
         if dev.type == "cuda":  # checked on the device, reported at the next synchronisation
-            torch._assert_async(inside, "voxel_coords outside the grid / batch")
+            torch._assert_async(inside)
         elif not inside:
             raise ValueError("voxel_coords outside the grid / batch")
     n = coords.shape[0]

@@ -3,7 +3,7 @@ cannot rot between GPU runs) and fails the run when a check fails."""
 import subprocess
 import sys
 
-from tier2 import REPO
+from tier2 import REPO, has_voxelnext
 
 
 def test_gpu_check_runs_on_the_cpu_with_every_row_ok():
@@ -11,7 +11,11 @@ def test_gpu_check_runs_on_the_cpu_with_every_row_ok():
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = res.stdout[res.stdout.index("gpu_check on CPU"):].splitlines()[3:]
-    assert len(table) == 16 and all(line.rstrip().endswith("| ok") for line in table), "\n".join(table)
+    absent = "skipped: OpenPCDet has no VoxelResBackBone8xVoxelNeXt"  # v0.6.0
+    assert len(table) == 16 and all(line.rstrip().endswith("| ok") or (line.rstrip().endswith(absent)
+                                                                        and not has_voxelnext()
+                                                                        and line.startswith("VoxelNeXt"))
+                                    for line in table), "\n".join(table)
     checks = {line.split("|")[0].strip() for line in table}
     assert {"PointPillarRQ train (sparse)", "PointPillarRQ eval (dense)", "VoxelNeXt pretraining step",
             "SECOND pretraining step"} <= checks

@@ -196,8 +196,13 @@ class Runner:
 
 
 def grad_scaler(amp: bool, device: str, init_scale: float = 2.0 ** 16) -> Optional[Any]:
-    """OpenPCDet's GradScaler (``OPTIMIZATION.LOSS_SCALE_FP16`` the initial scale) when ``amp``, else None."""
-    return torch.amp.GradScaler(device, init_scale=init_scale) if amp else None
+    """OpenPCDet's GradScaler (``OPTIMIZATION.LOSS_SCALE_FP16`` the initial scale) when ``amp``, else None
+    (``torch.amp.GradScaler`` from torch 2.3; before it, ``torch.cuda.amp``'s)."""
+    if not amp:
+        return None
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device, init_scale=init_scale)
+    return torch.cuda.amp.GradScaler(init_scale=init_scale)
 
 
 def train_steps(model, loader, optimizer, steps: int = 1, scheduler=None, grad_clip: float = 10.0,

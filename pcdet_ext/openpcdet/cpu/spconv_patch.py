@@ -27,6 +27,15 @@ from pcdet_ext.openpcdet.cpu.ledger import Ledger
 _STOCK = {}
 
 
+def _cpu_autocast_on() -> bool:
+    """Whether CPU autocast is on (``is_autocast_enabled(device)`` from torch 2.4, before it
+    ``is_autocast_cpu_enabled``)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
 def _cpu_stream() -> int:
     return 0
 
@@ -82,7 +91,7 @@ def patch_spconv(ledger: Ledger) -> bool:
 
     @functools.wraps(original)
     def _conv_forward(self, training, input, weight, bias, add_input=None, *args, **kwargs):
-        if not input.features.is_cuda and torch.is_autocast_enabled("cpu"):  # no bf16 kernels on the CPU: fp32
+        if not input.features.is_cuda and _cpu_autocast_on():  # no bf16 kernels on the CPU: fp32
             with torch.autocast("cpu", enabled=False):
                 input = input.replace_feature(input.features.float())
                 return _conv_forward(self, training, input, weight.float(), None if bias is None else bias.float(),
