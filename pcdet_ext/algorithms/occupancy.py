@@ -348,7 +348,7 @@ class OccupancyAP:
     def add_samples(self, scores: torch.Tensor, labels: torch.Tensor, bands: torch.Tensor) -> None:
         """Count items by score, label (1 positive, 0 negative) and band index (0 .. len(BANDS) - 1)."""
         if self.counts is None:
-            self.counts = torch.zeros(len(BANDS), 2, self.bins, dtype=torch.float64, device=scores.device)
+            self.counts = self._zeros(scores.device)
         scale = self.bins / (2 * self.limit)
         b = ((scores.float().clamp(-self.limit, self.limit) + self.limit) * scale).long().clamp_(0, self.bins - 1)
         key = (bands.long() * 2 + labels.long()) * self.bins + b
@@ -360,14 +360,15 @@ class OccupancyAP:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if self.counts is None:  # a process whose shard was empty still takes part
                 nccl = dist.get_backend() == "nccl"
-                self.counts = torch.zeros(len(BANDS), 2, self.bins, dtype=torch.float64,
-                                          device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+                self.counts = self._zeros(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
             dist.all_reduce(self.counts)
+
+    def _zeros(self, device) -> torch.Tensor:
+        return torch.zeros(len(BANDS), 2, self.bins, dtype=torch.float64, device=device)
 
     def result(self) -> Dict[str, float]:
         """``occ_ap`` and ``occ_ap_<band>`` (NaN where no positive was counted)."""
-        counts = self.counts.cpu() if self.counts is not None else torch.zeros(len(BANDS), 2, self.bins,
-                                                                                 dtype=torch.float64)
+        counts = self.counts.cpu() if self.counts is not None else self._zeros("cpu")
         out = {"occ_ap": _histogram_ap(counts.sum(0))}
         out.update({f"occ_ap_{name}": _histogram_ap(counts[i]) for i, name in enumerate(BANDS)})
         return out

@@ -14,7 +14,7 @@ exists; without one it is not computed or reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Tuple, Any, Dict, List, Optional, Protocol, Sequence, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -445,9 +445,10 @@ class ResidualQuantizer(nn.Module):
             smoothed = (own + self.eps) / (n + (k - start) * self.eps) * n
             self.codebooks[c].data[start:k] = self.ema_sum[c, start:k] / smoothed.unsqueeze(1)
 
-    def dead_count(self, num_vectors: float, k: int) -> float:
-        """EMA usage below which an entry counts as dead: ``dead_threshold x num_vectors / k``."""
-        return self.dead_threshold * float(num_vectors) / max(k, 1)
+    def dead_count(self, num_vectors: Union[float, torch.Tensor], k: int) -> Union[float, torch.Tensor]:
+        """EMA usage below which an entry counts as dead: ``dead_threshold x num_vectors / k`` (a tensor
+        count stays a tensor on its device)."""
+        return self.dead_threshold * num_vectors / max(k, 1)
 
     @torch.no_grad()
     def _restart_dead(self, residuals, counts, sizes) -> Dict[str, torch.Tensor]:
@@ -467,7 +468,7 @@ class ResidualQuantizer(nn.Module):
             if _dist_world() > 1:
                 total = total.clone()
                 dist.all_reduce(total)
-            limit = self.dead_threshold * total / max(k, 1)  # dead_count, on the device
+            limit = self.dead_count(total, k)
             dead = self.ema_count[c, start:k] < limit
             candidates = residuals[c][torch.randint(residuals[c].shape[0], (k - start,), device=residuals[c].device)]
             if _dist_world() > 1:
@@ -489,6 +490,6 @@ class ResidualQuantizer(nn.Module):
             p = counts[c] / total.clamp_min(1)
             stats[f"perplexity_{c}"] = (-(p * p.clamp_min(1e-30).log()).sum()).exp()
             stats[f"usage_{c}"] = (counts[c] > 0).float().mean()
-            limit = self.dead_threshold * total / max(k, 1)  # dead_count, kept on the device
+            limit = self.dead_count(total, k)
             stats[f"dead_{c}"] = (self.ema_count[c, :k] < limit).float().mean()
         return stats
