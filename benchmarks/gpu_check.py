@@ -105,6 +105,13 @@ def timed_steps(runner, batches, device: torch.device, steps: int) -> Dict[str, 
             "figure": f"loss {runner.last.loss:.3f}"}
 
 
+def seeded_model(cfg, dataset, device: torch.device) -> torch.nn.Module:
+    """The config's network built from seed 0 (every row starts from the same weights), on ``device``."""
+    from pcdet_ext.engine.startup import builders
+    torch.manual_seed(0)
+    return builders.build_model(cfg, dataset).to(device)
+
+
 def runner_for(model, optimizer, amp: bool, device: torch.device, hooks=()):
     """The engine's runner, fp32 or AMP (with OpenPCDet's GradScaler)."""
     from pcdet_ext.engine.loop.runner import Runner, grad_scaler
@@ -144,7 +151,6 @@ def batches_of(cfg, data: Path, batch_size: int, n: int, device: torch.device):
 
 def check_pillars(table: Table, data: Path, device: torch.device, small: bool) -> None:
     from pcdet_ext.engine.evaluation import evaluate_model
-    from pcdet_ext.engine.startup import builders
     steps = 1 if small else 10
     for mode in ("sparse", "dense"):
         sets = ["MODEL.RQ_BOTTLENECK.MODE", mode]
@@ -154,8 +160,7 @@ def check_pillars(table: Table, data: Path, device: torch.device, small: bool) -
         train_set, batches, test_set, test_loader = batches_of(cfg, data, 1 if small else 8, 2, device)
         for amp in (False, True):
             def train(amp=amp):
-                torch.manual_seed(0)
-                model = builders.build_model(cfg, train_set).to(device)
+                model = seeded_model(cfg, train_set, device)
                 model.quantizer.start_stage(0, 16)
                 model.quantizer.set_mode("gradient")
                 model.train()
@@ -168,8 +173,7 @@ def check_pillars(table: Table, data: Path, device: torch.device, small: bool) -
             table.add(f"PointPillarRQ train ({mode})", "AMP" if amp else "fp32", train)
 
         def evaluate():
-            torch.manual_seed(0)
-            model = builders.build_model(cfg, train_set).to(device)
+            model = seeded_model(cfg, train_set, device)
             model.quantizer.start_stage(0, 16)
             model.eval()
             start = time.perf_counter()
@@ -229,7 +233,6 @@ def spconv_on(device: torch.device) -> bool:
 def check_pretraining(table: Table, data: Path, device: torch.device, small: bool) -> None:
     from pcdet_ext.engine.loop.hooks import CallbackHook
     from pcdet_ext.engine.optimization import build_optimizer
-    from pcdet_ext.engine.startup import builders
     have = spconv_on(device)
     for phase, rel in PRETRAIN.items():
         for name, encoder in ENCODERS.items():
@@ -249,8 +252,7 @@ def check_pretraining(table: Table, data: Path, device: torch.device, small: boo
             train_set, batches, _, _ = batches_of(cfg, data, 1 if small else 8, 2, device)
             for amp in (False, True):
                 def step(amp=amp):
-                    torch.manual_seed(0)
-                    model = builders.build_model(cfg, train_set).to(device)
+                    model = seeded_model(cfg, train_set, device)
                     if phase == 2:
                         model.set_total_steps(100)
                     runner = runner_for(model, build_optimizer(model, cfg.OPTIMIZATION), amp, device,
