@@ -24,7 +24,8 @@ TOOLS = sorted(p.stem for p in (Path(__file__).resolve().parent / "pcdet_ext" / 
 
 extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
-extras["test"] = ["pytest>=7", "hypothesis>=6"]  # spconv comes from the flavour extra (cpu, cu120, ...)
+extras["export"] = ["onnx>=1.14", "onnxruntime>=1.16"]  # tools/export_edge.py, the lean edge on this machine
+extras["test"] = ["pytest>=7", "hypothesis>=6", *extras["export"]]  # spconv comes from the flavour extra
 
 
 
@@ -45,12 +46,11 @@ class BuildPyWithConfigs(build_py):
 
 setup(
     name="pcdet_ext",
-    version="0.1.0",
+    version="0.2.0",
     description="OpenPCDet plugins: RQ split inference for PointPillars, R-MAE/CMAE pretraining",
     packages=find_packages(include=["pcdet_ext", "pcdet_ext.*"]),
     python_requires=">=3.8",
-    install_requires=["numpy", "torch", "easydict", "pyyaml", "tensorboardX", "numba", "tqdm", "matplotlib",
-                      "constriction"],
+    install_requires=["numpy", "torch", "easydict", "pyyaml", "tensorboardX", "numba>=0.59", "tqdm", "matplotlib"],
     extras_require=extras,
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithConfigs},

@@ -50,7 +50,7 @@ def features(model, dataset, frames):
 @torch.no_grad()
 def rate_curve(model, dataset, models, server, frames, n, k, lambdas):
     """Rate-aware coding at (n, k): median bytes and the decoded features' MSE / mean ||z||^2 per lambda."""
-    print(f"\nrate-aware at {(n, k)}: {'lambda':>8} {'bytes':>8} {'vs 0':>6} {'NMSE':>8} {'edge ms':>7}")
+    print(f"\nrate-aware at {(n, k)}: {'lambda':>8} {'bytes':>8} {'vs 0':>6} {'NMSE':>8} {'q+enc ms':>8} {'edge ms':>7}")
     base = None
     for lam in lambdas:
         edge = runtime.EdgeRuntime(model, dataset, models, n, k, rate_lambda=lam)
@@ -61,10 +61,10 @@ def rate_curve(model, dataset, models, server, frames, n, k, lambdas):
             decoded = model.quantizer.decode(torch.from_numpy(server_codes(server, data)))
             z = feats[torch.from_numpy(np.argsort(cells, kind="stable"))]
             rows.append((len(data), float((decoded - z).pow(2).sum(1).mean() / z.pow(2).sum(1).mean()),
-                         t["quantize_encode_ms"]))
-        size, nmse, ms = (statistics.median(col) for col in zip(*rows))
+                         t["quantize_encode_ms"], t["edge_ms"]))
+        size, nmse, ms, whole = (statistics.median(col) for col in zip(*rows))
         base = base or size
-        print(f"{'':>22} {lam:8g} {size:8.0f} {size / base:6.3f} {nmse:8.4f} {ms:7.1f}")
+        print(f"{'':>22} {lam:8g} {size:8.0f} {size / base:6.3f} {nmse:8.4f} {ms:8.1f} {whole:7.1f}")
     model.quantizer.set_rate(0.0)
 
 
@@ -102,7 +102,7 @@ def main():
         order0 = runtime.fit_probability_models(model, dataset, train, [16, 64, 256], context=False)
         server = runtime.ServerRuntime(model, dataset, models)
         print(f"\n{mode}: {'cell':>9} {'bytes':>8} {'order-0':>8} {'ratio':>6} {'occupancy':>9} {'iid bound':>9} "
-              f"{'codes':>8} {'model H':>8} {'codes/H':>7} {'edge ms':>7} {'decode ms':>9}")
+              f"{'codes':>8} {'model H':>8} {'codes/H':>7} {'q+enc ms':>8} {'edge ms':>7} {'decode ms':>9}")
         for n, k in CELLS:
             edge = runtime.EdgeRuntime(model, dataset, models, n, k)
             plain = runtime.EdgeRuntime(model, dataset, order0, n, k)
@@ -124,16 +124,16 @@ def main():
                 model.quantizer.decode(torch.from_numpy(frame.codes))
                 dec_ms = (time.perf_counter() - t0) * 1e3
                 rows.append((len(data), plain_bytes, len(data) / plain_bytes, 4 * hdr["occ_words"], iid,
-                             4 * hdr["code_words"], model_bits / 8, t["quantize_encode_ms"], dec_ms))
+                             4 * hdr["code_words"], model_bits / 8, t["quantize_encode_ms"], t["edge_ms"], dec_ms))
             med = [statistics.median(col) for col in zip(*rows)]
             print(f"{'':>6} {str((n, k)):>9} {med[0]:8.0f} {med[1]:8.0f} {med[2]:6.3f} {med[3]:9.0f} {med[4]:9.0f} "
-                  f"{med[5]:8.0f} {med[6]:8.0f} {med[5] / med[6]:7.3f} {med[7]:7.1f} {med[8]:9.1f}")
+                  f"{med[5]:8.0f} {med[6]:8.0f} {med[5] / med[6]:7.3f} {med[7]:8.1f} {med[8]:7.1f} {med[9]:9.1f}")
         if mode == "sparse":
             rate_curve(model, dataset, models, server, test, *args.lambda_cell, args.lambdas)
     print("\nmedians over frames; bytes: whole frame with the context code models (order-0: the same frame "
           "with order-0 code models; ratio: context / order-0), coded occupancy, its i.i.d. entropy bound, coded "
-          "indices, their entropy under the stored model (codes/H: coded / model entropy); edge ms: quantize + "
-          "encode (after the PillarVFE); decode ms: bitstream decode + code vectors")
+          "indices, their entropy under the stored model (codes/H: coded / model entropy); q+enc ms: quantize + "
+          "encode (after the PillarVFE); edge ms: the whole edge (point processing + PillarVFE + quantize + encode); decode ms: bitstream decode + code vectors")
 
 
 if __name__ == "__main__":

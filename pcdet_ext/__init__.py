@@ -11,26 +11,43 @@
    (:mod:`pcdet_ext.engine.optimization.fork`), so per-group learning rates hold in its own train.py.
 
 Without OpenPCDet the pure-torch parts work; the OpenPCDet-facing parts raise an
-ImportError saying how to provide it.
+ImportError saying how to provide it. Without torch (the vehicle's edge-only install,
+``pcdet_ext_edge``) none of this happens and only :mod:`pcdet_ext.edge` is usable.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
-from pcdet_ext.openpcdet import cpu
-from pcdet_ext.openpcdet.locator import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
-from pcdet_ext.openpcdet.registry import RegistryClashError, register, register_class
-from pcdet_ext.utils.checkpoint import allow_numpy_scalars
-from pcdet_ext.utils.console import quiet_known_warnings
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-__all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoundError",
-           "import_pcdet", "pcdet_available", "require_pcdet", "__version__"]
 
-allow_numpy_scalars()
-if cpu.should_activate():
-    cpu.activate()
+def _edge_only() -> bool:
+    """The edge distribution ships no ``pcdet_ext.openpcdet``; any install without torch is edge-only."""
+    if importlib.util.find_spec("pcdet_ext.openpcdet") is None:
+        return True
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+EDGE_ONLY = _edge_only()
+
+if not EDGE_ONLY:
+    from pcdet_ext.openpcdet import cpu
+    from pcdet_ext.openpcdet.locator import OpenPCDetNotFoundError, import_pcdet, pcdet_available, require_pcdet
+    from pcdet_ext.openpcdet.registry import RegistryClashError, register, register_class
+    from pcdet_ext.utils.checkpoint import allow_numpy_scalars
+    from pcdet_ext.utils.console import quiet_known_warnings
+
+    __all__ = ["register", "register_class", "RegistryClashError", "OpenPCDetNotFoundError",
+               "import_pcdet", "pcdet_available", "require_pcdet", "__version__"]
+    allow_numpy_scalars()
+    if cpu.should_activate():
+        cpu.activate()
 
 def _auto_register() -> None:
     """Register into OpenPCDet when it is importable; say why not when PCDET_ROOT names a bad checkout
@@ -51,5 +68,5 @@ def _auto_register() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-if os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0":
+if not EDGE_ONLY and os.environ.get("PCDET_EXT_AUTO_REGISTER", "1") != "0":
     _auto_register()

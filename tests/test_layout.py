@@ -1,9 +1,12 @@
 """The package layout's import rules (docs/architecture.md): each layer imports only the layers below it.
 
-    algorithms (pure torch)  <-  openpcdet (glue)  <-  engine (training recipes)  <-  deploy  <-  cli
+    algorithms (pure torch)  <-  edge (vehicle side)  <-  openpcdet (glue)  <-  engine (training recipes)
+    <-  deploy  <-  cli
     config, utils: pure python, importable by every layer; tools/*.py call one cli main
+    edge: numpy, numba, onnxruntime and the bitstream only (it installs where torch cannot)
 """
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import pytest
 from _subproc import run_python
 
 PKG = Path(__file__).resolve().parents[1] / "pcdet_ext"
-LAYERS = ["algorithms", "openpcdet", "engine", "deploy", "cli"]
+LAYERS = ["algorithms", "edge", "openpcdet", "engine", "deploy", "cli"]
+EDGE_MAY_IMPORT = ("pcdet_ext.edge", "pcdet_ext.algorithms.bitstream", "numpy", "numba", "onnxruntime")
 SHARED = ("pcdet_ext.config", "pcdet_ext.utils")
 
 
@@ -44,6 +48,9 @@ def test_each_layer_imports_only_layers_below(layer):
                 bad.append(f"{path.relative_to(PKG.parent)} imports {mod}")
             if layer == "algorithms" and mod.split(".")[0] == "pcdet":
                 bad.append(f"{path.relative_to(PKG.parent)} imports OpenPCDet ({mod})")
+            if layer == "edge" and not (mod.split(".")[0] in sys.stdlib_module_names or mod == "__future__"
+                                        or mod.startswith(EDGE_MAY_IMPORT)):
+                bad.append(f"{path.relative_to(PKG.parent)} imports {mod} (the edge installs without it)")
     assert not bad, "\n".join(bad)
 
 
@@ -90,7 +97,6 @@ def test_every_tool_runs_as_a_module_and_a_console_script(tmp_path):
     import re
     import shutil
     import subprocess
-    import sys
     tools = sorted(p.stem for p in (PKG / "cli").glob("*.py") if p.stem != "__init__")
     for tool in tools:
         source = (PKG / "cli" / f"{tool}.py").read_text()

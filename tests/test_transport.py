@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pcdet_ext.algorithms.bitstream import decode_frame, encode_frame
-from pcdet_ext.deploy.transport import FrameClient, FrameServer, TransportError
+from pcdet_ext.edge.transport import FrameClient, FrameServer, TransportError
 from test_bitstream import MODEL_ID, MODELS, frame
 
 

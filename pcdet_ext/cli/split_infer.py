@@ -6,8 +6,11 @@
     python tools/split_infer.py ... --fit_models --fit_split train       # learn the bitstream models first
     python tools/split_infer.py ... --remote 127.0.0.1:18890             # decode on tools/split_server.py
 
-Per frame: bytes (occupancy + codes), edge quantize+encode ms, server decode ms, boxes. Summary:
-median/mean/p95 bytes, KB/frame, ratios against the float32 dense pseudo-image and float16 sparse pillars.
+Per frame: bytes (occupancy + codes), the whole edge's ms (point processing + PillarVFE + quantize +
+encode) beside its quantize+encode part, server decode ms, boxes. Summary: median/mean/p95 bytes,
+KB/frame, ratios against the float32 dense pseudo-image and float16 sparse pillars.
+``--save_frames DIR`` writes each frame as DIR/<scan name>.rqf, the names ``python -m pcdet_ext.edge
+--out`` writes, so ``cmp`` compares the two edges.
 """
 import argparse
 import json
@@ -20,7 +23,8 @@ import numpy as np
 
 from pcdet_ext.algorithms.bitstream import read_header
 from pcdet_ext.deploy import runtime
-from pcdet_ext.deploy.transport import FrameClient
+from pcdet_ext.edge.bundle import FRAME_SUFFIX
+from pcdet_ext.edge.transport import FrameClient
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
@@ -82,6 +86,7 @@ def run(argv=None) -> int:
                         "(distortion in units of the frame's mean squared feature norm; 0: nearest codes)")
     p.add_argument("--remote", default=None, help="host:port of tools/split_server.py")
     p.add_argument("--json", default=None, help="write per-frame results and the summary here")
+    p.add_argument("--save_frames", default=None, help="write each frame to this folder as <scan name>.rqf")
     add_set_argument(p, default=[])
     args = p.parse_args(argv)
     if not args.rate_lambda >= 0:  # also NaN
@@ -115,9 +120,15 @@ def run(argv=None) -> int:
         host, port = args.remote.rsplit(":", 1)
         client = FrameClient(host, int(port))
     rows = []
-    print(f"{'frame':>16} {'bytes':>8} {'occ':>7} {'codes':>7} {'pillars':>7} {'edge ms':>8} {'server ms':>9} {'boxes':>5}")
+    save = Path(args.save_frames) if args.save_frames else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    print(f"{'frame':>16} {'bytes':>8} {'occ':>7} {'codes':>7} {'pillars':>7} {'edge ms':>8} {'q+enc ms':>8} "
+          f"{'server ms':>9} {'boxes':>5}")
     for path in frame_paths(args, dataset, args.split):
         data, edge_t = edge.encode(read(path))
+        if save:
+            (save / (path.stem + FRAME_SUFFIX)).write_bytes(data)
         hdr = read_header(data)
         if client is not None:
             reply = json.loads(client.request(data))
@@ -127,11 +138,13 @@ def run(argv=None) -> int:
             boxes, server_ms = len(pred["pred_boxes"]), server_t["decode_ms"] + server_t["tail_ms"]
         row = {"frame": path.name, "bytes": len(data), "occupancy_bytes": 4 * hdr["occ_words"],
                "code_bytes": 4 * hdr["code_words"], "pillars": edge_t["pillars"],
-               "edge_ms": edge_t["quantize_encode_ms"], "head_ms": edge_t["head_ms"], "server_ms": server_ms,
+               "edge_ms": edge_t["edge_ms"], "quantize_encode_ms": edge_t["quantize_encode_ms"],
+               "head_ms": edge_t["head_ms"], "server_ms": server_ms,
                "boxes": boxes}
         rows.append(row)
         print(f"{row['frame']:>16} {row['bytes']:>8} {row['occupancy_bytes']:>7} {row['code_bytes']:>7} "
-              f"{row['pillars']:>7} {row['edge_ms']:8.1f} {row['server_ms']:9.1f} {row['boxes']:>5}")
+              f"{row['pillars']:>7} {row['edge_ms']:8.1f} {row['quantize_encode_ms']:8.1f} {row['server_ms']:9.1f} "
+              f"{row['boxes']:>5}")
     if client is not None:
         client.close()
     sizes = [r["bytes"] for r in rows]
@@ -145,12 +158,14 @@ def run(argv=None) -> int:
                "ratio_vs_float32_dense": dense32 / statistics.mean(sizes),
                "ratio_vs_float16_sparse": sparse16 / statistics.mean(sizes),
                "median_edge_ms": statistics.median(r["edge_ms"] for r in rows),
+               "median_quantize_encode_ms": statistics.median(r["quantize_encode_ms"] for r in rows),
                "median_server_ms": statistics.median(r["server_ms"] for r in rows)}
     print(f"({n}, {k}){f' lambda {args.rate_lambda:g}' if args.rate_lambda else ''}: median {summary['median_bytes']:.0f} B, mean {summary['mean_bytes']:.0f} B, "
           f"p95 {summary['p95_bytes']:.0f} B = {summary['kb_per_frame']:.2f} KB/frame; "
           f"{summary['ratio_vs_float32_dense']:.0f}x smaller than float32 dense ({dense32 / 1024:.0f} KB), "
           f"{summary['ratio_vs_float16_sparse']:.1f}x smaller than float16 sparse pillars; "
-          f"edge {summary['median_edge_ms']:.1f} ms, server {summary['median_server_ms']:.1f} ms (median)")
+          f"edge {summary['median_edge_ms']:.1f} ms (quantize+encode {summary['median_quantize_encode_ms']:.1f}), "
+          f"server {summary['median_server_ms']:.1f} ms (median)")
     if args.json:
         Path(args.json).write_text(json.dumps({"frames": rows, "summary": summary}, indent=2))
     return 0

@@ -14,7 +14,7 @@ import sys
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.deploy import runtime
-from pcdet_ext.deploy.transport import DEFAULT_MAX_FRAME, FrameServer
+from pcdet_ext.edge.transport import DEFAULT_MAX_FRAME, FrameServer
 from pcdet_ext.utils.checkpoint import CheckpointError
 from pcdet_ext.engine.startup.args import add_set_argument
 from pcdet_ext.utils.console import quiet_known_warnings

@@ -1,4 +1,5 @@
 """Tier 2: tests that run unmodified OpenPCDet (PCDET_ROOT or an installed pcdet) on this CPU."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,3 +83,33 @@ def pretrained(cfgs, synthetic_isarc, tmp_path_factory):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt_dir = out / "output/custom_models" / Path(cfgs[0]).stem / "t/ckpt"
     return ckpt_dir, out
+
+
+@pytest.fixture(scope="session")
+def exported(kitti_raw, tmp_path_factory):
+    """A full-grid KITTI PointPillarRQ (5 x 256, quantizer fitted to real pillar features), its checkpoint
+    with bitstream models, and the bundle tools/export_edge.py writes from it."""
+    import torch
+
+    from pcdet_ext.algorithms.quantization.fit import fit_progressive
+    from pcdet_ext.deploy import runtime
+    from pcdet_ext.edge import read_scan
+    from pcdet_ext.engine.recipes.progressive_rq.measured import STATE_KEY
+    from pcdet_ext.utils.checkpoint import atomic_save, plain
+    tmp = tmp_path_factory.mktemp("edge")
+    torch.manual_seed(0)
+    model, dataset, cfg = runtime.load_split_model("cfgs/kitti_models/pointpillar_rq.yaml")
+    model.eval()
+    scans = sorted((kitti_raw / "velodyne").glob("*.bin"))
+    fit = [read_scan(f) for f in scans[:4]]
+    with torch.no_grad():
+        feats = torch.cat([runtime.head_features(model, dataset, p, runtime.grid_geometry(dataset))[0] for p in fit])
+    fit_progressive(model.quantizer, feats, 5, [16, 64, 256], steps=5)
+    models = runtime.fit_probability_models(model, dataset, fit, [16, 64, 256])
+    ckpt = tmp / "rq_bitstream.pth"
+    atomic_save({"model_state": model.state_dict(), STATE_KEY: models.to_state(), "pcdet_cfg": plain(cfg)}, ckpt)
+    proc = subprocess.run([sys.executable, str(REPO / "tools/export_edge.py"), "--ckpt", str(ckpt), "--out",
+                           str(tmp / "bundle")], capture_output=True, text=True, cwd=str(REPO), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cells (1, 16), (2, 16)" in proc.stdout and "(5, 256)" in proc.stdout
+    return model, dataset, models, ckpt, tmp / "bundle", scans[4:24]

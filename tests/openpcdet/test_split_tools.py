@@ -11,7 +11,7 @@ import yaml
 
 from pcdet_ext.algorithms.bitstream.codec import HEADER
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
-from pcdet_ext.deploy.transport import FrameClient, TransportError
+from pcdet_ext.edge.transport import FrameClient, TransportError
 from tier2 import REPO
 
 SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]

@@ -6,12 +6,13 @@ Layout (little endian)::
     | model id 8 bytes | pillars u32 | occupancy words u32 | code words u32 | crc32 u32 (of all else)
     | occupancy payload (u32 words) | code payload (u32 words)
 
-Occupancy and codes are range-coded (``constriction``) under the :class:`ProbabilityModels`
-stored with the checkpoint; the model id (a hash of the codebooks and those models) makes a server
-with other codebooks refuse the frame. Codes are coded codebook by codebook in the phases and
-contexts of :mod:`.contexts`; a context seen fewer than ``CONTEXT_MIN`` times in fitting escapes to
-the order-0 model. Every field is bounds-checked and the CRC is verified before any decoding, so
-malformed input fails fast with :class:`BitstreamError` and bounded memory.
+Occupancy and codes are rANS-coded (:mod:`.rans`, numba: the same words on x86_64 and aarch64)
+under the :class:`ProbabilityModels` stored with the checkpoint; the model id (a hash of the
+codebooks and those models) makes a server with other codebooks refuse the frame. Codes are coded
+codebook by codebook in the phases and contexts of :mod:`.contexts`; a context seen fewer than
+``CONTEXT_MIN`` times in fitting escapes to the order-0 model. Every field is bounds-checked and the
+CRC is verified before any decoding, and each stream must end exactly where its last symbol ends,
+so malformed input fails fast with :class:`BitstreamError` and bounded memory.
 """
 from __future__ import annotations
 
@@ -23,56 +24,38 @@ from typing import Dict
 import numpy as np
 
 from pcdet_ext.algorithms.bitstream import occupancy as occ_mod
-from pcdet_ext.algorithms.bitstream.contexts import Layout, group_runs, passes, plan
-from pcdet_ext.algorithms.bitstream.models import (MAX_ENTRIES, BitstreamError, ProbabilityModels, _constriction,
-                                                   _normalise)
+from pcdet_ext.algorithms.bitstream.contexts import Layout, passes, plan
+from pcdet_ext.algorithms.bitstream.models import MAX_ENTRIES, BitstreamError, ProbabilityModels
+from pcdet_ext.algorithms.bitstream.rans import RansDecoder, RansEncoder, RansError
 
 MAGIC = b"RQBS"
-VERSION = 2  # 2: codebooks without the spatial context in one pass over all cells
+VERSION = 3  # 3: rANS (numba) instead of constriction's range coder; 2: codebooks without the spatial context
 HEADER = struct.Struct("<4sBBHHBH8sIIII")
 MAX_CELLS = 4096 * 4096
 MAX_CODEBOOKS = 16
+OLDER_VERSIONS = {1: "pcdet_ext's first bitstream (constriction range coder)",
+                  2: "the constriction range coder of pcdet_ext before the portable rANS coder"}
 
 
-def _pass_runs(models: ProbabilityModels, layout: Layout, codes: np.ndarray, cb: int, k: int, phase, idx):
-    """(order of the pass's cells ``idx``, runs [(coder, start, end) or (None, start, end)], per-cell
-    probabilities of the tail run or None) for codebook ``cb``: what encoder and decoder visit."""
-    kind, ctx = plan(models, layout, codes, cb, k, phase, idx)
-    coders = models.coders(kind, cb, k)
-    if kind is None:
-        return np.arange(len(idx)), [(coders[-1], 0, len(idx))], None
-    rows, group = models.conditional(kind, cb, k)
-    groups = group[ctx]
-    order, runs = group_runs(groups, k)
-    tail = None
-    if runs and runs[-1][0] is None:  # short groups: each cell under its own row (order-0 for escapes)
-        tail = rows[ctx[order[runs[-1][1]:]]]
-    return order, [(None if g is None else coders[g], s, e) for g, s, e in runs], tail
+def _code_passes(models: ProbabilityModels, layout: Layout, codes: np.ndarray, cb: int, k: int):
+    """(cells, rANS table, row of each cell) of every pass over codebook ``cb``, in coding order;
+    the contexts read only codes of earlier passes (the decoder fills ``codes`` as it goes)."""
+    for phase, idx in passes(models, layout, cb, k):
+        kind, ctx = plan(models, layout, codes, cb, k, phase, idx)
+        yield idx, models.code_cdf(kind, cb, k), (np.zeros(len(idx), dtype=np.int64) if ctx is None else ctx)
 
 
-def _encode_codes(enc, codes: np.ndarray, k: int, models: ProbabilityModels, layout: Layout) -> None:
-    family = _constriction().stream.model.Categorical(perfect=False)
+def _encode_codes(enc: RansEncoder, codes: np.ndarray, k: int, models: ProbabilityModels, layout: Layout) -> None:
     for cb in range(codes.shape[1]):
-        for phase, idx in passes(models, layout, cb, k):
-            order, runs, tail = _pass_runs(models, layout, codes, cb, k, phase, idx)
-            symbols = codes[idx[order], cb].astype(np.int32)
-            for coder, start, end in runs:
-                if coder is None:
-                    enc.encode(symbols[start:end], family, tail)
-                else:
-                    enc.encode(symbols[start:end], coder)
+        for idx, cdf, rows in _code_passes(models, layout, codes, cb, k):
+            enc.encode(codes[idx, cb], cdf, rows)
 
 
-def _decode_codes(dec, m: int, n: int, k: int, models: ProbabilityModels, layout: Layout) -> np.ndarray:
+def _decode_codes(dec: RansDecoder, m: int, n: int, k: int, models: ProbabilityModels, layout: Layout) -> np.ndarray:
     codes = np.zeros((m, n), dtype=np.int64)
-    family = _constriction().stream.model.Categorical(perfect=False)
     for cb in range(n):
-        for phase, idx in passes(models, layout, cb, k):
-            order, runs, tail = _pass_runs(models, layout, codes, cb, k, phase, idx)
-            out = np.empty(len(idx), dtype=np.int64)
-            for coder, start, end in runs:
-                out[start:end] = dec.decode(family, tail) if coder is None else dec.decode(coder, end - start)
-            codes[idx[order], cb] = out
+        for idx, cdf, rows in _code_passes(models, layout, codes, cb, k):
+            codes[idx, cb] = dec.decode(cdf, rows)
     return codes
 
 
@@ -87,35 +70,24 @@ class Frame:
     dense: bool = False
 
 
-def _encode_occupancy(enc, occ: np.ndarray, models: ProbabilityModels) -> None:
-    c = _constriction()
+def _encode_occupancy(enc: RansEncoder, occ: np.ndarray, models: ProbabilityModels) -> None:
     geo = models.geometry
     pyr = occ_mod.pyramid(occ, geo)
-    fam = c.stream.model.Categorical(perfect=False)
-    top_p = _normalise(models.top_counts)
-    ctx = occ_mod.top_contexts(geo, pyr[-1].shape)
-    enc.encode(pyr[-1].ravel().astype(np.int32), fam, top_p[ctx])
-    child_p = _normalise(models.child_counts)
+    enc.encode(pyr[-1].ravel(), models.occupancy_cdf("top"), occ_mod.top_contexts(geo, pyr[-1].shape))
     for level in range(geo.levels - 1, -1, -1):
         rows, cols, ctx = occ_mod.child_contexts(pyr[level + 1], level, geo)
-        if len(rows):
-            enc.encode(occ_mod.child_patterns(pyr[level], rows, cols).astype(np.int32), fam, child_p[ctx])
+        enc.encode(occ_mod.child_patterns(pyr[level], rows, cols), models.occupancy_cdf("child"), ctx)
 
 
-def _decode_occupancy(dec, models: ProbabilityModels) -> np.ndarray:
-    c = _constriction()
+def _decode_occupancy(dec: RansDecoder, models: ProbabilityModels) -> np.ndarray:
     geo = models.geometry
     ph, pw = geo.padded
     shape = (ph >> geo.levels, pw >> geo.levels)
-    fam = c.stream.model.Categorical(perfect=False)
-    ctx = occ_mod.top_contexts(geo, shape)
-    level_map = np.asarray(dec.decode(fam, _normalise(models.top_counts)[ctx]), dtype=bool).reshape(shape)
-    child_p = _normalise(models.child_counts)
+    level_map = dec.decode(models.occupancy_cdf("top"), occ_mod.top_contexts(geo, shape)).astype(bool).reshape(shape)
     for level in range(geo.levels - 1, -1, -1):
         child = np.zeros((level_map.shape[0] * 2, level_map.shape[1] * 2), dtype=bool)
         rows, cols, ctx = occ_mod.child_contexts(level_map, level, geo)
-        if len(rows):
-            occ_mod.place_children(child, rows, cols, np.asarray(dec.decode(fam, child_p[ctx])))
+        occ_mod.place_children(child, rows, cols, dec.decode(models.occupancy_cdf("child"), ctx))
         level_map = child
     return level_map[: geo.height, : geo.width]
 
@@ -125,7 +97,6 @@ def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, mode
     """Bytes for one frame. ``cells``: flat row-major indices of the occupied BEV cells (any order;
     sparse mode) and ``codes`` [M, n] in the same order. Dense mode codes every cell in raster order
     (``cells`` must then be ``arange(H * W)``)."""
-    c = _constriction()
     geo = models.geometry
     cells = np.asarray(cells, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.int64)
@@ -142,16 +113,16 @@ def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, mode
     if not dense:
         occ = np.zeros(geo.height * geo.width, dtype=bool)
         occ[cells] = True
-        enc = c.stream.queue.RangeEncoder()
+        enc = RansEncoder()
         _encode_occupancy(enc, occ.reshape(geo.height, geo.width), models)
-        occ_words = enc.get_compressed()
+        occ_words = enc.finish()
     elif len(cells) != geo.height * geo.width:
         raise ValueError("dense mode codes every cell of the grid")
-    enc = c.stream.queue.RangeEncoder()
+    enc = RansEncoder()
     if len(codes):
         layout = Layout.of(cells, geo.height, geo.width, models.uses_spatial(num_embeddings))
         _encode_codes(enc, codes, num_embeddings, models, layout)
-    code_words = enc.get_compressed()
+    code_words = enc.finish()
     body = occ_words.astype("<u4").tobytes() + code_words.astype("<u4").tobytes()
     fields = (MAGIC, VERSION, int(dense), geo.height, geo.width, codes.shape[1], num_embeddings, model_id,
               len(cells), len(occ_words), len(code_words))
@@ -169,13 +140,16 @@ def read_header(data: bytes) -> Dict[str, object]:
     if magic != MAGIC:
         raise BitstreamError(f"bad magic {magic!r}: not a pcdet_ext RQ frame")
     if version != VERSION:
-        raise BitstreamError(f"unsupported format version {version} (this decoder reads {VERSION})")
+        older = f": {OLDER_VERSIONS[version]}; re-encode with this release's edge" if version in OLDER_VERSIONS else ""
+        raise BitstreamError(f"unsupported format version {version} (this decoder reads {VERSION}){older}")
     if mode not in (0, 1) or not (1 <= h and 1 <= w and h * w <= MAX_CELLS):
         raise BitstreamError(f"header out of range: mode {mode}, grid {h} x {w} (at most {MAX_CELLS} cells)")
     if not 1 <= n <= MAX_CODEBOOKS or not 1 <= k <= MAX_ENTRIES:
         raise BitstreamError(f"header out of range: n={n}, k={k}")
     if pillars > h * w or (mode == 1 and pillars != h * w):
         raise BitstreamError(f"header out of range: {pillars} pillars on a {h} x {w} grid")
+    if mode == 1 and occ_len:
+        raise BitstreamError(f"a dense frame carries no occupancy, this one has {occ_len} occupancy words")
     expected = HEADER.size + 4 * (occ_len + code_len)
     if expected != len(data):
         raise BitstreamError(f"frame length {len(data)} does not match its header ({expected} bytes)")
@@ -188,7 +162,6 @@ def read_header(data: bytes) -> Dict[str, object]:
 def decode_frame(data: bytes, models: ProbabilityModels, model_id: bytes, max_codebooks: int,
                  max_entries: int) -> Frame:
     """Inverse of :func:`encode_frame`; raises :class:`BitstreamError` on anything malformed."""
-    c = _constriction()
     hdr = read_header(data)
     geo = models.geometry
     if hdr["model_id"] != model_id:
@@ -206,16 +179,19 @@ def decode_frame(data: bytes, models: ProbabilityModels, model_id: bytes, max_co
         if hdr["dense"]:
             cells = np.arange(geo.height * geo.width, dtype=np.int64)
         else:
-            occ = _decode_occupancy(c.stream.queue.RangeDecoder(occ_words), models)
-            cells = np.flatnonzero(occ.ravel())
+            dec = RansDecoder(occ_words)
+            cells = np.flatnonzero(_decode_occupancy(dec, models).ravel())
+            dec.finish()
         if len(cells) != m:
             raise BitstreamError(f"decoded {len(cells)} occupied cells, header says {m}")
         codes = np.zeros((0, n), dtype=np.int64)
         if m:
             layout = Layout.of(cells, geo.height, geo.width, models.uses_spatial(k))
-            codes = _decode_codes(c.stream.queue.RangeDecoder(code_words), m, n, k, models, layout)
-    except BitstreamError:
-        raise
-    except Exception as exc:  # the coder itself rejected the payload
-        raise BitstreamError(f"payload does not decode: {type(exc).__name__}: {exc}") from exc
+            dec = RansDecoder(code_words)
+            codes = _decode_codes(dec, m, n, k, models, layout)
+            dec.finish()
+        elif len(code_words):
+            raise BitstreamError(f"{len(code_words)} code words for a frame without pillars")
+    except RansError as exc:
+        raise BitstreamError(f"payload does not decode: {exc}") from exc
     return Frame(geo.height, geo.width, k, cells, codes, bool(hdr["dense"]))

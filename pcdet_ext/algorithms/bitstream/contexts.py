@@ -88,29 +88,6 @@ def plan(models, layout: Layout, codes: np.ndarray, cb: int, k: int, phase: Opti
     return "previous", codes[idx, cb - 1]
 
 
-def group_runs(groups: np.ndarray, k: int) -> Tuple[np.ndarray, List[Tuple[Optional[int], int, int]]]:
-    """Cells sorted by context group (stable), and the runs to code: (group, start, end) for each
-    group of at least :func:`batch_below` cells, then (None, start, end) for all shorter groups
-    together (coded in one call, each cell under its own group's distribution: one call per tiny
-    group would cost more than the codes). Encoder and decoder both visit one phase this way."""
-    counts = np.bincount(groups + 1, minlength=k + 2)  # group ids run from -1 (escape) to k
-    long = counts >= batch_below(k)
-    key = groups + 1 + (~long[groups + 1]) * (k + 2)  # long groups first, by group; < 2^15 for k <= 4096
-    order = np.argsort(key.astype(np.int16 if k < 16000 else np.int32), kind="stable")  # radix sort
-    values = np.flatnonzero(long & (counts > 0))
-    ends = np.cumsum(counts[values])
-    runs = list(zip((values - 1).tolist(), (ends - counts[values]).tolist(), ends.tolist()))
-    done = int(ends[-1]) if len(ends) else 0
-    if done < len(groups):
-        runs.append((None, done, len(groups)))
-    return order, runs
-
-
-def batch_below(k: int) -> int:
-    """Groups shorter than this go into the shared per-cell call (its cost grows with k per cell)."""
-    return max(2, 1024 // k)
-
-
 def code_bits(codes: np.ndarray, k: int, models, context: bool = True, cells: Optional[np.ndarray] = None) -> float:
     """Ideal bits of ``codes`` [M, n] (rows: the flat ``cells``, needed for the spatial contexts)
     under the models, with or without their contexts."""

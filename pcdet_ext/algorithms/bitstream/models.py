@@ -1,33 +1,27 @@
 """Symbol statistics of the split-inference bitstream (numpy): fitted count tables, the smoothed
-distributions the range coder uses, and their checkpoint state (validated at load)."""
+distributions the coder uses (as rANS frequency tables derived from the integer counts alone), and
+their checkpoint state (validated at load)."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from pcdet_ext.algorithms.bitstream import occupancy as occ_mod
 from pcdet_ext.algorithms.bitstream.contexts import Layout
 from pcdet_ext.algorithms.bitstream.occupancy import GridGeometry
+from pcdet_ext.algorithms.bitstream.rans import quantise
 
 MAX_ENTRIES = 4096
-LAPLACE = 0.5
+LAPLACE = 0.5         # (code_cdf's integer weights are written for these two halves)
 CONTEXT_MIN = 16      # fitting samples a context needs for its own distribution (else order-0)
 CONTEXT_PRIOR = 0.5   # pseudo-counts per entry, shaped like the order-0 distribution
 
 
 class BitstreamError(ValueError):
     """The bytes are not a frame this decoder can read (corrupt, truncated, other codebooks)."""
-
-
-def _constriction():
-    try:
-        import constriction
-    except ImportError as exc:
-        raise ImportError("the split-inference bitstream needs constriction: pip install constriction") from exc
-    return constriction
 
 
 def _normalise(counts: np.ndarray) -> np.ndarray:
@@ -52,7 +46,7 @@ class ProbabilityModels:
     pair_counts: Optional[Dict[int, np.ndarray]] = None
     spatial_counts: Optional[Dict[int, np.ndarray]] = None
     _tables: Dict[Tuple, Optional[Tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False, compare=False)
-    _coders: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)
+    _cdfs: Dict[Tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     _choice: Dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -93,7 +87,7 @@ class ProbabilityModels:
                         pair = ctx * k + column[idx]
                         self.spatial_counts[k][c] += np.bincount(pair, minlength=(k + 1) * k).reshape(k + 1, k)
         self._tables.clear()
-        self._coders.clear()
+        self._cdfs.clear()
         self._choice.clear()
 
     def code_probs(self, c: int, k: int) -> np.ndarray:
@@ -147,17 +141,29 @@ class ProbabilityModels:
         """Whether frames at ``k`` entries are coded in phases with spatial contexts."""
         return k in self.code_counts and bool(self.spatial_codebooks(k).any())
 
-    def coders(self, kind: Optional[str], c: int, k: int) -> List:
-        """constriction models of codebook ``c`` at ``k``: one per row of ``conditional(kind, c, k)``
-        (index = context group), then the order-0 model (index -1, the escape group; the only one for
-        ``kind`` None). Built once per table: a model costs more to build than a group to code."""
+    def code_cdf(self, kind: Optional[str], c: int, k: int) -> np.ndarray:
+        """rANS tables of codebook ``c`` at ``k``: [1, k + 1] (order-0, ``kind`` None) or one row per
+        context of ``conditional(kind, c, k)``, each the same distribution as there, from the
+        integer counts only (the float tables serve rate estimates)."""
         key = (kind, c, k)
-        models = self._coders.get(key)
-        if models is None:
-            categorical = _constriction().stream.model.Categorical
-            rows = [] if kind is None else self.conditional(kind, c, k)[0]
-            models = self._coders[key] = [categorical(p, perfect=False) for p in (*rows, self.code_probs(c, k))]
-        return models
+        if key not in self._cdfs:
+            table = self.code_counts.get(k)
+            order0 = 2 * table[c] + 1 if table is not None and c < table.shape[0] else np.ones(k, dtype=np.int64)
+            weights = order0[None]
+            if kind is not None:  # (counts + a k p0) / (n + a k) with p0 = (2 c0 + 1) / S0, a = 1/2: x 2 S0
+                counts = (self.pair_counts if kind == "previous" else self.spatial_counts)[k][c]
+                if counts.max(initial=0) * 2 * order0.sum() >= 1 << 62:
+                    raise BitstreamError(f"bitstream models: {kind} counts of codebook {c} at k={k} too large to code")
+                seen = counts.sum(axis=1) >= CONTEXT_MIN
+                weights = np.where(seen[:, None], 2 * order0.sum() * counts + k * order0, order0)
+            self._cdfs[key] = quantise(weights)
+        return self._cdfs[key]
+
+    def occupancy_cdf(self, level: str) -> np.ndarray:
+        """rANS tables of the occupancy: ``level`` 'top' [ranges, 3] or 'child' [contexts, 16]."""
+        if level not in self._cdfs:
+            self._cdfs[level] = quantise(2 * (self.top_counts if level == "top" else self.child_counts) + 1)
+        return self._cdfs[level]
 
     def to_state(self) -> Dict[str, object]:
         g = self.geometry

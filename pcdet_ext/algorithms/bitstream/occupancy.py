@@ -1,4 +1,4 @@
-"""Context-modelled quadtree coding of the BEV occupancy map (numpy + constriction).
+"""Context-modelled quadtree coding of the BEV occupancy map (numpy; coded by :mod:`.rans`).
 
 The map is padded to a multiple of ``2**levels`` and reduced to a pyramid (a parent cell is
 occupied when any of its 2 x 2 children is). The top level is coded cell by cell; every occupied
