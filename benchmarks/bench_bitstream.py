@@ -27,7 +27,6 @@ from pcdet_ext.algorithms.bitstream import read_header
 from pcdet_ext.algorithms.bitstream.contexts import code_bits
 from pcdet_ext.deploy import runtime
 from pcdet_ext.algorithms.rate import binary_entropy
-from pcdet_ext.algorithms.quantization.fit import fit_progressive
 from pcdet_ext.utils.checkpoint import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
@@ -40,11 +39,6 @@ def load(mode, ckpt):
     vfe = {k: v for k, v in load_checkpoint(ckpt)["model_state"].items() if k.startswith("vfe.")}
     model.load_state_dict(vfe, strict=False)
     return model.eval(), dataset
-
-
-@torch.no_grad()
-def features(model, dataset, frames):
-    return torch.cat([model.vfe(runtime._batch(dataset, f))["pillar_features"] for f in frames])
 
 
 @torch.no_grad()
@@ -88,10 +82,9 @@ def main():
     train = [runtime.read_points(f, 4) for f in sorted(Path(args.train_dir).glob("*.bin"))[: args.train_frames]]
     test = [runtime.read_points(f, 4) for f in sorted(Path(args.test_dir).glob("*.bin"))]
     model, dataset = load("sparse", args.ckpt)
-    x = features(model, dataset, train)
     torch.manual_seed(0)
-    fit_progressive(model.quantizer, x, 5, [16, 64, 256], steps=args.steps)
-    print(f"quantizer 5 x 256 trained on {len(x)} pillar features of {len(train)} real scans; "
+    seen = runtime.fit_quantizer_to_frames(model, dataset, train, [16, 64, 256], steps=args.steps)
+    print(f"quantizer 5 x 256 trained on {seen} pillar features of {len(train)} real scans; "
           f"testing on {len(test)} real KITTI frames, {args.threads} threads")
     state = model.state_dict()
     for mode in ("sparse", "dense"):

@@ -39,15 +39,30 @@ def fold_batchnorm(vfe: nn.Module) -> nn.Module:
 
 
 class PillarEncoder(nn.Module):
-    """(voxels [P, T, F], num_points [P] int32, coords [P, 4] int32) -> pillar features [P, C]."""
+    """(voxels [P, T, F], num_points [P] int32, coords [P, 4] int32) -> pillar features [P, C]: PillarVFE's
+    forward with the same float operations per element, written without its in-place slice assignments
+    (which export as ScatterND and run several times slower)."""
 
     def __init__(self, vfe: nn.Module):
         super().__init__()
-        self.vfe = vfe
+        self.pfn_layers = vfe.pfn_layers
+        self.use_absolute_xyz, self.with_distance = vfe.use_absolute_xyz, vfe.with_distance
+        self.register_buffer("scale", torch.tensor([vfe.voxel_x, vfe.voxel_y, vfe.voxel_z], dtype=torch.float32))
+        self.register_buffer("offset", torch.tensor([vfe.x_offset, vfe.y_offset, vfe.z_offset], dtype=torch.float32))
 
     def forward(self, voxels: torch.Tensor, num_points: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        batch = self.vfe({"voxels": voxels, "voxel_num_points": num_points, "voxel_coords": coords})
-        return batch["pillar_features"]
+        xyz = voxels[:, :, :3]
+        points_mean = xyz.sum(dim=1, keepdim=True) / num_points.type_as(voxels).view(-1, 1, 1)
+        centre = coords[:, [3, 2, 1]].to(voxels.dtype).unsqueeze(1) * self.scale + self.offset
+        features = [voxels if self.use_absolute_xyz else voxels[..., 3:], xyz - points_mean, xyz - centre]
+        if self.with_distance:
+            features.append(torch.norm(xyz, 2, 2, keepdim=True))
+        features = torch.cat(features, dim=-1)
+        mask = num_points.unsqueeze(1) > torch.arange(voxels.shape[1], dtype=torch.int32)
+        features = features * mask.unsqueeze(-1).type_as(voxels)
+        for pfn in self.pfn_layers:
+            features = pfn(features)
+        return features.squeeze(1)
 
 
 class NearestCodes(nn.Module):

@@ -75,6 +75,19 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
     return models
 
 
+@torch.no_grad()
+def fit_quantizer_to_frames(model, dataset, frames: Sequence[np.ndarray], schedule: Sequence[int], steps: int) -> int:
+    """Train the whole quantizer (every codebook, size by size) to reconstruct the pillar features of
+    ``frames`` (no detection loss: for byte and speed measurements on real scans); returns how many
+    feature vectors it saw."""
+    from pcdet_ext.algorithms.quantization.fit import fit_progressive
+    geo = grid_geometry(dataset)
+    feats = torch.cat([head_features(model.eval(), dataset, points, geo)[0] for points in frames])
+    with torch.enable_grad():
+        fit_progressive(model.quantizer, feats, model.quantizer.num_codebooks, list(schedule), steps=steps)
+    return len(feats)
+
+
 def save_with_models(ckpt_path, models: ProbabilityModels, out_path) -> None:
     state = load_checkpoint(ckpt_path)
     state[STATE_KEY] = models.to_state()

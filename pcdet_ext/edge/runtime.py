@@ -13,6 +13,9 @@ from pcdet_ext.edge.bundle import ENCODER, BundleError, EdgeBundle, quantizer_fi
 from pcdet_ext.edge.voxelize import voxelize
 
 
+ENCODER_CHUNK = 2048  # pillars per encoder run: bounds its [chunk, T, C] intermediates (and the arena) to ~20 MB
+
+
 class PointFileError(ValueError):
     """A point file that is not float32 x, y, z, intensity records (the message names it)."""
 
@@ -37,7 +40,8 @@ def read_scan(path, num_columns: int = 4) -> np.ndarray:
 def _session(data: bytes, name: str, threads: Optional[int]):
     import onnxruntime as ort
     options = ort.SessionOptions()
-    if threads:
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle workers must not take the
+    if threads:                                                               # cores voxelise and code run on
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
@@ -86,11 +90,11 @@ class LeanEdge:
         t1 = time.perf_counter()
         geo = self.bundle.models.geometry
         cells = pillars.coords[:, 2].astype(np.int64) * geo.width + pillars.coords[:, 3]
-        if len(cells):
-            feats = self.encoder.run(None, {"voxels": pillars.voxels, "num_points": pillars.num_points,
-                                            "coords": pillars.coords})[0].reshape(len(cells), -1)
-        else:
-            feats = np.zeros((0, self.bundle.feature_dim), dtype=np.float32)
+        feats = np.zeros((len(cells), self.bundle.feature_dim), dtype=np.float32)
+        for start in range(0, len(cells), ENCODER_CHUNK):
+            part = slice(start, start + ENCODER_CHUNK)
+            feats[part] = self.encoder.run(None, {"voxels": pillars.voxels[part], "num_points": pillars.num_points[part],
+                                                  "coords": pillars.coords[part]})[0]
         if self.bundle.dense:  # every cell of the scattered pseudo-image, raster order
             grid = np.zeros((geo.height * geo.width, feats.shape[1]), dtype=np.float32)
             grid[cells] = feats

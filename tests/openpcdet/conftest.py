@@ -91,7 +91,6 @@ def exported(kitti_raw, tmp_path_factory):
     with bitstream models, and the bundle tools/export_edge.py writes from it."""
     import torch
 
-    from pcdet_ext.algorithms.quantization.fit import fit_progressive
     from pcdet_ext.deploy import runtime
     from pcdet_ext.edge import read_scan
     from pcdet_ext.engine.recipes.progressive_rq.measured import STATE_KEY
@@ -102,9 +101,7 @@ def exported(kitti_raw, tmp_path_factory):
     model.eval()
     scans = sorted((kitti_raw / "velodyne").glob("*.bin"))
     fit = [read_scan(f) for f in scans[:4]]
-    with torch.no_grad():
-        feats = torch.cat([runtime.head_features(model, dataset, p, runtime.grid_geometry(dataset))[0] for p in fit])
-    fit_progressive(model.quantizer, feats, 5, [16, 64, 256], steps=5)
+    runtime.fit_quantizer_to_frames(model, dataset, fit, [16, 64, 256], steps=5)
     models = runtime.fit_probability_models(model, dataset, fit, [16, 64, 256])
     ckpt = tmp / "rq_bitstream.pth"
     atomic_save({"model_state": model.state_dict(), STATE_KEY: models.to_state(), "pcdet_cfg": plain(cfg)}, ckpt)
