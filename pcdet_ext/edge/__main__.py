@@ -6,7 +6,8 @@
 
 Per frame: pillars, points cut by the caps (as OpenPCDet cuts them), bytes, and the time of each part
 (voxelise, encoder, quantize, code). ``--out`` writes <scan name>.rqf per scan (tools/split_infer.py
---save_frames writes the same names); ``--watch`` keeps encoding files as they arrive in the folder.
+--save_frames writes the same names); ``--watch`` keeps encoding files as they arrive in the folder
+(each once unmodified for --settle_s; a bad file is reported and skipped).
 """
 from __future__ import annotations
 
@@ -26,22 +27,22 @@ SCAN_SUFFIXES = (".bin", ".npy")
 PARTS = ("voxelise_ms", "encoder_ms", "quantize_ms", "code_ms", "edge_ms")
 
 
-def _scans(source: Path, watch: bool, poll_s: float, idle_exit_s: float) -> Iterator[Path]:
-    """The scan files of ``source`` (a file, or a folder in name order); with ``watch`` new ones as they
-    arrive, each once its size has stopped changing, until ``idle_exit_s`` without a new file."""
+def _scans(source: Path, watch: bool, poll_s: float, settle_s: float, idle_exit_s: float) -> Iterator[Path]:
+    """The scan files of ``source`` (a file, or a folder in name order; hidden names, a writer's
+    temporary files, skipped); with ``watch`` new ones as they arrive, each once unmodified for
+    ``settle_s``, until ``idle_exit_s`` without a new file (0: never)."""
     if source.is_file() or not source.exists():
         yield source
         return
-    seen, sizes, idle_since = set(), {}, time.monotonic()
+    seen, idle_since = set(), time.monotonic()
     while True:
         fresh = False
-        for path in sorted(p for p in source.iterdir() if p.suffix in SCAN_SUFFIXES and p not in seen):
-            size = path.stat().st_size
-            if not watch or sizes.get(path) == size:
+        for path in sorted(p for p in source.iterdir()
+                           if p.suffix in SCAN_SUFFIXES and not p.name.startswith(".") and p not in seen):
+            if not watch or time.time() - path.stat().st_mtime >= settle_s:
                 seen.add(path)
                 fresh = True
                 yield path
-            sizes[path] = size
         if not watch:
             return
         idle_since = time.monotonic() if fresh else idle_since
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own choice)")
     p.add_argument("--watch", action="store_true", help="keep encoding scans as they arrive in --input")
     p.add_argument("--poll_s", type=float, default=0.2)
+    p.add_argument("--settle_s", type=float, default=1.0,
+                   help="with --watch: a scan is read once unmodified this long (a writer that renames a finished "
+                        "hidden file into the folder is read at once)")
     p.add_argument("--idle_exit_s", type=float, default=0.0, help="with --watch: stop after this long without a scan")
     p.add_argument("--json", default=None, help="write per-frame rows and the summary here")
     args = p.parse_args(argv)
@@ -88,11 +92,13 @@ def main(argv=None) -> int:
     print(f"{'scan':>18} {'pillars':>7} {'capped':>7} {'bytes':>7} {'voxelise':>8} {'encoder':>8} {'quantize':>8} "
           f"{'code':>6} {'edge ms':>8}{' boxes' if client else ''}")
     rows, refused = [], 0
-    for path in _scans(Path(args.input), args.watch, args.poll_s, args.idle_exit_s):
+    for path in _scans(Path(args.input), args.watch, args.poll_s, args.settle_s, args.idle_exit_s):
         try:
             data, info = edge.encode(read_scan(path, bundle.voxels.file_columns))
         except PointFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if args.watch:  # a watcher keeps serving the scans that follow
+                continue
             return 2
         if info["nonfinite_points"]:
             print(f"{path.name}: {info['nonfinite_points']} points with NaN/inf values dropped", file=sys.stderr)

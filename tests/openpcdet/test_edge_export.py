@@ -8,16 +8,15 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
-from pcdet_ext.algorithms.bitstream import BitstreamError, decode_frame
+from pcdet_ext.algorithms.bitstream import decode_frame
 from pcdet_ext.deploy import runtime
 from pcdet_ext.edge import EdgeBundle, LeanEdge, read_scan
 from pcdet_ext.edge.bundle import ENCODER, quantizer_file
 from pcdet_ext.engine.recipes.progressive_rq.measured import STATE_KEY
 from pcdet_ext.utils.checkpoint import atomic_save
-from tier2 import REPO
+from tier2 import REPO, assert_other_codebooks_refuse
 
 CELLS = [(1, 16), (3, 64), (5, 256)]
 PER_MILLION_LIMIT = 100  # codes allowed to differ where the float encoders disagree on a near-tie
@@ -144,10 +143,38 @@ def test_bad_bundles_points_and_checkpoints_are_one_line_errors(exported, tmp_pa
     assert "nan.bin: 9 points with NaN/inf values dropped" in capsys.readouterr().err
     # a frame of this bundle at a server whose codebooks differ (another checkpoint) is refused by model id
     data, _ = LeanEdge(EdgeBundle.load(bundle_dir), 2, 16).encode(read_scan(scans[0]))
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        model.quantizer.codebooks[0].data += 0.01
-        with pytest.raises(BitstreamError, match="refusing to decode"):
-            runtime.ServerRuntime(model, dataset, models).decode(data)
-    finally:
-        model.load_state_dict(saved)
+    assert_other_codebooks_refuse(model, dataset, models, data)
+
+
+def test_watch_encodes_scans_as_they_arrive(exported, tmp_path, capsys):
+    """--watch: scans written into the folder after the start are encoded once complete, then it stops
+    after --idle_exit_s without new ones."""
+    import threading
+    import time
+
+    from pcdet_ext.edge.__main__ import main as edge_main
+    _, _, _, _, bundle_dir, scans = exported
+    incoming, out = tmp_path / "incoming", tmp_path / "frames"
+    incoming.mkdir()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(code=edge_main(
+        ["--bundle", str(bundle_dir), "--input", str(incoming), "--out", str(out), "--watch", "--poll_s", "0.1",
+         "--settle_s", "1", "--idle_exit_s", "3", "--num_codebooks", "1", "--num_embeddings", "16"])))
+    worker.start()
+    (incoming / "bad.bin").write_bytes(b"\x00" * 33)  # reported and skipped: the watcher goes on
+    for path in scans[:2]:
+        time.sleep(0.5)
+        data = path.read_bytes()
+        with open(incoming / path.name, "wb") as fh:  # arrives in two writes: encoded only once complete
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            time.sleep(0.4)
+            fh.write(data[len(data) // 2:])
+    worker.join(timeout=120)
+    assert not worker.is_alive() and result["code"] == 0
+    assert sorted(p.name for p in out.iterdir()) == [p.stem + ".rqf" for p in scans[:2]]
+    lean = LeanEdge(EdgeBundle.load(bundle_dir), 1, 16)
+    for path in scans[:2]:
+        assert (out / (path.stem + ".rqf")).read_bytes() == lean.encode(read_scan(path))[0]
+    captured = capsys.readouterr()
+    assert "2 frames" in captured.out and "bad.bin: 33 bytes" in captured.err

@@ -65,3 +65,18 @@ def small_cfg(rel, data_path):
     cfg_from_list(SMALL, cfg)
     cfg.DATA_CONFIG.DATA_PATH = str(data_path)
     return cfg
+
+
+def assert_other_codebooks_refuse(model, dataset, models, data: bytes) -> None:
+    """A server whose codebooks differ from the ones ``data`` was coded with (another checkpoint)
+    refuses the frame by model id; the model is restored after."""
+    import pytest
+    from pcdet_ext.algorithms.bitstream import BitstreamError
+    from pcdet_ext.deploy import runtime
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.quantizer.codebooks[0].data += 0.01
+        with pytest.raises(BitstreamError, match="refusing to decode"):
+            runtime.ServerRuntime(model, dataset, models).decode(data)
+    finally:
+        model.load_state_dict(saved)
