@@ -141,6 +141,15 @@ def test_bad_bundles_points_and_checkpoints_are_one_line_errors(exported, tmp_pa
     assert edge_main(["--bundle", str(bundle_dir), "--input", str(nan_file), "--num_codebooks", "1",
                       "--num_embeddings", "16"]) == 0
     assert "nan.bin: 9 points with NaN/inf values dropped" in capsys.readouterr().err
+    capped = tmp_path / "capped"  # a config allowing fewer pillars than a real scan has: capped as OpenPCDet caps
+    shutil.copytree(bundle_dir, capped)
+    meta = json.loads((capped / "edge_bundle.json").read_text())
+    meta["voxels"]["max_voxels"] = 1000
+    (capped / "edge_bundle.json").write_text(json.dumps(meta))
+    assert edge_main(["--bundle", str(capped), "--input", str(scans[0]), "--num_codebooks", "1",
+                      "--num_embeddings", "16"]) == 0
+    out = capsys.readouterr().out
+    assert " 1000 " in out and "pillars beyond the cap of 1000 dropped (as OpenPCDet drops them)" in out, out
     # a frame of this bundle at a server whose codebooks differ (another checkpoint) is refused by model id
     data, _ = LeanEdge(EdgeBundle.load(bundle_dir), 2, 16).encode(read_scan(scans[0]))
     assert_other_codebooks_refuse(model, dataset, models, data)
