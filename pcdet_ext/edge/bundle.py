@@ -20,6 +20,7 @@ from pcdet_ext.algorithms.bitstream import BitstreamError, ProbabilityModels
 
 FORMAT = 1
 METADATA = "edge_bundle.json"
+KEYS = {"format", "opset", "model_id", "mode", "feature_dim", "voxels", "cells", "files", "bitstream_models"}
 ENCODER = "pillar_encoder.onnx"
 OPSET = 17
 FRAME_SUFFIX = ".rqf"  # a saved frame: <scan name>.rqf (the lean edge and tools/split_infer.py alike)
@@ -85,6 +86,11 @@ class EdgeBundle:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BundleError(f"{meta_path}: bundle format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                               f"this runtime reads format {FORMAT}")
+        if set(meta) != KEYS:
+            raise BundleError(f"{meta_path}: unknown keys {sorted(set(meta) - KEYS)}, missing keys "
+                              f"{sorted(KEYS - set(meta))} (expected exactly {sorted(KEYS)})")
+        if meta["mode"] not in ("sparse", "dense"):
+            raise BundleError(f"{meta_path}: mode must be 'sparse' or 'dense', got {meta['mode']!r}")
         try:
             voxels = VoxelConfig(**meta["voxels"])
             cells = [(int(n), int(k)) for n, k in meta["cells"]]
@@ -101,8 +107,11 @@ class EdgeBundle:
 
     def _check(self, meta_path: Path) -> None:
         v, geo = self.voxels, self.models.geometry
-        if v.point_cloud_range.shape != (6,) or v.voxel_size.shape != (3,) or (v.voxel_size <= 0).any():
-            raise BundleError(f"{meta_path}: voxels: expected a 6-value range and 3 positive voxel sizes")
+        if v.point_cloud_range.shape != (6,) or v.voxel_size.shape != (3,) or not np.isfinite(v.point_cloud_range).all() \
+                or not (v.voxel_size > 0).all() or not np.isfinite(v.voxel_size).all() \
+                or not (v.point_cloud_range[3:] > v.point_cloud_range[:3]).all():
+            raise BundleError(f"{meta_path}: voxels: expected a finite 6-value range (min < max) and 3 positive "
+                              f"finite voxel sizes")
         if v.max_points_per_voxel < 1 or v.max_voxels < 1 or len(v.point_columns) < 3 \
                 or not 0 <= min(v.point_columns) <= max(v.point_columns) < v.file_columns:
             raise BundleError(f"{meta_path}: voxels: caps must be >= 1 and point_columns name x, y, z at least, "
