@@ -46,6 +46,8 @@ def test_a_good_bundle_loads_and_its_files_are_checked(tmp_path):
     ({"mode": "half"}, "mode must be"),
     ({"voxels": {"point_cloud_range": [0, -8, -3, 12.8, 8, 1], "voxel_size": [float("nan"), 0.16, 4],
                  "max_points_per_voxel": 32, "max_voxels": 4000, "point_columns": [0, 1, 2, 3]}}, "finite"),
+    ({"voxels": {"point_cloud_range": [0, -8, -3, 12.8, 8, 1], "voxel_size": [0.16, float("inf"), 4],
+                 "max_points_per_voxel": 32, "max_voxels": 4000, "point_columns": [0, 1, 2, 3]}}, "finite"),
     ({"voxels": {"point_cloud_range": [0, -8, -3, 12.8, 8, 1], "voxel_size": [0.16, 0.16, 4],
                  "max_points_per_voxel": 32, "max_voxels": 4000, "point_columns": [0, 1, 2, 3], "typo": 1}},
      "malformed field"),
