@@ -55,5 +55,6 @@ setup(
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithConfigs},
     # every tool from an installed wheel, without a checkout: pcdet-ext-<tool> (also python -m pcdet_ext.cli.<tool>)
-    entry_points={"console_scripts": [f"pcdet-ext-{tool.replace('_', '-')}=pcdet_ext.cli.{tool}:main" for tool in TOOLS]},
+    entry_points={"console_scripts": [f"pcdet-ext-{tool.replace('_', '-')}=pcdet_ext.cli.{tool}:main" for tool in TOOLS]
+                  + ["pcdet-ext-edge=pcdet_ext.edge.__main__:main"]},  # as the edge's own wheel (edge/setup.py)
 )

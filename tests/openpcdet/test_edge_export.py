@@ -73,7 +73,7 @@ print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')
     assert hashes == str(expected) and loaded == "[]"
 
 
-def test_both_edges_write_frames_that_cmp_compares_and_the_server_answers_the_lean_one(exported, tmp_path):
+def test_both_edges_write_frames_that_cmp_compares_and_the_server_answers_the_lean_one(exported, tmp_path, capsys):
     _, _, _, ckpt, bundle_dir, scans = exported
     scan_dir = tmp_path / "scans"
     scan_dir.mkdir()
@@ -92,18 +92,23 @@ def test_both_edges_write_frames_that_cmp_compares_and_the_server_answers_the_le
         assert subprocess.run(["cmp", str(tmp_path / "lean" / frame), str(tmp_path / "torch" / frame)]).returncode == 0
     summary = json.loads((tmp_path / "torch.json").read_text())["summary"]
     assert summary["median_edge_ms"] > summary["median_quantize_encode_ms"] > 0  # the whole edge, head included
-    server = subprocess.Popen([sys.executable, str(REPO / "tools/split_server.py"), "--ckpt", str(ckpt), "--port", "0"],
-                              cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # the lean edge's --remote to a split server (its handler, in this process: the tools' runs are above)
+    from pcdet_ext.edge.__main__ import main as edge_main
+    from pcdet_ext.edge.transport import FrameServer
+    model, dataset, models = exported[:3]
+    server_side = runtime.ServerRuntime(model, dataset, models)
+    server = FrameServer(("127.0.0.1", 0), lambda data: json.dumps(
+        runtime.boxes_payload(server_side.decode(data)[0], list(dataset.class_names))).encode())
+    server.start()
     try:
-        line = server.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        sent = tool("-m", "pcdet_ext.edge", "--bundle", str(bundle_dir), "--input", str(scan_dir / scans[0].name),
-                    "--remote", line.strip().rsplit(" ", 1)[1])
-        assert sent.returncode == 0, sent.stderr[-3000:] + sent.stdout[-2000:]
-        assert "boxes" in sent.stdout and "refused" not in sent.stdout
+        assert edge_main(["--bundle", str(bundle_dir), "--input", str(scan_dir / scans[0].name), "--num_codebooks",
+                          "1", "--num_embeddings", "16", "--remote", f"127.0.0.1:{server.port}"]) == 0
+        row = capsys.readouterr().out.splitlines()[2]
+        expected = len(server_side.decode((tmp_path / "lean" / (scans[0].stem + ".rqf")).read_bytes())[0]["pred_boxes"])
+        assert row.split()[0] == scans[0].name and int(row.split()[-1]) == expected, row  # the server's boxes
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.shutdown()
+        server.server_close()
 
 
 def test_bad_bundles_points_and_checkpoints_are_one_line_errors(exported, tmp_path, capsys):

@@ -22,6 +22,14 @@ def tool(name, *args, timeout=600):
                           cwd=str(REPO), timeout=timeout, env=dict(os.environ, WANDB_MODE="disabled"))
 
 
+def refusal(capsys, name, *args):
+    """(exit code, stderr lines) of a tool's main() in this process: for refusals of bad arguments, which
+    need no fresh interpreter (the runs above are subprocesses, as users run them)."""
+    import importlib
+    code = importlib.import_module(f"pcdet_ext.cli.{name}").main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_kitti, tmp_path_factory):
     from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
@@ -101,7 +109,7 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
         server.wait(timeout=30)
 
 
-def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_kitti, tmp_path):
+def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_kitti, tmp_path, capsys):
     fitted = tmp_path / "with_models.pth"
     runs = {}
     for lam in ("0", "0.5", "4"):
@@ -113,48 +121,47 @@ def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_k
     code = {lam: r["mean_bytes"] for lam, r in runs.items()}
     assert code["4"] < code["0.5"] < code["0"], code  # one model, lower rates without retraining
     assert runs["0.5"]["rate_lambda"] == 0.5
-    bad = tool("split_infer.py", "--ckpt", str(fitted), "--data_path", str(synthetic_kitti), "--lambda", "-1")
-    assert bad.returncode == 2 and "--lambda: expected a number >= 0, got -1.0" in bad.stderr
+    code, err = refusal(capsys, "split_infer", "--ckpt", fitted, "--data_path", synthetic_kitti, "--lambda", "-1")
+    assert code == 2 and err == ["error: --lambda: expected a number >= 0, got -1.0"]
     sweep = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
                  "--rq_ckpt", str(fitted), "--eval_sweep", "--eval_lambdas", "0.5", "4", "--set", *SMALL)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     table = [line.split() for line in sweep.stdout.splitlines() if line.strip().startswith("2 ")]
     measured = {row[2]: float(row[4]) for row in table}  # lambda column -> measured KB/frame
     assert set(measured) == {"-", "0.5", "4"} and measured["4"] < measured["0.5"] < measured["-"], sweep.stdout
-    refused = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
-                   "--rq_ckpt", str(checkpoint), "--eval_sweep", "--eval_lambdas", "0.5", "--set", *SMALL)
-    assert refused.returncode == 2 and "need bitstream models" in refused.stderr
-    negative = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
-                    "--rq_ckpt", str(fitted), "--eval_sweep", "--eval_lambdas", "-0.1", "--set", *SMALL)
-    assert negative.returncode == 2 and "--eval_lambdas: expected a list of numbers >= 0" in negative.stderr
+    code, err = refusal(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
+                        "--rq_ckpt", checkpoint, "--eval_sweep", "--eval_lambdas", "0.5", "--set", *SMALL)
+    assert code == 2 and "need bitstream models" in err[-1]
+    code, err = refusal(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
+                        "--rq_ckpt", fitted, "--eval_sweep", "--eval_lambdas", "-0.1", "--set", *SMALL)
+    assert code == 2 and "--eval_lambdas: expected a list of numbers >= 0" in err[-1]
 
 
-def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti):
-    """One line, no traceback and no stray quotes, from the client and from the server."""
+def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti, capsys):
+    """One line, no traceback and no stray quotes, from the client and from the server (a fresh process:
+    nothing else on stderr either)."""
     line = (f"error: {checkpoint} has no bitstream models ('bitstream_models'): fit them first "
             "(tools/split_infer.py --fit_models)")
-    proc = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
+    assert refusal(capsys, "split_infer", "--ckpt", checkpoint, "--data_path", synthetic_kitti) == (2, [line])
     proc = tool("split_server.py", "--ckpt", str(checkpoint), "--port", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
 
 
-def test_wrong_checkpoints_are_one_line_errors(checkpoint, synthetic_kitti, tmp_path):
+def test_wrong_checkpoints_are_one_line_errors(checkpoint, synthetic_kitti, tmp_path, capsys):
     plain_pp = checkpoint.parents[2] / "pp.pth"  # a PointPillars state, no RQ bottleneck
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"definitely not a checkpoint")
-    cases = [("split_infer.py", "--ckpt", plain_pp, "--data_path", str(synthetic_kitti)),
-             ("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+    cases = [("split_infer", "--ckpt", plain_pp, "--data_path", str(synthetic_kitti)),
+             ("train_eval_rq", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
               "--rq_ckpt", plain_pp),
-             ("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
+             ("train_eval_rq", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
               "--rq_ckpt", junk)]
     for script, *args in cases:
-        proc = tool(script, *map(str, args))
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-        assert str(args[-1] if script == "train_eval_rq.py" else plain_pp) in lines[0]
-        assert "weights_only" not in lines[0] and "Traceback" not in proc.stderr
-        if args[-1] == plain_pp or script == "split_infer.py":
+        code, lines = refusal(capsys, script, *args)  # an exception would fail the test: no traceback either
+        assert code == 2 and len(lines) == 1, lines
+        assert str(args[-1] if script == "train_eval_rq" else plain_pp) in lines[0]
+        assert "weights_only" not in lines[0]
+        if args[-1] == plain_pp or script == "split_infer":
             assert "holds an OpenPCDet checkpoint with modules" in lines[0] and "expected a PointPillarRQ" in lines[0]
         else:
             assert "not a torch.save file" in lines[0]
