@@ -373,3 +373,21 @@ def test_codebooks_with_and_without_the_spatial_context_in_one_frame():
     old[HEADER.size - 4:HEADER.size] = zlib.crc32(bytes(old[:HEADER.size - 4]) + bytes(old[HEADER.size:])).to_bytes(4, "little")
     with pytest.raises(BitstreamError, match="unsupported format version 1"):
         decode_frame(bytes(old), models, mid, 3, 64)
+
+
+def test_a_server_refuses_frames_of_another_mode_or_an_untrained_cell():
+    models = fitted_models()
+    occ = lidar_like_occupancy(np.random.default_rng(8))
+    cells = np.flatnonzero(occ.ravel())
+    codes = np.zeros((len(cells), 2), dtype=np.int64)
+    sparse = encode_frame(cells, codes, 16, models, b"m" * 8)
+    trained = [(1, 16), (2, 16), (1, 64)]
+    assert len(decode_frame(sparse, models, b"m" * 8, 3, 64, dense=False, cells=trained).cells) == len(cells)
+    with pytest.raises(BitstreamError, match="a sparse frame for a dense model"):
+        decode_frame(sparse, models, b"m" * 8, 3, 64, dense=True, cells=trained)
+    with pytest.raises(BitstreamError, match=r"\(n, k\) = \(2, 16\) is not a cell this model was trained"):
+        decode_frame(sparse, models, b"m" * 8, 3, 64, dense=False, cells=[(1, 16), (1, 64)])
+    dense = encode_frame(np.arange(GEO.height * GEO.width), np.zeros((GEO.height * GEO.width, 1), dtype=np.int64),
+                         64, models, b"m" * 8, dense=True)
+    with pytest.raises(BitstreamError, match="a dense frame for a sparse model"):
+        decode_frame(dense, models, b"m" * 8, 3, 64, dense=False, cells=trained)

@@ -8,13 +8,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 from pcdet_ext.algorithms.bitstream import ProbabilityModels
 from pcdet_ext.config import ConfigError
+from pcdet_ext.deploy.runtime import trained_cells
 from pcdet_ext.edge.bundle import ENCODER, FORMAT, METADATA, OPSET, VoxelConfig, quantizer_file, sha256
 
 HANDLED_PROCESSORS = ("mask_points_and_boxes_outside_range", "shuffle_points", "transform_points_to_voxels")
@@ -112,13 +113,6 @@ def voxel_config(dataset_cfg) -> VoxelConfig:
                        int(voxel.MAX_NUMBER_OF_VOXELS["test"]), columns, len(src))
 
 
-def sendable_cells(quantizer, models: ProbabilityModels) -> List[Tuple[int, int]]:
-    """(n, k) with every one of the first n codebooks trained to >= k entries and fitted models at k."""
-    sizes = [int(s) for s in quantizer.trained_size.tolist()]
-    return [(n, k) for k in sorted(models.code_counts) for n in range(1, quantizer.trained_depth + 1)
-            if min(sizes[:n]) >= k and n <= models.code_counts[k].shape[0]]
-
-
 def _onnx(module: nn.Module, args: tuple, path: Path, inputs: List[str], output: str, dynamic: Dict) -> None:
     try:
         import onnx
@@ -142,7 +136,7 @@ def export_bundle(model, dataset_cfg, models: ProbabilityModels, model_id: bytes
     out.mkdir(parents=True, exist_ok=True)
     voxels = voxel_config(dataset_cfg)
     q = model.quantizer
-    cells = sendable_cells(q, models)
+    cells = trained_cells(q, models)
     if not cells:
         raise ConfigError("no (n, k) cell is both trained and covered by the bitstream models: nothing to export")
     t, f = voxels.max_points_per_voxel, len(voxels.point_columns)

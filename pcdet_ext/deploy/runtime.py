@@ -94,6 +94,14 @@ def save_with_models(ckpt_path, models: ProbabilityModels, out_path) -> None:
     atomic_save(state, out_path)
 
 
+def trained_cells(quantizer, models: ProbabilityModels) -> List[Tuple[int, int]]:
+    """(n, k) with every one of the first n codebooks trained to >= k entries and bitstream models
+    fitted at k: the cells an edge may send and a server accepts."""
+    sizes = [int(s) for s in quantizer.trained_size.tolist()]
+    return [(n, k) for k in sorted(models.code_counts) for n in range(1, quantizer.trained_depth + 1)
+            if min(sizes[:n]) >= k and n <= models.code_counts[k].shape[0]]
+
+
 @dataclass
 class Timing:
     ms: float
@@ -152,7 +160,8 @@ class ServerRuntime(_Side):
     @torch.no_grad()
     def decode(self, data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
         t0 = time.perf_counter()
-        frame = decode_frame(data, self.models, self.model_id, self.q.num_codebooks, self.q.codebook_size)
+        frame = decode_frame(data, self.models, self.model_id, self.q.num_codebooks, self.q.codebook_size,
+                             dense=self.dense, cells=trained_cells(self.q, self.models))
         feats = self.q.decode(torch.from_numpy(frame.codes))
         t1 = time.perf_counter()
         if frame.dense:

@@ -64,3 +64,19 @@ def test_server_with_other_codebooks_refuses(trained, tmp_path):
     model, dataset, models, val = trained
     data, _ = runtime.EdgeRuntime(model, dataset, models, 2, 16).encode(val[0])
     assert_other_codebooks_refuse(model, dataset, models, data)
+
+
+def test_server_refuses_untrained_cells_and_the_other_mode(trained):
+    from pcdet_ext.algorithms.bitstream import BitstreamError, encode_frame
+    model, dataset, models, val = trained
+    server = runtime.ServerRuntime(model, dataset, models)
+    assert runtime.trained_cells(model.quantizer, models) == [(1, 16), (2, 16), (3, 16), (1, 64), (2, 64), (3, 64)]
+    geo = server.geo
+    cells = np.arange(geo.height * geo.width) if server.dense else np.array([5, 9, 200])
+    codes = np.zeros((len(cells), 2), dtype=np.int64)
+    with pytest.raises(BitstreamError, match=r"\(2, 32\) is not a cell"):  # within 64 entries, never trained at 32
+        server.decode(encode_frame(cells, codes, 32, models, server.model_id, dense=server.dense))
+    other = np.array([5, 9, 200]) if server.dense else np.arange(geo.height * geo.width)
+    with pytest.raises(BitstreamError, match="frame for a (sparse|dense) model"):
+        server.decode(encode_frame(other, np.zeros((len(other), 2), dtype=np.int64), 16, models, server.model_id,
+                                   dense=not server.dense))

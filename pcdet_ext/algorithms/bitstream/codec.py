@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Dict
+from typing import Collection, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -160,8 +160,10 @@ def read_header(data: bytes) -> Dict[str, object]:
 
 
 def decode_frame(data: bytes, models: ProbabilityModels, model_id: bytes, max_codebooks: int,
-                 max_entries: int) -> Frame:
-    """Inverse of :func:`encode_frame`; raises :class:`BitstreamError` on anything malformed."""
+                 max_entries: int, dense: Optional[bool] = None,
+                 cells: Optional[Collection[Tuple[int, int]]] = None) -> Frame:
+    """Inverse of :func:`encode_frame`; raises :class:`BitstreamError` on anything malformed. A server
+    passes its mode (``dense``) and the (n, k) ``cells`` it was trained for: other frames are refused."""
     hdr = read_header(data)
     geo = models.geometry
     if hdr["model_id"] != model_id:
@@ -172,6 +174,12 @@ def decode_frame(data: bytes, models: ProbabilityModels, model_id: bytes, max_co
     if hdr["num_codebooks"] > max_codebooks or hdr["num_embeddings"] > max_entries:
         raise BitstreamError(f"n={hdr['num_codebooks']}, k={hdr['num_embeddings']} exceed this model "
                              f"({max_codebooks} codebooks x {max_entries} entries)")
+    if dense is not None and hdr["dense"] != dense:
+        mode = ("sparse", "dense")
+        raise BitstreamError(f"a {mode[hdr['dense']]} frame for a {mode[dense]} model: refusing to decode")
+    if cells is not None and (hdr["num_codebooks"], hdr["num_embeddings"]) not in cells:
+        raise BitstreamError(f"(n, k) = ({hdr['num_codebooks']}, {hdr['num_embeddings']}) is not a cell this model "
+                             f"was trained and its bitstream models fitted for: {sorted(cells)}")
     words = np.frombuffer(bytes(data[HEADER.size:]), dtype="<u4").astype(np.uint32)
     occ_words, code_words = words[: hdr["occ_words"]], words[hdr["occ_words"]:]
     k, n, m = hdr["num_embeddings"], hdr["num_codebooks"], hdr["pillars"]
