@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pcdet_ext.edge.runtime import TIMING
+
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 SETS = {"kitti_mini": SHARED / "kitti_mini/training/velodyne", "kitti_raw": SHARED / "kitti_raw_2011_09_26/velodyne"}
-PARTS = ("voxelise_ms", "encoder_ms", "quantize_ms", "code_ms", "edge_ms")
 
 
 def scans(folder):
@@ -61,7 +62,7 @@ def lean_rows(args):
     for path in paths:
         points = read_scan(path, bundle.voxels.file_columns)
         _, info = edge.encode(points)
-        rows.append({"scan": path.name, "points": len(points), **{k: info[k] for k in ("pillars", "bytes", *PARTS)}})
+        rows.append({"scan": path.name, "points": len(points), **{k: info[k] for k in ("pillars", "bytes", *TIMING)}})
     return rows
 
 
@@ -96,12 +97,12 @@ def torch_rows(args):
             if i >= args.warmup:
                 ms = [(b - a) * 1e3 for a, b in zip((t0, t1, t2, t3), (t1, t2, t3, t4))]
                 rows.append({"scan": path.name, "points": len(points), "pillars": len(codes), "bytes": len(data),
-                             **dict(zip(PARTS, ms + [sum(ms)]))})
+                             **dict(zip(TIMING, ms + [sum(ms)]))})
     return rows
 
 
 def summary(rows):
-    return {part: [float(np.percentile([r[part] for r in rows], q)) for q in (50, 95, 99)] for part in PARTS}
+    return {part: [float(np.percentile([r[part] for r in rows], q)) for q in (50, 95, 99)] for part in TIMING}
 
 
 def child(args) -> None:
@@ -156,7 +157,7 @@ def compare(args) -> None:
     cell = ["--num_codebooks", str(args.num_codebooks or 3), "--num_embeddings", str(args.num_embeddings or 64)]
     print(f"lean edge (numpy/numba + onnxruntime) vs PyTorch EdgeRuntime (OpenPCDet prepare_data + PillarVFE), "
           f"cell ({cell[1]}, {cell[3]}), median ms per frame; ratio = lean / PyTorch")
-    print(f"{'scans':>10} {'thr':>3} {'side':>7} " + " ".join(f"{p[:-3]:>9}" for p in PARTS) + f" {'peak MiB':>8}")
+    print(f"{'scans':>10} {'thr':>3} {'side':>7} " + " ".join(f"{p[:-3]:>9}" for p in TIMING) + f" {'peak MiB':>8}")
     for name, folder in SETS.items():
         for threads in (1, 2):
             common = ["--input", str(folder), "--threads", str(threads), "--warmup", str(args.warmup), *cell]
@@ -164,9 +165,9 @@ def compare(args) -> None:
             ref = run_child(["--torch_ckpt", str(ckpt), *common])
             same = sum(a == b for a, b in zip(lean["bytes"], ref["bytes"]))
             for side, res in (("lean", lean), ("pytorch", ref)):
-                print(f"{name:>10} {threads:>3} {side:>7} " + " ".join(f"{res['summary'][p][0]:9.1f}" for p in PARTS)
+                print(f"{name:>10} {threads:>3} {side:>7} " + " ".join(f"{res['summary'][p][0]:9.1f}" for p in TIMING)
                       + f" {res['peak_mib']:8.0f}")
-            ratios = [lean["summary"][p][0] / max(ref["summary"][p][0], 1e-9) for p in PARTS]
+            ratios = [lean["summary"][p][0] / max(ref["summary"][p][0], 1e-9) for p in TIMING]
             print(f"{name:>10} {threads:>3} {'ratio':>7} " + " ".join(f"{r:9.2f}" for r in ratios)
                   + f" {lean['peak_mib'] / ref['peak_mib']:8.2f}   ({same}/{len(lean['bytes'])} frames byte-identical)")
 

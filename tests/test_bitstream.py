@@ -226,7 +226,7 @@ def test_rare_contexts_escape_to_the_order_zero_model():
     codes[:CONTEXT_MIN - 1, 0] = 5  # previous code 5 seen too rarely, 0 often
     codes[:, 1] = np.arange(100) % 16
     models.observe(None, {16: codes})
-    table = models.conditional("previous", 1, 16)[0]  # [k, k]: row = codebook 0's code
+    table = models.conditional("previous", 1, 16)  # [k, k]: row = codebook 0's code
     assert np.allclose(table[5], models.code_probs(1, 16)) and not np.allclose(table[0], models.code_probs(1, 16))
     assert models.conditional("previous", 0, 16) is None and np.allclose(table.sum(1), 1)
 

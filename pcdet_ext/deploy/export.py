@@ -132,23 +132,24 @@ def export_bundle(model, dataset_cfg, models: ProbabilityModels, model_id: bytes
     """Write the edge bundle of ``model`` (a PointPillarRQ with its checkpoint loaded) to ``out_dir``."""
     if type(model.vfe).__name__ != "PillarVFE":
         raise ConfigError(f"MODEL.VFE: the edge bundle exports PillarVFE, this model has {type(model.vfe).__name__}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     voxels = voxel_config(dataset_cfg)
     q = model.quantizer
     cells = trained_cells(q, models)
     if not cells:
         raise ConfigError("no (n, k) cell is both trained and covered by the bitstream models: nothing to export")
+    sizes = sorted({k for _, k in cells})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     t, f = voxels.max_points_per_voxel, len(voxels.point_columns)
     example = (torch.rand(8, t, f), torch.full((8,), t, dtype=torch.int32), torch.zeros(8, 4, dtype=torch.int32))
     _onnx(PillarEncoder(fold_batchnorm(model.vfe)), example, out / ENCODER, ["voxels", "num_points", "coords"],
           "features", {"voxels": {0: "pillars"}, "num_points": {0: "pillars"}, "coords": {0: "pillars"},
                        "features": {0: "pillars"}})
-    for k in sorted({k for _, k in cells}):
+    for k in sizes:
         depth = max(n for n, kk in cells if kk == k)
         _onnx(NearestCodes(q, depth, k), (torch.randn(8, q.dim),), out / quantizer_file(k), ["features"], "codes",
               {"features": {0: "pillars"}, "codes": {0: "pillars"}})
-    files = {name: sha256(out / name) for name in [ENCODER] + [quantizer_file(k) for k in sorted({k for _, k in cells})]}
+    files = {name: sha256(out / name) for name in [ENCODER] + [quantizer_file(k) for k in sizes]}
     meta = {"format": FORMAT, "opset": OPSET, "model_id": model_id.hex(), "mode": model.rq_cfg.MODE,
             "feature_dim": int(q.dim), "voxels": voxels.to_json(), "cells": [list(c) for c in cells],
             "files": files, "bitstream_models": models.to_state()}

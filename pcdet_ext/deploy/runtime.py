@@ -118,6 +118,7 @@ class _Side:
                              f"model config has {int(dataset.grid_size[1])} x {int(dataset.grid_size[0])}")
         self.model_id = models.identifier(codebook_array(self.q))
         self.dense = model.rq_cfg.MODE == "dense"
+        self.cells = trained_cells(self.q, models)  # the (n, k) frames may carry
 
     @classmethod
     def from_checkpoint(cls, model, dataset, ckpt_path, *args):
@@ -161,7 +162,7 @@ class ServerRuntime(_Side):
     def decode(self, data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
         t0 = time.perf_counter()
         frame = decode_frame(data, self.models, self.model_id, self.q.num_codebooks, self.q.codebook_size,
-                             dense=self.dense, cells=trained_cells(self.q, self.models))
+                             dense=self.dense, cells=self.cells)
         feats = self.q.decode(torch.from_numpy(frame.codes))
         t1 = time.perf_counter()
         if frame.dense:

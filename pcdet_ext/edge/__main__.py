@@ -21,10 +21,9 @@ from typing import Dict, Iterator, List
 import numpy as np
 
 from pcdet_ext.edge.bundle import FRAME_SUFFIX, BundleError, EdgeBundle
-from pcdet_ext.edge.runtime import LeanEdge, PointFileError, read_scan
+from pcdet_ext.edge.runtime import TIMING, LeanEdge, PointFileError, read_scan
 
 SCAN_SUFFIXES = (".bin", ".npy")
-PARTS = ("voxelise_ms", "encoder_ms", "quantize_ms", "code_ms", "edge_ms")
 
 
 def _scans(source: Path, watch: bool, poll_s: float, settle_s: float, idle_exit_s: float) -> Iterator[Path]:
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
         return 2
     client = None
     if args.remote:
-        from pcdet_ext.edge.transport import FrameClient
+        from pcdet_ext.edge.transport import FrameClient, TransportError
         host, port = args.remote.rsplit(":", 1)
         client = FrameClient(host, int(port))
     out = Path(args.out) if args.out else None
@@ -106,15 +105,13 @@ def main(argv=None) -> int:
             (out / (path.stem + FRAME_SUFFIX)).write_bytes(data)
         boxes = ""
         if client is not None:
-            from pcdet_ext.edge.transport import TransportError
             try:
                 boxes = f" {len(json.loads(client.request(data))['boxes']):>5}"
             except TransportError as exc:
                 refused += 1
                 boxes = f" refused: {exc}"
-        capped = info["dropped_points"]
         rows.append({"scan": path.name, **info})
-        print(f"{path.name:>18} {info['pillars']:>7} {capped:>7} {info['bytes']:>7} {info['voxelise_ms']:8.1f} "
+        print(f"{path.name:>18} {info['pillars']:>7} {info['dropped_points']:>7} {info['bytes']:>7} {info['voxelise_ms']:8.1f} "
               f"{info['encoder_ms']:8.1f} {info['quantize_ms']:8.1f} {info['code_ms']:6.1f} {info['edge_ms']:8.1f}{boxes}")
         if info["dropped_pillars"]:
             print(f"{path.name}: {info['dropped_pillars']} pillars beyond the cap of {bundle.voxels.max_voxels} "
@@ -124,7 +121,7 @@ def main(argv=None) -> int:
     if not rows:
         print(f"error: no {' / '.join(SCAN_SUFFIXES)} scans in {args.input}", file=sys.stderr)
         return 2
-    summary = {part: _percentiles(rows, part) for part in PARTS}
+    summary = {part: _percentiles(rows, part) for part in TIMING}
     print(f"{len(rows)} frames, mean {np.mean([r['bytes'] for r in rows]):.0f} B; ms p50 / p95 / p99: "
           + ", ".join(f"{part[:-3]} {value}" for part, value in summary.items()))
     if args.json:

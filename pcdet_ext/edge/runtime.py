@@ -13,6 +13,7 @@ from pcdet_ext.edge.bundle import ENCODER, BundleError, EdgeBundle, quantizer_fi
 from pcdet_ext.edge.voxelize import voxelize
 
 
+TIMING = ("voxelise_ms", "encoder_ms", "quantize_ms", "code_ms", "edge_ms")  # the parts of a frame, then all
 ENCODER_CHUNK = 2048  # pillars per encoder run: bounds its [chunk, T, C] intermediates (and the arena) to ~20 MB
 
 
@@ -37,8 +38,10 @@ def read_scan(path, num_columns: int = 4) -> np.ndarray:
     return np.fromfile(path, dtype=np.float32).reshape(-1, num_columns)
 
 
-def _session(data: bytes, name: str, threads: Optional[int]):
+def _session(bundle: EdgeBundle, name: str, threads: Optional[int]):
+    """An onnxruntime session of the bundle's graph ``name`` (checked against its SHA-256 first)."""
     import onnxruntime as ort
+    data = bundle.graph(name)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle workers must not take the
     if threads:                                                               # cores voxelise and code run on
@@ -47,7 +50,7 @@ def _session(data: bytes, name: str, threads: Optional[int]):
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        raise BundleError(f"{name}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
+        raise BundleError(f"{bundle.root / name}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
 
 
 class LeanEdge:
@@ -59,9 +62,8 @@ class LeanEdge:
         n = num_codebooks if num_codebooks is not None else max(c[0] for c in bundle.cells)
         k = num_embeddings if num_embeddings is not None else max(c[1] for c in bundle.cells if c[0] == n)
         self.n, self.k = bundle.cell(n, k)
-        self.encoder = _session(bundle.graph(ENCODER), str(bundle.root / ENCODER), threads)
-        self.quantizer = _session(bundle.graph(quantizer_file(self.k)), str(bundle.root / quantizer_file(self.k)),
-                                  threads)
+        self.encoder = _session(bundle, ENCODER, threads)
+        self.quantizer = _session(bundle, quantizer_file(self.k), threads)
         self._check_graphs()
 
     def _check_graphs(self) -> None:
@@ -119,5 +121,5 @@ class LeanEdge:
         data = encode_frame(cells, codes, self.k, self.bundle.models, self.bundle.model_id, dense=self.bundle.dense)
         t2 = time.perf_counter()
         info.update(quantize_ms=(t1 - t0) * 1e3, code_ms=(t2 - t1) * 1e3, bytes=len(data))
-        info["edge_ms"] = info["voxelise_ms"] + info["encoder_ms"] + info["quantize_ms"] + info["code_ms"]
+        info["edge_ms"] = sum(info[part] for part in TIMING[:-1])
         return data, info

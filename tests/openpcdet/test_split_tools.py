@@ -12,7 +12,7 @@ import yaml
 from pcdet_ext.algorithms.bitstream.codec import HEADER
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.edge.transport import FrameClient, TransportError
-from tier2 import REPO
+from tier2 import REPO, main_in_process
 
 SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]
 
@@ -20,14 +20,6 @@ SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]
 def tool(name, *args, timeout=600):
     return subprocess.run([sys.executable, str(REPO / "tools" / name), *args], capture_output=True, text=True,
                           cwd=str(REPO), timeout=timeout, env=dict(os.environ, WANDB_MODE="disabled"))
-
-
-def refusal(capsys, name, *args):
-    """(exit code, stderr lines) of a tool's main() in this process: for refusals of bad arguments, which
-    need no fresh interpreter (the runs above are subprocesses, as users run them)."""
-    import importlib
-    code = importlib.import_module(f"pcdet_ext.cli.{name}").main([str(a) for a in args])
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +113,7 @@ def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_k
     code = {lam: r["mean_bytes"] for lam, r in runs.items()}
     assert code["4"] < code["0.5"] < code["0"], code  # one model, lower rates without retraining
     assert runs["0.5"]["rate_lambda"] == 0.5
-    code, err = refusal(capsys, "split_infer", "--ckpt", fitted, "--data_path", synthetic_kitti, "--lambda", "-1")
+    code, err = main_in_process(capsys, "split_infer", "--ckpt", fitted, "--data_path", synthetic_kitti, "--lambda", "-1")
     assert code == 2 and err == ["error: --lambda: expected a number >= 0, got -1.0"]
     sweep = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
                  "--rq_ckpt", str(fitted), "--eval_sweep", "--eval_lambdas", "0.5", "4", "--set", *SMALL)
@@ -129,10 +121,10 @@ def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_k
     table = [line.split() for line in sweep.stdout.splitlines() if line.strip().startswith("2 ")]
     measured = {row[2]: float(row[4]) for row in table}  # lambda column -> measured KB/frame
     assert set(measured) == {"-", "0.5", "4"} and measured["4"] < measured["0.5"] < measured["-"], sweep.stdout
-    code, err = refusal(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
+    code, err = main_in_process(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
                         "--rq_ckpt", checkpoint, "--eval_sweep", "--eval_lambdas", "0.5", "--set", *SMALL)
     assert code == 2 and "need bitstream models" in err[-1]
-    code, err = refusal(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
+    code, err = main_in_process(capsys, "train_eval_rq", "--config", checkpoint.parents[2] / "exp.yaml", "--mode", "eval",
                         "--rq_ckpt", fitted, "--eval_sweep", "--eval_lambdas", "-0.1", "--set", *SMALL)
     assert code == 2 and "--eval_lambdas: expected a list of numbers >= 0" in err[-1]
 
@@ -142,7 +134,7 @@ def test_checkpoint_without_models_is_a_clear_error(checkpoint, synthetic_kitti,
     nothing else on stderr either)."""
     line = (f"error: {checkpoint} has no bitstream models ('bitstream_models'): fit them first "
             "(tools/split_infer.py --fit_models)")
-    assert refusal(capsys, "split_infer", "--ckpt", checkpoint, "--data_path", synthetic_kitti) == (2, [line])
+    assert main_in_process(capsys, "split_infer", "--ckpt", checkpoint, "--data_path", synthetic_kitti) == (2, [line])
     proc = tool("split_server.py", "--ckpt", str(checkpoint), "--port", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
 
@@ -157,7 +149,7 @@ def test_wrong_checkpoints_are_one_line_errors(checkpoint, synthetic_kitti, tmp_
              ("train_eval_rq", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
               "--rq_ckpt", junk)]
     for script, *args in cases:
-        code, lines = refusal(capsys, script, *args)  # an exception would fail the test: no traceback either
+        code, lines = main_in_process(capsys, script, *args)  # an exception would fail the test: no traceback either
         assert code == 2 and len(lines) == 1, lines
         assert str(args[-1] if script == "train_eval_rq" else plain_pp) in lines[0]
         assert "weights_only" not in lines[0]

@@ -12,7 +12,7 @@ from pcdet_ext.config import cfg_from_list, cfg_from_yaml_file
 from pcdet_ext.engine.startup import builders
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.utils.checkpoint import atomic_save, load_checkpoint
-from tier2 import REPO, seed_everything
+from tier2 import REPO, main_in_process, seed_everything
 
 TOOL = str(REPO / "tools/train_eval_rq.py")
 SMALL = ["DATA_CONFIG.POINT_CLOUD_RANGE", "[0, -20.48, -3, 40.96, 20.48, 1]"]
@@ -48,14 +48,10 @@ def run_tool(*args, timeout=600):
 
 
 def refused(capsys, *args) -> str:
-    """stderr of a refused start, from the tool's main() in this process (a refusal needs no fresh
-    interpreter; the runs are subprocesses, as users run them)."""
-    from pcdet_ext.cli import train_eval_rq
-    capsys.readouterr()
-    code = train_eval_rq.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    return err
+    """stderr of a refused start of train_eval_rq (its main() in this process)."""
+    code, err = main_in_process(capsys, "train_eval_rq", *args)
+    assert code == 2, err[-20:]
+    return "\n".join(err)
 
 
 def test_progressive_run_then_eval_and_sweep(tmp_path, synthetic_kitti, pointpillars_ckpt, capsys, monkeypatch):

@@ -80,3 +80,12 @@ def assert_other_codebooks_refuse(model, dataset, models, data: bytes) -> None:
             runtime.ServerRuntime(model, dataset, models).decode(data)
     finally:
         model.load_state_dict(saved)
+
+
+def main_in_process(capsys, name: str, *args):
+    """(exit code, stderr lines) of ``pcdet_ext.cli.<name>.main(args)`` in this process: for refusals of
+    bad arguments, which need no fresh interpreter (tool runs are subprocesses, as users run them)."""
+    import importlib
+    capsys.readouterr()
+    code = importlib.import_module(f"pcdet_ext.cli.{name}").main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()

@@ -100,6 +100,6 @@ def code_bits(codes: np.ndarray, k: int, models, context: bool = True, cells: Op
         for phase, idx in passes(models, layout, cb, k):
             kind, ctx = plan(models, layout, codes, cb, k, phase, idx) if context else (None, None)
             p = (models.code_probs(cb, k)[codes[idx, cb]] if kind is None else
-                 models.conditional(kind, cb, k)[0][ctx, codes[idx, cb]])
+                 models.conditional(kind, cb, k)[ctx, codes[idx, cb]])
             bits += float(-np.log2(p).sum())
     return bits

@@ -45,7 +45,7 @@ class ProbabilityModels:
     child_counts: np.ndarray
     pair_counts: Optional[Dict[int, np.ndarray]] = None
     spatial_counts: Optional[Dict[int, np.ndarray]] = None
-    _tables: Dict[Tuple, Optional[Tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False, compare=False)
+    _tables: Dict[Tuple, Optional[np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
     _cdfs: Dict[Tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     _choice: Dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
@@ -97,23 +97,29 @@ class ProbabilityModels:
             return np.full(k, 1.0 / k)  # an operating point without statistics: uniform
         return _normalise(table[c])
 
-    def conditional(self, kind: str, c: int, k: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """(rows [contexts, k], group [contexts]) of codebook ``c``'s code given a context of ``kind``
-        ('previous': codebook c - 1's code; 'spatial': a neighbour's code, k = none), or None when
-        there is no such table. Rows seen fewer than CONTEXT_MIN times are the order-0 distribution
-        and share group -1."""
+    def _context_counts(self, kind: str, c: int, k: int) -> Optional[np.ndarray]:
+        """Fitted counts [contexts, k] of codebook ``c``'s code given a context of ``kind``, or None when
+        there are none (no table, codebook 0 has no previous code, nothing counted)."""
+        counts = self.pair_counts if kind == "previous" else self.spatial_counts
+        table = None if counts is None else counts.get(k)
+        if table is None or c >= table.shape[0] or (kind == "previous" and c == 0) or not table[c].any():
+            return None
+        return table[c]
+
+    def conditional(self, kind: str, c: int, k: int) -> Optional[np.ndarray]:
+        """Rows [contexts, k]: codebook ``c``'s code given a context of ``kind`` ('previous': codebook
+        c - 1's code; 'spatial': a neighbour's code, k = none), or None when there is no such table.
+        Rows seen fewer than CONTEXT_MIN times are the order-0 distribution."""
         key = (kind, c, k)
         if key not in self._tables:  # None results cached too: encoder and decoder ask per phase
-            counts = self.pair_counts if kind == "previous" else self.spatial_counts
-            table = None if counts is None else counts.get(k)
-            if table is None or c >= table.shape[0] or (kind == "previous" and c == 0) or not table[c].any():
+            counts = self._context_counts(kind, c, k)
+            if counts is None:
                 self._tables[key] = None
                 return None
             p0 = self.code_probs(c, k)
-            n = table[c].sum(axis=1, keepdims=True).astype(np.float64)
-            rows = (table[c] + CONTEXT_PRIOR * k * p0) / (n + CONTEXT_PRIOR * k)
-            seen = n[:, 0] >= CONTEXT_MIN
-            self._tables[key] = (np.where(seen[:, None], rows, p0), np.where(seen, np.arange(len(seen)), -1))
+            n = counts.sum(axis=1, keepdims=True).astype(np.float64)
+            rows = (counts + CONTEXT_PRIOR * k * p0) / (n + CONTEXT_PRIOR * k)
+            self._tables[key] = np.where(_seen(counts)[:, None], rows, p0)
         return self._tables[key]
 
     def spatial_codebooks(self, k: int) -> np.ndarray:
@@ -151,11 +157,10 @@ class ProbabilityModels:
             order0 = 2 * table[c] + 1 if table is not None and c < table.shape[0] else np.ones(k, dtype=np.int64)
             weights = order0[None]
             if kind is not None:  # (counts + a k p0) / (n + a k) with p0 = (2 c0 + 1) / S0, a = 1/2: x 2 S0
-                counts = (self.pair_counts if kind == "previous" else self.spatial_counts)[k][c]
+                counts = self._context_counts(kind, c, k)
                 if counts.max(initial=0) * 2 * order0.sum() >= 1 << 62:
                     raise BitstreamError(f"bitstream models: {kind} counts of codebook {c} at k={k} too large to code")
-                seen = counts.sum(axis=1) >= CONTEXT_MIN
-                weights = np.where(seen[:, None], 2 * order0.sum() * counts + k * order0, order0)
+                weights = np.where(_seen(counts)[:, None], 2 * order0.sum() * counts + k * order0, order0)
             self._cdfs[key] = quantise(weights)
         return self._cdfs[key]
 
@@ -225,6 +230,11 @@ class ProbabilityModels:
             h.update(np.concatenate([self.spatial_codebooks(k) for k in sorted(self.spatial_counts)]).tobytes())
         h.update(str(self.to_state()["geometry"]).encode())
         return h.digest()[:8]
+
+
+def _seen(counts: np.ndarray) -> np.ndarray:
+    """[contexts] bool: contexts counted at least CONTEXT_MIN times in fitting (the rest escape to order-0)."""
+    return counts.sum(axis=1) >= CONTEXT_MIN
 
 
 def _held_out_bits(counts: np.ndarray, prior: np.ndarray, alpha: float, min_count: int) -> float:

@@ -35,7 +35,7 @@ class ContextRate:
         """-log2 p: [k] (order-0) or [contexts, k] (``kind`` 'previous' / 'spatial')."""
         key = (kind, c, k)
         if key not in self._bits:
-            probs = self.models.code_probs(c, k) if kind is None else self.models.conditional(kind, c, k)[0]
+            probs = self.models.code_probs(c, k) if kind is None else self.models.conditional(kind, c, k)
             self._bits[key] = torch.from_numpy(-np.log2(probs)).float()
         return self._bits[key]
 
