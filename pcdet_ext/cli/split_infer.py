@@ -24,7 +24,8 @@ import numpy as np
 from pcdet_ext.algorithms.bitstream import read_header
 from pcdet_ext.deploy import runtime
 from pcdet_ext.edge.bundle import FRAME_SUFFIX
-from pcdet_ext.edge.transport import FrameClient
+from pcdet_ext.edge.auth import KeyFileError
+from pcdet_ext.edge.transport import TransportError, add_client_arguments, client_from_args
 from pcdet_ext.config import ConfigError
 from pcdet_ext.openpcdet.datasets.validation import DatasetFormatError
 from pcdet_ext.utils.checkpoint import CheckpointError, load_checkpoint
@@ -85,6 +86,7 @@ def run(argv=None) -> int:
                    help="rate-aware encoding: choose codes by distortion + LAMBDA x bits under the stored models "
                         "(distortion in units of the frame's mean squared feature norm; 0: nearest codes)")
     p.add_argument("--remote", default=None, help="host:port of tools/split_server.py")
+    add_client_arguments(p)
     p.add_argument("--json", default=None, help="write per-frame results and the summary here")
     p.add_argument("--save_frames", default=None, help="write each frame to this folder as <scan name>.rqf")
     add_set_argument(p, default=[])
@@ -117,8 +119,11 @@ def run(argv=None) -> int:
     edge = runtime.EdgeRuntime(model, dataset, server.models, n, k, rate_lambda=args.rate_lambda)
     client = None
     if args.remote:
-        host, port = args.remote.rsplit(":", 1)
-        client = FrameClient(host, int(port))
+        try:
+            client = client_from_args(args, args.remote)
+        except (ValueError, KeyFileError, TransportError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     rows = []
     save = Path(args.save_frames) if args.save_frames else None
     if save:
@@ -131,7 +136,11 @@ def run(argv=None) -> int:
             (save / (path.stem + FRAME_SUFFIX)).write_bytes(data)
         hdr = read_header(data)
         if client is not None:
-            reply = json.loads(client.request(data))
+            try:
+                reply = json.loads(client.request(data))
+            except TransportError as exc:
+                print(f"error: {path.name}: {exc}", file=sys.stderr)
+                return 1
             boxes, server_ms = len(reply["boxes"]), reply["decode_ms"] + reply["tail_ms"]
         else:
             pred, server_t = server.decode(data)

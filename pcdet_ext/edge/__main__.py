@@ -21,7 +21,9 @@ from typing import Dict, Iterator, List
 import numpy as np
 
 from pcdet_ext.edge.bundle import FRAME_SUFFIX, BundleError, EdgeBundle
+from pcdet_ext.edge.auth import KeyFileError
 from pcdet_ext.edge.runtime import TIMING, LeanEdge, PointFileError, read_scan
+from pcdet_ext.edge.transport import TransportError, add_client_arguments, client_from_args
 
 SCAN_SUFFIXES = (".bin", ".npy")
 
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True, help="a .bin / .npy scan or a folder of them")
     p.add_argument("--out", default=None, help="write one frame per scan here, named <scan name>.rqf")
     p.add_argument("--remote", default=None, help="host:port of tools/split_server.py: send each frame")
+    add_client_arguments(p)
     p.add_argument("--num_codebooks", type=int, default=None, help="default: the deepest cell of the bundle")
     p.add_argument("--num_embeddings", type=int, default=None, help="default: the largest k at that depth")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own choice)")
@@ -81,9 +84,11 @@ def main(argv=None) -> int:
         return 2
     client = None
     if args.remote:
-        from pcdet_ext.edge.transport import FrameClient, TransportError
-        host, port = args.remote.rsplit(":", 1)
-        client = FrameClient(host, int(port))
+        try:
+            client = client_from_args(args, args.remote)
+        except (ValueError, KeyFileError, TransportError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
                 boxes = f" {len(json.loads(client.request(data))['boxes']):>5}"
             except TransportError as exc:
                 refused += 1
-                boxes = f" refused: {exc}"
+                boxes = f" {exc}"
         rows.append({"scan": path.name, **info})
         print(f"{path.name:>18} {info['pillars']:>7} {info['dropped_points']:>7} {info['bytes']:>7} {info['voxelise_ms']:8.1f} "
               f"{info['encoder_ms']:8.1f} {info['quantize_ms']:8.1f} {info['code_ms']:6.1f} {info['edge_ms']:8.1f}{boxes}")

@@ -92,23 +92,30 @@ def test_both_edges_write_frames_that_cmp_compares_and_the_server_answers_the_le
         assert subprocess.run(["cmp", str(tmp_path / "lean" / frame), str(tmp_path / "torch" / frame)]).returncode == 0
     summary = json.loads((tmp_path / "torch.json").read_text())["summary"]
     assert summary["median_edge_ms"] > summary["median_quantize_encode_ms"] > 0  # the whole edge, head included
-    # the lean edge's --remote to a split server (its handler, in this process: the tools' runs are above)
+    # the lean edge's --remote to a split server with keys (its handler, in this process: the tools' runs are above)
+    from pcdet_ext.cli.split_server import frame_handler
+    from pcdet_ext.deploy.server import FrameServer
     from pcdet_ext.edge.__main__ import main as edge_main
-    from pcdet_ext.edge.transport import FrameServer
+    from pcdet_ext.edge.auth import read_keys, write_new_key
     model, dataset, models = exported[:3]
     server_side = runtime.ServerRuntime(model, dataset, models)
-    server = FrameServer(("127.0.0.1", 0), lambda data: json.dumps(
-        runtime.boxes_payload(server_side.decode(data)[0], list(dataset.class_names))).encode())
+    write_new_key("truck07", tmp_path / "truck07.key")
+    server = FrameServer(("127.0.0.1", 0), frame_handler(server_side, list(dataset.class_names)),
+                         keys=read_keys(tmp_path / "truck07.key"))
     server.start()
     try:
         assert edge_main(["--bundle", str(bundle_dir), "--input", str(scan_dir / scans[0].name), "--num_codebooks",
-                          "1", "--num_embeddings", "16", "--remote", f"127.0.0.1:{server.port}"]) == 0
+                          "1", "--num_embeddings", "16", "--remote", f"127.0.0.1:{server.port}",
+                          "--key_file", str(tmp_path / "truck07.key")]) == 0
         row = capsys.readouterr().out.splitlines()[2]
         expected = len(server_side.decode((tmp_path / "lean" / (scans[0].stem + ".rqf")).read_bytes())[0]["pred_boxes"])
         assert row.split()[0] == scans[0].name and int(row.split()[-1]) == expected, row  # the server's boxes
+        # without the key: refused by the server, counted by the edge (exit 1)
+        assert edge_main(["--bundle", str(bundle_dir), "--input", str(scan_dir / scans[0].name),
+                          "--remote", f"127.0.0.1:{server.port}"]) == 1
+        assert " refused: auth: authentication failed" in capsys.readouterr().out
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_bad_bundles_points_and_checkpoints_are_one_line_errors(exported, tmp_path, capsys):

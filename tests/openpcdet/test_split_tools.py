@@ -5,6 +5,7 @@ import socket
 import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 import yaml
@@ -43,7 +44,7 @@ def checkpoint(synthetic_kitti, tmp_path_factory):
     return tmp / "run" / "checkpoints" / ck.GLOBAL_BEST
 
 
-def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
+def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path, capsys):
     fitted = tmp_path / "with_models.pth"
     local = tool("split_infer.py", "--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti), "--fit_models",
                  "--save_ckpt", str(fitted), "--json", str(tmp_path / "local.json"))
@@ -68,27 +69,46 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
     plain_ckpt = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",
                       "--rq_ckpt", str(checkpoint), "--set", *SMALL)
     assert plain_ckpt.returncode == 0 and "the rates below are estimates" in plain_ckpt.stdout
+    from test_transport import make_certs
+    from pcdet_ext.edge.auth import read_client_key, write_new_key
+    from pcdet_ext.edge.transport import client_tls
+    cert, cert_key = make_certs(tmp_path)[:2]
+    write_new_key("truck07", tmp_path / "truck07.key")
+    key = read_client_key(tmp_path / "truck07.key")
     server = subprocess.Popen([sys.executable, str(REPO / "tools/split_server.py"), "--ckpt", str(fitted), "--port", "0",
-                               "--timeout", "2"], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+                               "--frame_timeout", "2", "--key_file", str(tmp_path / "truck07.key"), "--tls_cert", cert,
+                               "--tls_key", cert_key], cwd=str(REPO), stdout=subprocess.PIPE,
+                              stderr=(tmp_path / "server.log").open("w"), text=True)
     try:
+        banner = server.stdout.readline()
+        assert banner.startswith("signed frames from 1 key id(s), TLS; 1 worker(s)") and "memory bound" in banner, banner
         line = server.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line
         port = int(line.strip().rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as quitter:  # half a frame, then gone
             quitter.sendall(struct.pack("!I", 1000) + b"x" * 10)
-        with FrameClient("127.0.0.1", port, timeout_s=60) as client:
-            with pytest.raises(TransportError, match="BitstreamError"):
-                client.request(b"\x00" * 100)
-        remote = tool("split_infer.py", "--ckpt", str(fitted), "--data_path", str(synthetic_kitti),
-                      "--remote", f"127.0.0.1:{port}", "--json", str(tmp_path / "remote.json"))
+        remote = tool("split_infer.py", "--ckpt", str(fitted), "--data_path", str(synthetic_kitti), "--remote",
+                      f"127.0.0.1:{port}", "--key_file", str(tmp_path / "truck07.key"), "--tls_ca", cert,
+                      "--save_frames", str(tmp_path / "sent"), "--json", str(tmp_path / "remote.json"))
         assert remote.returncode == 0, remote.stderr[-3000:]
         again = json.loads((tmp_path / "remote.json").read_text())["frames"]
         assert [(r["bytes"], r["boxes"]) for r in again] == [(r["bytes"], r["boxes"]) for r in rows["frames"]]
+        sent = sorted((tmp_path / "sent").iterdir())[0].read_bytes()
+        fields = list(HEADER.unpack_from(sent))
+        fields[7] = bytes(8)  # coded for another model, checksum recomputed: refused by class, no model id told
+        other = HEADER.pack(*fields[:-1], zlib.crc32(HEADER.pack(*fields[:-1], 0)[:-4] + sent[HEADER.size:]))
+        with FrameClient("127.0.0.1", port, timeout_s=60, key=key, tls=client_tls(cert)) as client:
+            for data, reason in ((b"\x00" * 100, "format"), (other + sent[HEADER.size:], "model")):
+                with pytest.raises(TransportError) as err:
+                    client.request(data)
+                assert err.value.reason == reason and fields[7].hex() not in str(err.value), str(err.value)
+            assert client.health()["served"] == 2
+        with FrameClient("127.0.0.1", port, timeout_s=60, tls=client_tls(cert)) as unsigned:
+            with pytest.raises(TransportError, match="refused: auth"):
+                unsigned.request(sent)
         assert server.poll() is None  # still serving
-        taken = tool("split_server.py", "--ckpt", str(fitted), "--port", str(port))
-        assert taken.returncode == 2 and taken.stderr.strip().splitlines() == [  # one line: no meshgrid warning either
-            f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"], taken.stderr[-2000:]
+        assert main_in_process(capsys, "split_server", "--ckpt", fitted, "--port", port) == (  # before loading a model
+            2, [f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"])
         frames = tmp_path / "frames"
         frames.mkdir()
         (frames / "000000.bin").write_bytes(b"\x00" * 33)  # two points and a stray byte
@@ -96,8 +116,10 @@ def test_split_infer_local_and_remote(checkpoint, synthetic_kitti, tmp_path):
         assert odd.returncode == 2 and odd.stderr.strip().splitlines() == [
             f"error: {frames / '000000.bin'}: 33 bytes is not a positive multiple of 16 (float32 x, y, z, intensity "
             "per point); the file is truncated or not a KITTI velodyne scan"], odd.stderr[-2000:]
+        server.terminate()  # SIGTERM: drains and exits 0
+        assert server.wait(timeout=30) == 0 and "stopped:" in (tmp_path / "server.log").read_text()
     finally:
-        server.terminate()
+        server.kill()
         server.wait(timeout=30)
 
 

@@ -130,6 +130,14 @@ def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, mode
     return HEADER.pack(*fields, crc) + body
 
 
+def max_frame_bytes(geo: "occ_mod.GridGeometry", max_codebooks: int) -> int:
+    """An upper bound on any frame for this grid: every cell occupied at every codebook, each coded symbol
+    at most 32 bits (rANS at 24-bit precision spends at most 24 a symbol, plus each stream's final state);
+    the quadtree codes fewer occupancy symbols than a third of the padded cells."""
+    ph, pw = geo.padded
+    return HEADER.size + 4 * (ph * pw + geo.height * geo.width * max_codebooks + 8)
+
+
 def read_header(data: bytes) -> Dict[str, object]:
     """Parse and bounds-check the header (no decoding)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
