@@ -200,9 +200,7 @@ def test_a_burst_is_shed_at_once_and_the_queue_is_fair():
     results = {}
 
     def send(name, source):
-        with FrameClient("127.0.0.1", srv.port, key=KEY_A if source != "127.0.0.4" else KEY_B) as client:
-            client.sock.close()
-            client.sock = socket.create_connection(("127.0.0.1", srv.port), source_address=(source, 0))
+        with FrameClient("127.0.0.1", srv.port, key=KEY_A if source != "127.0.0.4" else KEY_B, source=source) as client:
             t0 = time.monotonic()
             try:
                 client.request(data)

@@ -69,15 +69,16 @@ class FrameClient:
     re-opened once per request."""
 
     def __init__(self, host: str, port: int, timeout_s: float = 30.0, key: Optional[Key] = None,
-                 tls: Optional[ssl.SSLContext] = None):
+                 tls: Optional[ssl.SSLContext] = None, source: Optional[str] = None):
         self.address, self.timeout_s, self.key, self.tls = (host, port), timeout_s, key, tls
-        self.seq = time.time_ns() // 1000  # increasing across restarts of this edge (a microsecond clock)
+        self.source = (source, 0) if source else None  # the local address to send from
+        self.seq = 0
         self.sock: Optional[socket.socket] = None
         self._connect()
 
     def _connect(self) -> None:
         try:
-            sock = socket.create_connection(self.address, timeout=self.timeout_s)
+            sock = socket.create_connection(self.address, timeout=self.timeout_s, source_address=self.source)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock = self.tls.wrap_socket(sock, server_hostname=self.address[0]) if self.tls else sock
         except (OSError, ssl.SSLError) as exc:
@@ -85,8 +86,8 @@ class FrameClient:
 
     def request(self, payload: bytes, kind: int = FRAME) -> bytes:
         for attempt in (0, 1):
-            self.seq += 1
-            seq = self.seq
+            # increasing, across restarts of this edge too: a microsecond clock, or one more than the last
+            self.seq = seq = max(self.seq + 1, time.time_ns() // 1000)
             envelope = seal(kind, payload, seq, self.key)
             try:
                 if self.sock is None:
