@@ -128,6 +128,11 @@ def main(argv=None) -> int:
         sock.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not server_side.cells:
+        sock.close()
+        print(f"error: {args.ckpt}: no (n, k) cell has both trained codebooks and fitted bitstream models",
+              file=sys.stderr)
+        return 2
     largest = max_frame_bytes(server_side.geo, max(n for n, _ in server_side.cells)) + ENVELOPE.size + MAC_SIZE
     args.max_frame = largest if given_max_frame is None else given_max_frame
     limits = limits_from_args(args)

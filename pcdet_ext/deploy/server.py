@@ -62,6 +62,11 @@ class Refused(Exception):
         self.reason = reason
 
 
+def flag_of(field_name: str) -> str:
+    """The command-line flag of a :class:`Limits` field (seconds fields drop their ``_s``)."""
+    return "--" + (field_name[:-2] if field_name.endswith("_s") else field_name)
+
+
 @dataclass
 class Limits:
     workers: int = 1
@@ -79,7 +84,7 @@ class Limits:
     def problems(self) -> str:
         """What is wrong, naming the command-line flag (empty: nothing)."""
         for f in fields(self):
-            value, flag = getattr(self, f.name), "--" + (f.name[:-2] if f.name.endswith("_s") else f.name)
+            value, flag = getattr(self, f.name), flag_of(f.name)
             floor = 0 if f.name in ("queue", "queue_per_address", "max_skew_s") else 1
             if f.type in ("int", int):
                 if not isinstance(value, int) or value < floor:
@@ -212,6 +217,7 @@ class FrameServer:
         self.replay = ReplayWindow(limits.max_skew_s)
         self.per_address: Dict[str, int] = collections.Counter()
         self.connections = 0
+        self.answering = 0  # requests read and not yet answered
         self.draining = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
@@ -251,15 +257,14 @@ class FrameServer:
                                             ssl_handshake_timeout=self.limits.frame_timeout_s if self.tls else None)
         self._ready.set()
         await self._stop.wait()
-        log.info("draining: %d request(s) in the server", self.scheduler.in_server)
+        log.info("draining: %d request(s) in the server", self.answering)
         self.draining = True
         server.close()
         for writer in list(self._idle_writers):
             writer.close()
         deadline = time.monotonic() + self.limits.drain_timeout_s
-        while self.scheduler.in_server and time.monotonic() < deadline:
+        while self.answering and time.monotonic() < deadline:  # admitted requests get their replies
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)  # the last replies leave
         pool.shutdown(wait=False)  # queued requests never reached the pool
         log.info("stopped: %s", json.dumps(self.counters.snapshot()))
 
@@ -279,8 +284,13 @@ class FrameServer:
                 if request is None:
                     break
                 arrived, data = request
-                status, body, key, seq = await self._answer(address, data, arrived)
-                if not await self._reply(writer, status, body, key, seq):
+                self.answering += 1
+                try:
+                    status, body, key, seq = await self._answer(address, data, arrived)
+                    sent = await self._reply(writer, status, body, key, seq)
+                finally:
+                    self.answering -= 1
+                if not sent:
                     break
         finally:
             self._idle_writers.discard(writer)
@@ -372,6 +382,7 @@ class FrameServer:
             reply = await asyncio.wait_for(asyncio.shield(job.done), max(0.0, remaining))
         except asyncio.TimeoutError:
             self.scheduler.withdraw(job)
+            job.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's now
             self.counters.add("timed_out")
             log.warning("%s: request not answered within %.1f s (%s)", address, self.limits.request_timeout_s,
                         "running" if job.started else "queued")
@@ -423,11 +434,7 @@ def server_tls(cert: str, key: str, client_ca: Optional[str] = None) -> ssl.SSLC
 
 def limits_from_args(args) -> Limits:
     """:class:`Limits` from argparse flags of the same names (``--frame_timeout`` -> frame_timeout_s)."""
-    values = {}
-    for f in fields(Limits):
-        flag = f.name[:-2] if f.name.endswith("_s") else f.name
-        values[f.name] = getattr(args, flag)
-    return Limits(**values)
+    return Limits(**{f.name: getattr(args, flag_of(f.name)[2:]) for f in fields(Limits)})
 
 
 def add_limit_arguments(parser) -> None:
@@ -443,7 +450,6 @@ def add_limit_arguments(parser) -> None:
              "max_skew_s": "seconds a signed request's time may differ from this clock (0: no clock check)",
              "drain_timeout_s": "seconds to finish requests after SIGTERM"}
     for name, value in defaults.items():
-        flag = name[:-2] if name.endswith("_s") else name
         default = None if name == "max_frame" else value
-        parser.add_argument(f"--{flag}", type=type(value), default=default, help=f"{helps[name]} (default {value})"
+        parser.add_argument(flag_of(name), type=type(value), default=default, help=f"{helps[name]} (default {value})"
                             if default is not None else helps[name])
