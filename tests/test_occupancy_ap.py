@@ -100,14 +100,15 @@ def validate(n):
     return meter.result()
 validate(10)
 peak10 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-validate(200)
-peak200 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(peak10, peak200)
+validate(80)
+peak80 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak10, peak80)
 """
 
 
-def test_validation_memory_is_flat_from_10_to_200_frames():
+def test_validation_memory_is_flat_from_10_to_80_frames():
+    """Keeping each frame's scores (5.6 MB) would add ~390 MB over the 70 more frames."""
     out = run_python(MEMORY, timeout=600)
     assert out.returncode == 0, out.stderr
-    peak10, peak200 = (int(v) for v in out.stdout.split()[-2:])
-    assert peak200 <= 1.10 * peak10, (peak10, peak200)
+    peak10, peak80 = (int(v) for v in out.stdout.split()[-2:])
+    assert peak80 <= 1.10 * peak10, (peak10, peak80)
