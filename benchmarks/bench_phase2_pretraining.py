@@ -180,7 +180,7 @@ def cmd_evidence(args):
             cfg = config(path, root, args.half, args.voxel)
             (ds, loader, _), _ = builders.build_loaders(cfg, root, batch_size=2, workers=args.workers)
             allow_unlabelled(ds)
-            models[name] = train_pretraining(cfg, ds, loader, args.iters, desc=name)
+            models[name] = train_pretraining(cfg, ds, loader, args.iters, desc=name)[0]
         eval_cfg = config(PRE2, eval_root, args.half, args.voxel)
         _, (eval_ds, eval_loader, _) = builders.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
         allow_unlabelled(eval_ds)

@@ -69,7 +69,7 @@ def pretrained_encoders(args, cfgs, pretrain_root, seed):
         cfg = config(cfgs[phase], pretrain_root, args.half, args.voxel)
         (ds, loader, _), _ = builders.build_loaders(cfg, pretrain_root, batch_size=args.batch_size, workers=args.workers)
         allow_unlabelled(ds)
-        model = train_pretraining(cfg, ds, loader, args.pretrain_iters, desc=f"seed {seed} {phase}", seed=seed)
+        model = train_pretraining(cfg, ds, loader, args.pretrain_iters, desc=f"seed {seed} {phase}", seed=seed)[0]
         model.recalibrate_batchnorm(loader, 16)  # full-density statistics, as the pretraining tool leaves them
         out[phase] = convert_pretrain(model.state_dict())[0]
     return out

@@ -11,10 +11,12 @@ memory: peak RSS growth (sampled every ms) of decoder forward + loss + backward,
 encoder output; reference = R-MAE's decoder (three dense ConvTranspose3d back to the full voxel grid,
 BCE over every voxel); ratio target <= 0.5. On a GPU, torch.cuda.max_memory_allocated instead.
 occupancy: pretrains on the scans of --train_dir (shipped config, x/y range and voxel size as below),
-and, as a baseline, the same decoder over the untrained (frozen random) encoder; then on every scan of
---eval_dir, with the same fixed masks: AP of masked-only cells against ray-cast free space for both
-and for grow-visible (visible cells dilated by one target cell, scored by distance). Last line:
-"masked occupancy AP: model x | grow-visible y | random encoder z".
+and, as controls, the same decoder over the untrained (frozen random) encoder, trained at doubling
+budgets until its loss plateaus (--control_max_iters), and a scene-blind height x range prior (how
+often a cell at that height and range was occupied in the training scans); then on every scan of
+--eval_dir, with the same fixed masks: AP of masked-only cells against ray-cast free space for each and
+for grow-visible (visible cells dilated by one target cell, scored by distance). Last line:
+"masked occupancy AP: model x | grow-visible y | random encoder z | height x range prior w".
 masking: the shipped masking on real scans (ratio, whole-group share, per-band ratios), and the
 ray-cast targets' cost per frame, at the shipped config's full resolution.
 """
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRE = REPO / "cfgs/custom_models/rmae_cmae_isarc_4class_pretraining_phase1.yaml"
 FT = REPO / "cfgs/custom_models/rmae_cmae_isarc_4class_finetune_phase1.yaml"
 RAW = REPO.parent / "shared/data/kitti_raw_2011_09_26/velodyne"
+PRIOR = "height x range prior"
 
 
 def config(path, data, half, voxel):
@@ -244,15 +247,35 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     from pcdet_ext.engine.loop.runner import train_steps
     losses, _ = train_steps(model, loader, opt, steps=iters, scheduler=sched, progress=True,
                                  hooks=[CallbackHook(model.update_teacher)])
-    print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> "
-          f"{statistics.mean(losses[-10:]):.3f}", file=sys.stderr)
-    return model
+    final = statistics.mean(losses[-10:])
+    print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> {final:.3f}",
+          file=sys.stderr)
+    return model, final
+
+
+def train_control_to_plateau(cfg, ds, loader, iters, max_iters, tolerance=0.02):
+    """The random-encoder control (only the decoder learns) at budgets iters, 2 iters, 4 iters, ... (each a
+    fresh run over its own schedule) until a doubling lowers the final loss by less than ``tolerance``
+    (relative) or the budget would pass ``max_iters``; returns the last model, the budgets' losses and
+    whether it plateaued."""
+    model, loss = train_pretraining(cfg, ds, loader, iters, freeze_encoder=True, desc="random encoder")
+    history = [(iters, loss)]
+    while 2 * history[-1][0] <= max_iters:
+        budget = 2 * history[-1][0]
+        longer, longer_loss = train_pretraining(cfg, ds, loader, budget, freeze_encoder=True,
+                                                desc=f"random encoder, {budget} iterations")
+        improved = (history[-1][1] - longer_loss) / max(abs(history[-1][1]), 1e-12)
+        model = longer
+        history.append((budget, longer_loss))
+        if improved < tolerance:
+            return model, history, True
+    return model, history, False
 
 
 def cmd_occupancy(args):
     from pcdet_ext.openpcdet.datasets.create_infos import create_unlabelled
     from pcdet_ext.engine.startup import builders
-    from pcdet_ext.engine.recipes.occupancy_validation import masked_occupancy_ap
+    from pcdet_ext.engine.recipes.occupancy_validation import fit_height_range_prior, masked_occupancy_ap
     from pcdet_ext.openpcdet.datasets.unlabelled import allow_unlabelled
     train = sorted(Path(args.train_dir).glob("*.bin"))
     held = sorted(Path(args.eval_dir).glob("*.bin"))
@@ -271,17 +294,20 @@ def cmd_occupancy(args):
         eval_cfg = config(PRE, eval_root, args.half, args.voxel)
         _, (eval_ds, eval_loader, _) = builders.build_loaders(eval_cfg, eval_root, batch_size=1, workers=args.workers)
         allow_unlabelled(eval_ds)
-        models = {"model": train_pretraining(cfg, ds, loader, args.iters),
-                  "random encoder": train_pretraining(cfg, ds, loader, args.iters, freeze_encoder=True,
-                                                      desc="random encoder")}
-        ap = masked_occupancy_ap(models, eval_loader)
+        model, _ = train_pretraining(cfg, ds, loader, args.iters)
+        control, history, plateau = train_control_to_plateau(cfg, ds, loader, args.iters, args.control_max_iters)
+        prior = fit_height_range_prior(model, loader)
+        ap = masked_occupancy_ap({"model": model, "random encoder": control}, eval_loader,
+                                 baselines={PRIOR: prior.scores})
     print(f"{len(train)} training scans, {len(eval_ds)} evaluation scans, grid {ds.grid_size.tolist()}, "
           f"batch 2, {args.iters} iterations; AP of masked-only cells against ray-cast free space")
+    print("random-encoder control, final loss by budget: " + ", ".join(f"{i} it {l:.3f}" for i, l in history)
+          + ("" if plateau else f" (no plateau within --control_max_iters {args.control_max_iters})"))
     for name, row in ap.items():
-        print(f"  {name:<15} " + "  ".join(f"{k[len('occ_ap'):].lstrip('_') or 'all'} {v:.3f}"
+        print(f"  {name:<21} " + "  ".join(f"{k[len('occ_ap'):].lstrip('_') or 'all'} {v:.3f}"
                                           for k, v in row.items()))
     print(f"masked occupancy AP: model {ap['model']['occ_ap']:.3f} | grow-visible {ap['grow-visible']['occ_ap']:.3f}"
-          f" | random encoder {ap['random encoder']['occ_ap']:.3f}")
+          f" | random encoder {ap['random encoder']['occ_ap']:.3f} | {PRIOR} {ap[PRIOR]['occ_ap']:.3f}")
 
 
 def cmd_masking(args):
@@ -348,6 +374,8 @@ def main():
     p.add_argument("--voxel", type=float, default=0.2, help="x/y voxel size, metres")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--control_max_iters", type=int, default=1600,
+                   help="occupancy: the random-encoder control doubles its budget up to this until its loss plateaus")
     p.add_argument("--train_dir", default=str(RAW), help="scans (.bin) to pretrain on / to measure masking on")
     p.add_argument("--eval_dir", default=None, help="scans (.bin) to evaluate on (occupancy; required)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (OpenPCDet's default)")

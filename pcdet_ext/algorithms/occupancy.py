@@ -414,3 +414,43 @@ def grow_visible_scores(targets: OccupancyTargets, radius: int = 4) -> torch.Ten
         score = torch.where((grown > 0) & (reached == 0), torch.full_like(score, radius + 1 - d), score)
         reached = grown
     return score
+
+
+class HeightRangePrior:
+    """Scene-blind baseline: how often a cell at this height and horizontal range was a masked-voxel
+    positive rather than ray-cast free space, counted over training frames (:meth:`observe`); a frame's
+    cells are scored by that rate's log-odds (:meth:`scores`). It knows the sensor's layout of occupancy,
+    nothing of the scene in front of it: an encoder that has learnt anything beats it."""
+
+    def __init__(self, range_bin_m: float = 2.0, max_range_m: float = 120.0):
+        self.range_bin_m, self.num_range = float(range_bin_m), int(math.ceil(max_range_m / range_bin_m)) + 1
+        self.counts: Optional[torch.Tensor] = None  # [height, range bin, label (0 free, 1 positive)] float64
+
+    def _keys(self, ids: torch.Tensor, geometry: CellGeometry) -> torch.Tensor:
+        _, dt, ht, wt = geometry.shape
+        x, y, z = (ids % wt).double(), ((ids // wt) % ht).double(), (ids // (wt * ht)) % dt
+        cx = geometry.pc_min[0] + (x + 0.5) * geometry.cell[0] - geometry.sensor[0]
+        cy = geometry.pc_min[1] + (y + 0.5) * geometry.cell[1] - geometry.sensor[1]
+        r = (torch.hypot(cx, cy) / self.range_bin_m).long().clamp_(max=self.num_range - 1)
+        return z * self.num_range + r
+
+    @torch.no_grad()
+    def observe(self, targets: OccupancyTargets) -> None:
+        dt = targets.shape[1]
+        if self.counts is None:
+            self.counts = torch.zeros(dt * self.num_range, 2, dtype=torch.float64)
+        elif self.counts.shape[0] != dt * self.num_range:
+            raise ValueError(f"a grid of {dt} height cells after one of {self.counts.shape[0] // self.num_range}")
+        free_ids = torch.nonzero(targets.free).squeeze(1)
+        for label, ids in ((0, free_ids), (1, targets.positives)):
+            keys = self._keys(ids, targets.geometry).cpu()
+            self.counts[:, label] += torch.bincount(keys, minlength=self.counts.shape[0]).double()
+
+    @torch.no_grad()
+    def scores(self, targets: OccupancyTargets) -> torch.Tensor:
+        """Log-odds (add-one smoothed) of every cell of ``targets``' grid, flat."""
+        if self.counts is None:
+            raise RuntimeError("HeightRangePrior.scores before any observe()")
+        table = torch.log((self.counts[:, 1] + 1) / (self.counts[:, 0] + 1)).float()
+        ids = torch.arange(math.prod(targets.shape), device=targets.free.device)
+        return table.to(ids.device)[self._keys(ids, targets.geometry)]

@@ -8,27 +8,50 @@ torch.distributed every process evaluates its own shard (:func:`shard_loader`) a
 summed, so no rank waits on another through the whole split."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
-from pcdet_ext.algorithms.occupancy import OccupancyAP, grow_visible_scores
+from pcdet_ext.algorithms.occupancy import HeightRangePrior, OccupancyAP, OccupancyTargets, grow_visible_scores
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.checkpointing import unwrap
 
 GROW_VISIBLE = "grow-visible"
+Scorer = Callable[[OccupancyTargets], torch.Tensor]
+
+
+@torch.no_grad()
+def fit_height_range_prior(model: torch.nn.Module, loader) -> HeightRangePrior:
+    """The scene-blind baseline counted on ``loader``'s frames (their eval-mode masks and targets, from
+    ``model``'s forward; the model's weights do not enter the counts)."""
+    from pcdet.models import load_data_to_gpu
+    net = unwrap(model)
+    mode = net.training
+    prior = HeightRangePrior()
+    try:
+        net.eval()
+        for batch in progress(loader, desc="height x range prior"):
+            load_data_to_gpu(batch)
+            net(dict(batch))
+            prior.observe(net.backbone_3d.forward_ret_dict["occupancy"][1])
+    finally:
+        net.train(mode)
+    return prior
 
 
 @torch.no_grad()
 def masked_occupancy_ap(models: Dict[str, torch.nn.Module], loader, grow_visible: bool = True,
-                        is_main: bool = True) -> Dict[str, Dict[str, float]]:
+                        is_main: bool = True, baselines: Optional[Dict[str, Scorer]] = None
+                        ) -> Dict[str, Dict[str, float]]:
     """``{name: {occ_ap, occ_ap_near, occ_ap_mid, occ_ap_far}}`` for each pretraining model (and
-    ``grow-visible``) over ``loader`` (this process's shard; the counts are summed over every process
-    of the default group); each model's training mode is restored afterwards."""
+    ``grow-visible`` and each of ``baselines``: {name: targets -> scores}) over ``loader`` (this
+    process's shard; the counts are summed over every process of the default group); each model's
+    training mode is restored afterwards."""
     from pcdet.models import load_data_to_gpu
     nets = {name: unwrap(m) for name, m in models.items()}
     modes = {name: m.training for name, m in nets.items()}
-    meters = {name: OccupancyAP() for name in [*nets, *([GROW_VISIBLE] if grow_visible else [])]}
+    scorers = {**({GROW_VISIBLE: grow_visible_scores} if grow_visible else {}), **(baselines or {})}
+    meters = {name: OccupancyAP() for name in [*nets, *scorers]}
     try:
         for m in nets.values():
             m.eval()
@@ -43,8 +66,9 @@ def masked_occupancy_ap(models: Dict[str, torch.nn.Module], loader, grow_visible
                 elif not torch.equal(targets.positives, first.positives):
                     raise RuntimeError("models evaluated on different masks (different masking configs?)")
                 meters[name].add(logits, targets)
-            if grow_visible and first is not None:
-                meters[GROW_VISIBLE].add(grow_visible_scores(first), first)
+            if first is not None:
+                for name, scorer in scorers.items():
+                    meters[name].add(scorer(first), first)
     finally:
         for name, m in nets.items():
             m.train(modes[name])
