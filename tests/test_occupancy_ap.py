@@ -115,17 +115,17 @@ def test_validation_memory_is_flat_from_10_to_80_frames():
 
 
 def test_height_range_prior_fitted_on_some_scans_ranks_others_above_chance(kitti_raw):
-    """The scene-blind baseline: counted on 3 real scans, it ranks 2 others' masked cells well above the
+    """The scene-blind baseline: counted on 2 real scans, it ranks another's masked cells well above the
     positive rate (the AP of a scorer that knows nothing), and a prior counted on no structure (every key
     alike) falls to chance."""
     from pcdet_ext.algorithms.occupancy import HeightRangePrior
     scans = sorted((kitti_raw / "velodyne").glob("*.bin"))
     prior, flat = HeightRangePrior(), HeightRangePrior()
-    for i, path in enumerate(scans[:3]):
+    for i, path in enumerate(scans[:2]):
         prior.observe(_frame(path, seed=i))
     flat.counts = torch.ones_like(prior.counts)
     meters, flat_meter, positives, cells = OccupancyAP(), OccupancyAP(), 0, 0
-    for i, path in enumerate(scans[-2:]):
+    for i, path in enumerate(scans[-1:]):
         t = _frame(path, seed=10 + i)
         meters.add(prior.scores(t), t)
         flat_meter.add(flat.scores(t), t)
