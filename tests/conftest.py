@@ -35,3 +35,17 @@ def kitti_raw() -> Path:
     if not (path / "velodyne").is_dir():
         pytest.skip(f"real unlabelled KITTI scans not present at {path}")
     return path
+
+
+# The longest test files first (measured on a 2-core box): pytest-xdist's --dist loadfile hands files to its
+# processes in collection order, so long files started last would leave one process running alone at the end.
+SLOWEST_FIRST = ("tests/openpcdet/test_train_eval_rq.py", "tests/openpcdet/test_rmae_cmae_tools.py",
+                 "tests/openpcdet/test_split_tools.py", "tests/openpcdet/test_rmae_cmae_phase2_tools.py",
+                 "tests/openpcdet/test_gpu_check.py", "tests/openpcdet/test_edge_export.py",
+                 "tests/openpcdet/test_users_configs.py", "tests/openpcdet/test_user_entry.py",
+                 "tests/openpcdet/test_demo.py", "tests/openpcdet/test_pipelines.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

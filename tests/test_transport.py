@@ -471,3 +471,19 @@ def test_the_largest_frame_bound_holds_for_the_costliest_frames():
             size = len(encode_frame(cells, codes, 64, MODELS, MODEL_ID, dense=dense))
             assert size <= bound, (size, bound, dense)
     assert size > bound / 8  # a bound, not a figure out of all proportion
+
+
+def test_drain_deadline_passes_a_detection_that_does_not_end():
+    """stop() returns at --drain_timeout even when a handler runs on; the server reports it running (the
+    tool then exits without waiting for it)."""
+    handler = Handler()
+    handler.gate.clear()
+    srv = serve(handler, drain_timeout_s=0.5)
+    data, _ = good_frame()
+    client = FrameClient("127.0.0.1", srv.port, key=KEY_A)
+    threading.Thread(target=lambda: pytest.raises(TransportError, client.request, data), daemon=True).start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 2.0 and srv.running == 1
+    handler.gate.set()

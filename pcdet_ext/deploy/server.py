@@ -225,6 +225,11 @@ class FrameServer:
         self._thread: Optional[threading.Thread] = None
         self._idle_writers: set = set()
 
+    @property
+    def running(self) -> int:
+        """Handlers still running (after a drain whose deadline passed, or of requests answered 'timeout')."""
+        return self.limits.workers - self.scheduler.free if hasattr(self, "scheduler") else 0
+
     # ---- running -------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Serve in this (main) thread until SIGTERM / SIGINT, then drain."""
