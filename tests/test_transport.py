@@ -26,17 +26,26 @@ class Handler:
     """Decodes like the split server (and counts what reached it); ``gate`` holds it until set."""
 
     def __init__(self):
-        self.calls, self.gate = 0, threading.Event()
+        self.calls, self.gate, self.seen = 0, threading.Event(), []
         self.gate.set()
 
     def __call__(self, data: bytes) -> bytes:
         self.calls += 1
+        self.seen.append(data)
         self.gate.wait(10)
         try:
             out = decode_frame(data, MODELS, MODEL_ID, 3, 64)
         except Exception as exc:
             raise Refused("format", str(exc)) from None
         return struct.pack("!I", len(out.cells))
+
+
+def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for the server's side of a step (polling, so a loaded machine is only slower, never wrong)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
 
 
 def serve(handler=None, keys=KEYS, **limits):
@@ -126,14 +135,17 @@ def test_replayed_reordered_and_stale_requests(server):
     assert raw_request(server.port, seal(FRAME, data, 1005, KEY_A, now))[0] == 0
     assert raw_request(server.port, seal(FRAME, data, 1003, KEY_A, now))[0] == 0  # reordered: taken once
     assert raw_request(server.port, seal(FRAME, data, 1003, KEY_A, now))[1].startswith(b"replay")
-    assert raw_request(server.port, seal(FRAME, data, 1005 + 70, KEY_A, now))[0] == 0
-    assert raw_request(server.port, seal(FRAME, data, 1004, KEY_A, now))[1].startswith(b"replay")  # below the window
     assert raw_request(server.port, seal(FRAME, data, 1000, KEY_B, now))[0] == 0  # b has its own window
     for skew_ms in (-60_000, 60_000):
         assert raw_request(server.port, seal(FRAME, data, 5000 + abs(skew_ms), KEY_A, now + skew_ms))[1].startswith(b"stale")
     window = ReplayWindow(30.0, started_ms=now)
     before_start = open_envelope(seal(FRAME, data, 1, KEY_A, now - 40_000))
     assert window.check(before_start, now_ms=now - 20_000) == "stale"  # recorded before this server started
+    # beyond its capacity the window forgets its lower half, and refuses everything at or below it from then on
+    window = ReplayWindow(30.0, started_ms=now, capacity=4)
+    envs = {seq: open_envelope(seal(FRAME, data, seq, KEY_A, now)) for seq in range(8, 16)}
+    assert [window.check(envs[seq], now) for seq in (10, 14, 12, 11, 13)] == [""] * 5  # 10, 11 forgotten
+    assert [window.check(envs[seq], now) for seq in (11, 9, 12, 15)] == ["replay", "replay", "replay", ""]
 
 
 def test_slowloris_idle_and_partial_senders_are_dropped_by_deadline(server):
@@ -171,18 +183,18 @@ def test_connection_caps_and_idle_timeout():
     data, n = good_frame()
     try:
         idle = [socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.2", 0)) for _ in range(6)]
-        time.sleep(0.3)
-        answered, _, _ = select.select(idle, [], [], 0.5)
+        until(lambda: len(select.select(idle, [], [], 0)[0]) >= 2 and srv.connections == 4)
+        answered = select.select(idle, [], [], 0)[0]
         # beyond 4 from one address: answered busy and closed
         assert len(answered) == 2 and all(s.recv(5)[4] == BUSY for s in answered)
         with FrameClient("127.0.0.1", srv.port, key=KEY_A) as client:  # another address still gets in
             assert struct.unpack("!I", client.request(data))[0] == n
         others = [socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.3", 0)) for _ in range(3)]
-        time.sleep(0.3)
+        until(lambda: srv.connections == 6 and srv.counters.snapshot()["connections_refused"] == 3)
         with pytest.raises(TransportError) as err:  # 4 + 2 in all: the total cap
             FrameClient("127.0.0.1", srv.port, key=KEY_A).request(data)
         assert err.value.status == BUSY
-        time.sleep(2.2)  # idle connections are closed after --idle_timeout
+        until(lambda: srv.connections == 0)  # idle connections are closed after --idle_timeout
         with FrameClient("127.0.0.1", srv.port, key=KEY_A) as client:
             assert struct.unpack("!I", client.request(data))[0] == n
         assert srv.counters.snapshot()["dropped_idle"] >= 5
@@ -197,13 +209,14 @@ def test_a_burst_is_shed_at_once_and_the_queue_is_fair():
     handler.gate.clear()
     srv = serve(handler, workers=1, queue=2, queue_per_address=1)
     data, n = good_frame()
+    other_data = good_frame(seed=2)[0]
     results = {}
 
     def send(name, source):
         with FrameClient("127.0.0.1", srv.port, key=KEY_A if source != "127.0.0.4" else KEY_B, source=source) as client:
             t0 = time.monotonic()
             try:
-                client.request(data)
+                client.request(other_data if name == "other" else data)
                 results[name] = ("ok", time.monotonic() - t0, time.monotonic())
             except TransportError as exc:
                 results[name] = (exc.reason, time.monotonic() - t0, time.monotonic())
@@ -211,20 +224,19 @@ def test_a_burst_is_shed_at_once_and_the_queue_is_fair():
     try:
         for t in threads:
             t.start()
-            time.sleep(0.05)
-        time.sleep(0.3)
+        until(lambda: len(results) == 4)
         shed = [name for name, (what, _, _) in results.items() if what == "busy"]
-        assert len(shed) == 4 and all(results[s][1] < 1.0 for s in shed), results  # 1 running + 1 queued from .2
+        # 1 running + 1 queued from .2, the rest answered at once (not at the 5 s deadline)
+        assert len(shed) == 4 and all(results[s][1] < 3.0 for s in shed), results
         late = threading.Thread(target=send, args=("other", "127.0.0.4"))
         late.start()
-        time.sleep(0.2)
+        until(lambda: srv.scheduler.n_waiting == 2)
         handler.gate.set()
         for t in threads + [late]:
             t.join(10)
         assert sorted(what for what, _, _ in results.values()) == ["busy"] * 4 + ["ok"] * 3, results
         # the address served least recently goes first: 127.0.0.4 before 127.0.0.2's queued frame
-        assert results["other"][2] < max(end for name, (what, _, end) in results.items()
-                                         if what == "ok" and name != "other"), results
+        assert handler.seen == [data, other_data, data]
         assert srv.counters.snapshot()["shed"] == 4
     finally:
         handler.gate.set()
@@ -254,7 +266,6 @@ def test_request_deadline_oversize_and_replies_without_internals():
             with pytest.raises(TransportError) as err:
                 client.request(b"random garbage" * 3, kind=7)
             assert err.value.reason == "envelope"
-            time.sleep(1.2)  # the slow handler's worker is free again
             assert client.request(b"ok") == b"fine"
     finally:
         srv.stop()
@@ -272,11 +283,11 @@ def test_drain_answers_requests_in_the_server_and_refuses_new_ones():
             out["reply"] = client.request(data)
     t = threading.Thread(target=inflight)
     t.start()
-    time.sleep(0.3)
+    until(lambda: srv.answering == 1)
     waiting = FrameClient("127.0.0.1", srv.port, key=KEY_A)
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
-    time.sleep(0.3)
+    until(lambda: srv.draining)
     with pytest.raises(TransportError):  # no new connections while draining
         FrameClient("127.0.0.1", srv.port, key=KEY_A).request(data)
     handler.gate.set()
@@ -482,8 +493,8 @@ def test_drain_deadline_passes_a_detection_that_does_not_end():
     data, _ = good_frame()
     client = FrameClient("127.0.0.1", srv.port, key=KEY_A)
     threading.Thread(target=lambda: pytest.raises(TransportError, client.request, data), daemon=True).start()
-    time.sleep(0.3)
+    until(lambda: srv.running == 1)
     t0 = time.monotonic()
     srv.stop()
-    assert time.monotonic() - t0 < 2.0 and srv.running == 1
+    assert time.monotonic() - t0 < 4.0 and srv.running == 1
     handler.gate.set()

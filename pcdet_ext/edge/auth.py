@@ -32,7 +32,7 @@ SIGNED = 1  # flag: a MAC follows the body
 MAC_SIZE = 32
 MIN_KEY_BYTES = 16
 KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,16}$")
-REPLAY_WINDOW = 64  # sequence numbers accepted out of order below the highest seen
+REPLAY_CAPACITY = 4096  # sequence numbers remembered per key id
 
 
 class KeyFileError(ValueError):
@@ -162,14 +162,18 @@ def reply_mac(key: Key, seq: int, status: int, body: bytes) -> bytes:
 
 
 class ReplayWindow:
-    """Per key id: the highest sequence number seen and which of the :data:`REPLAY_WINDOW` below it were
-    seen (as IPsec keeps them); older numbers, repeats and timestamps outside ``max_skew_s`` of this
-    clock (or from before the server started) are refused. ``max_skew_s`` 0 turns the clock check off."""
+    """Per key id: the sequence numbers seen (at most ``capacity``; beyond, the lower half is forgotten and
+    everything at or below it refused from then on) and a clock window: repeats, numbers at or below the
+    forgotten floor and timestamps outside ``max_skew_s`` of this clock (or from before the server started)
+    are refused. Numbers may arrive in any order otherwise (several connections, threads or processes of
+    one edge). ``max_skew_s`` 0 turns the clock check off."""
 
-    def __init__(self, max_skew_s: float, started_ms: Optional[int] = None):
+    def __init__(self, max_skew_s: float, started_ms: Optional[int] = None, capacity: int = REPLAY_CAPACITY):
         self.max_skew_ms = int(max_skew_s * 1000)
         self.started_ms = int(time.time() * 1000) if started_ms is None else started_ms
-        self._seen: Dict[str, Tuple[int, int]] = {}  # key id -> (highest, bitmask of highest-1 .. highest-64)
+        self.capacity = capacity
+        self._floor: Dict[str, int] = {}
+        self._seen: Dict[str, set] = {}
 
     def check(self, env: Envelope, now_ms: Optional[int] = None) -> str:
         """'' and the number recorded, or why it is refused: 'stale' or 'replay' (nothing recorded)."""
@@ -177,16 +181,14 @@ class ReplayWindow:
         if self.max_skew_ms and (abs(env.time_ms - now_ms) > self.max_skew_ms
                                  or env.time_ms < self.started_ms - self.max_skew_ms):
             return "stale"
-        highest, mask = self._seen.get(env.key_id, (-1, 0))
-        if env.seq > highest:
-            shift = env.seq - highest
-            mask = ((mask << shift) | (1 << (shift - 1))) & ((1 << REPLAY_WINDOW) - 1) if highest >= 0 else 0
-            self._seen[env.key_id] = (env.seq, mask)
-            return ""
-        back = highest - env.seq
-        if back == 0 or back > REPLAY_WINDOW or mask >> (back - 1) & 1:
+        seen = self._seen.setdefault(env.key_id, set())
+        if env.seq <= self._floor.get(env.key_id, -1) or env.seq in seen:
             return "replay"
-        self._seen[env.key_id] = (highest, mask | 1 << (back - 1))
+        seen.add(env.seq)
+        if len(seen) > self.capacity:
+            ordered = sorted(seen)
+            self._floor[env.key_id] = ordered[len(ordered) // 2 - 1]
+            self._seen[env.key_id] = set(ordered[len(ordered) // 2:])
         return ""
 
 

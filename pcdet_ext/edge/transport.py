@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import secrets
 import socket
 import ssl
 import struct
@@ -86,8 +87,9 @@ class FrameClient:
 
     def request(self, payload: bytes, kind: int = FRAME) -> bytes:
         for attempt in (0, 1):
-            # increasing, across restarts of this edge too: a microsecond clock, or one more than the last
-            self.seq = seq = max(self.seq + 1, time.time_ns() // 1000)
+            # increasing, across restarts of this edge too: a microsecond clock (x 1024, plus random low bits so
+            # that threads or processes sharing a key do not collide), or one more than the last
+            self.seq = seq = max(self.seq + 1, (time.time_ns() // 1000 << 10) | secrets.randbelow(1024))
             envelope = seal(kind, payload, seq, self.key)
             try:
                 if self.sock is None:
