@@ -155,20 +155,18 @@ def test_slowloris_idle_and_partial_senders_are_dropped_by_deadline(server):
     start = time.monotonic()
     wire = LENGTH.pack(len(envelope)) + envelope
     dropped_after = None
-    for i in range(40):  # one byte every 0.1 s: every recv is prompt, the whole frame is not
+    for i in range(100):  # one byte every 0.1 s: every recv is prompt, the whole frame is not
         try:
             slow.sendall(wire[i:i + 1])
+            closed = bool(select.select([slow], [], [], 0)[0]) and slow.recv(1) == b""
         except OSError:
+            closed = True
+        if closed:
             dropped_after = time.monotonic() - start
             break
         time.sleep(0.1)
-    slow.settimeout(3)
-    try:
-        assert slow.recv(1) == b""
-    except ConnectionResetError:
-        pass
-    dropped_after = dropped_after or time.monotonic() - start
-    assert dropped_after < 3.0, dropped_after  # the 1 s whole-frame deadline, not 40 x the per-recv timeout
+    # the 1 s whole-request deadline (a per-recv timeout would never fire: a byte comes every 0.1 s)
+    assert dropped_after is not None and dropped_after < 6.0, dropped_after
     slow.close()
     with socket.create_connection(("127.0.0.1", server.port)) as quitter:  # half a frame, then gone
         quitter.sendall(wire[:30])
@@ -179,7 +177,7 @@ def test_slowloris_idle_and_partial_senders_are_dropped_by_deadline(server):
 
 
 def test_connection_caps_and_idle_timeout():
-    srv = serve(max_connections=6, max_per_address=4, idle_timeout_s=2.0)
+    srv = serve(max_connections=6, max_per_address=4, idle_timeout_s=4.0)  # ample for a loaded machine
     data, n = good_frame()
     try:
         idle = [socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.2", 0)) for _ in range(6)]
