@@ -49,10 +49,26 @@ def test_arm64_edge_frames_decode_on_x86_and_x86_frames_decode_on_arm64(arm64_py
     for path in scans[:3]:
         os.symlink(path, scan_dir / path.name)
         (x86_dir / (path.stem + ".rqf")).write_bytes(lean.encode(read_scan(path))[0])
-    arm = subprocess.run([str(arm64_python), "-m", "pcdet_ext.edge", "--bundle", str(bundle_dir), "--input", str(scan_dir),
-                          "--out", str(tmp_path / "arm"), "--num_codebooks", str(CELL[0]), "--num_embeddings", str(CELL[1])],
-                         capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
-    assert arm.returncode == 0, arm.stdout[-2000:] + arm.stderr[-3000:]
+    # the emulated edge sends its frames, signed, to a split server here (the real handler, this model)
+    from pcdet_ext.cli.split_server import frame_handler
+    from pcdet_ext.deploy.runtime import ServerRuntime
+    from pcdet_ext.deploy.server import FrameServer
+    from pcdet_ext.edge.auth import read_keys, write_new_key
+    model, dataset, models = exported[:3]
+    write_new_key("pi4", tmp_path / "pi4.key")
+    server = FrameServer(("127.0.0.1", 0), frame_handler(ServerRuntime(model, dataset, models), list(dataset.class_names)),
+                         keys=read_keys(tmp_path / "pi4.key"))
+    server.start()
+    try:
+        arm = subprocess.run([str(arm64_python), "-m", "pcdet_ext.edge", "--bundle", str(bundle_dir), "--input",
+                              str(scan_dir), "--out", str(tmp_path / "arm"), "--num_codebooks", str(CELL[0]),
+                              "--num_embeddings", str(CELL[1]), "--remote", f"127.0.0.1:{server.port}",
+                              "--key_file", str(tmp_path / "pi4.key")],
+                             capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+        assert arm.returncode == 0, arm.stdout[-2000:] + arm.stderr[-3000:]
+        assert server.counters.snapshot()["served"] == 3, server.counters.snapshot()
+    finally:
+        server.stop()
     reader = (f"import sys, hashlib\nfrom pathlib import Path\nimport platform\nfrom pcdet_ext.edge import EdgeBundle\n"
               f"from pcdet_ext.algorithms.bitstream import decode_frame\nb = EdgeBundle.load({str(bundle_dir)!r})\n"
               f"print(platform.machine())\n"
