@@ -25,7 +25,8 @@ TOOLS = sorted(p.stem for p in (Path(__file__).resolve().parent / "pcdet_ext" / 
 extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
 extras["export"] = ["onnx>=1.14", "onnxruntime>=1.16"]  # tools/export_edge.py, the lean edge on this machine
-extras["test"] = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *extras["export"]]  # spconv comes from the flavour extra
+extras["study"] = ["DracoPy>=2"]  # benchmarks/rate_accuracy_study.py: the raw point cloud coded with Draco
+extras["test"] = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *extras["export"], *extras["study"]]  # spconv: the flavour extra
 
 
 

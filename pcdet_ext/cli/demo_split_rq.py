@@ -13,6 +13,7 @@ Every number printed comes from this run.
 import argparse
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import yaml
 
@@ -21,15 +22,33 @@ from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.recipes.progressive_rq import experiment, schema
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The demo's flags (the detector's, then the RQ schedule's), output under ``out`` by default."""
     demo_pointpillars.add_arguments(parser)
-    parser.set_defaults(out=Path("output/split_demo"), iters=300, num_frames=64)  # 48 train, 16 val frames
+    parser.set_defaults(out=out, iters=300, num_frames=64)  # 48 train, 16 val frames
     parser.add_argument("--n_codebook", type=int, default=2)
     parser.add_argument("--schedule", default="16,64")
     parser.add_argument("--stage_epochs", type=int, default=2)
     parser.add_argument("--warmup_epochs", type=int, default=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, Path("output/split_demo"))
     args = parser.parse_args(argv)
+    try:
+        config, bitstream = train(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    print(f"experiment config: {config}; the evaluation again: "
+          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep --rq_ckpt {bitstream}")
+    return train_eval_rq.main(["--config", str(config), "--mode", "eval", "--eval_sweep", "--rq_ckpt", str(bitstream)])
+
+
+def train(args) -> Tuple[Path, Path]:
+    """Steps 1-4: the detector (reused when its checkpoint exists), the progressive RQ run, the fitted
+    bitstream models. Returns (experiment config, RQ checkpoint with its bitstream models); a failing
+    step exits (SystemExit with its return code)."""
     ckpt = args.out / "ckpt" / f"pointpillar_{args.layout}_demo.pth"
     data = args.out / f"synthetic_{args.layout}_{args.num_frames}f_s{args.seed}"
     if not ckpt.is_file():
@@ -54,11 +73,8 @@ def main(argv=None) -> int:
     config.write_text(yaml.safe_dump(exp, sort_keys=False))
     rc = train_eval_rq.main(["--config", str(config)])
     if rc:
-        return rc
-    bitstream = fit_bitstream(config, data)
-    print(f"experiment config: {config} (model config {model_cfg}); the evaluation again: "
-          f"python tools/train_eval_rq.py --config {config} --mode eval --eval_sweep --rq_ckpt {bitstream}")
-    return train_eval_rq.main(["--config", str(config), "--mode", "eval", "--eval_sweep", "--rq_ckpt", str(bitstream)])
+        raise SystemExit(rc)
+    return config, fit_bitstream(config, data)
 
 
 def fit_bitstream(config: Path, data: Path) -> Path:
@@ -85,7 +101,6 @@ def write_model_cfg(args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
     return path
-
 
 
 if __name__ == "__main__":  # python -m pcdet_ext.cli.demo_split_rq

@@ -92,6 +92,26 @@ def _decode_occupancy(dec: RansDecoder, models: ProbabilityModels) -> np.ndarray
     return level_map[: geo.height, : geo.width]
 
 
+def occupancy_words(cells: np.ndarray, models: ProbabilityModels) -> np.ndarray:
+    """The occupied ``cells`` (distinct flat row-major indices inside the grid) as rANS words under the
+    occupancy models: the occupancy part of a sparse frame (also used by other payload formats)."""
+    geo = models.geometry
+    occ = np.zeros(geo.height * geo.width, dtype=bool)
+    occ[cells] = True
+    enc = RansEncoder()
+    _encode_occupancy(enc, occ.reshape(geo.height, geo.width), models)
+    return enc.finish()
+
+
+def occupancy_cells(words: np.ndarray, models: ProbabilityModels) -> np.ndarray:
+    """Inverse of :func:`occupancy_words`: the occupied cells, ascending; :class:`RansError` when the
+    words are not exactly one occupancy stream."""
+    dec = RansDecoder(words)
+    cells = np.flatnonzero(_decode_occupancy(dec, models).ravel())
+    dec.finish()
+    return cells
+
+
 def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, models: ProbabilityModels,
                  model_id: bytes, dense: bool = False) -> bytes:
     """Bytes for one frame. ``cells``: flat row-major indices of the occupied BEV cells (any order;
@@ -111,11 +131,7 @@ def encode_frame(cells: np.ndarray, codes: np.ndarray, num_embeddings: int, mode
         raise ValueError("cells must be distinct indices inside the grid")
     occ_words = np.zeros(0, dtype=np.uint32)
     if not dense:
-        occ = np.zeros(geo.height * geo.width, dtype=bool)
-        occ[cells] = True
-        enc = RansEncoder()
-        _encode_occupancy(enc, occ.reshape(geo.height, geo.width), models)
-        occ_words = enc.finish()
+        occ_words = occupancy_words(cells, models)
     elif len(cells) != geo.height * geo.width:
         raise ValueError("dense mode codes every cell of the grid")
     enc = RansEncoder()

@@ -1,0 +1,244 @@
+"""Accuracy per byte sent: every way of splitting the same PointPillars detector, on the same held-out
+frames, as measured KB/frame (bytes actually produced) vs mAP.
+
+Methods:
+- RQ fixed-length (estimate: ceil(log2 k) bits per code + 1 bit per BEV cell of occupancy);
+- RQ context-coded (the bitstream the edge sends) at every trained (codebooks, entries) cell;
+- RQ rate-aware at ``--lambdas`` (the deepest cell, codes chosen by distortion + lambda x bits);
+- scalar-quantized pillar features at ``--scalar_bits``, entropy-coded (per-channel static models
+  fitted on the train frames; same occupancy coding as RQ);
+- the raw point cloud compressed with Draco at ``--draco_bits`` quantization bits (points inside the
+  point-cloud range, intensity 8 bits), decoded and fed to the *uncompressed* detector;
+- reference lines: the uncompressed detector, and the literature's raw point-cloud codec anchors
+  (~6 bits/point for no loss, ~2 bits/point with a retrained detector) at this data's points/frame.
+
+CPU default (2 cores: see docs/split_inference.md for the figures): the demo's synthetic KITTI-layout
+set and detector (``tools/demo_split_rq.py`` steps 1-4, cached under ``--out``), reported on its val
+split; RQ stage checkpoints are selected on a held-out part of train (``dataset.selection:
+train_holdout``), never on the frames reported. A larger detector: ``--iters 2000 --num_frames 256``.
+
+    python benchmarks/rate_accuracy_study.py [--out output/rate_study] [--iters 300] [--num_frames 64]
+
+Writes ``<out>/study/rate_accuracy.{csv,json,png}``. Needs ``pip install DracoPy`` for the Draco curve.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcdet_ext.cli import demo_split_rq
+
+COLUMNS = ["method", "setting", "kb_per_frame", "mAP", "bits_per_point"]
+ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
+           "point-cloud codec + retrained detector (~2 bits/point)": 2.0}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo_split_rq.add_arguments(parser, Path("output/rate_study"))
+    parser.add_argument("--lambdas", default="0.001,0.003,0.01,0.03", help="rate-aware lambdas at the deepest trained cell")
+    parser.add_argument("--scalar_bits", default="8,4,2")
+    parser.add_argument("--draco_bits", default="6,7,8,10,12,14", help="Draco position quantization bits ('' skips)")
+    parser.add_argument("--fit_frames", type=int, default=32, help="train frames the scalar coder is fitted on")
+    return parser.parse_args(argv)
+
+
+def ints(text: str, flag: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated integers")
+
+
+def load(config: Path, bitstream: Path, log):
+    """The RQ model with its checkpoint and bitstream models, the val loader, and the train frames through
+    a test-mode (non-augmented) loader."""
+    from pcdet.datasets import build_dataloader
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
+    from pcdet_ext.engine.recipes.progressive_rq.measured import stored_models
+    from pcdet_ext.openpcdet.datasets.holdout import infos_attr
+    from pcdet_ext.utils.checkpoint import load_checkpoint
+    exp, pcdet_set, _ = experiment.load_experiment(config, [], {("training", "mode"): "eval"})
+    cfg = experiment.build_model_cfg(exp, pcdet_set)
+    model, train, val, _ = experiment.build(exp, cfg, False, log)
+    state = load_checkpoint(bitstream)
+    model.load_state_dict(state["model_state"])
+    fit_set, fit_loader, _ = build_dataloader(dist=False, dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES,
+                                              batch_size=exp.training.batch_size, root_path=Path(exp.dataset.dir),
+                                              workers=exp.training.num_workers, training=False, logger=log)
+    fit_set.set_split(cfg.DATA_CONFIG.DATA_SPLIT["train"])
+    setattr(fit_set, infos_attr(fit_set), list(getattr(train[0], infos_attr(train[0]))))
+    return exp, model, val, (fit_set, fit_loader), stored_models(state), state, experiment.class_names(cfg)
+
+
+def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out, log):
+    from pcdet_ext.deploy.sweep import sweep
+    from pcdet_ext.engine.recipes.progressive_rq import experiment
+    summary = sweep(model, val[0], val[1], names, list(exp.progressive_learning.embedding_schedule), out / "rq_sweep",
+                    log, checkpoint=bitstream_path, bitstream=models, lambdas=lambdas,
+                    selected_on=experiment.describe_selection(state.get("config")))
+    rows = []
+    for r in summary["cells"]:
+        cell = f"({r['num_codebooks']}, {r['num_embeddings']})"
+        if r["rate_lambda"]:
+            rows.append(("RQ rate-aware", f"{cell} lambda {r['rate_lambda']:g}", r["kb_per_frame_measured"], r["mAP"]))
+        else:
+            rows.append(("RQ fixed-length (estimate)", cell, r["kb_per_frame_fixed"], r["mAP"]))
+            rows.append(("RQ context-coded", cell, r["kb_per_frame_measured"], r["mAP"]))
+    return summary, rows
+
+
+def scalar_rows(model, val, train, names, models, bits_list, fit_frames):
+    from pcdet_ext.algorithms.bitstream.scalar import ScalarFeatureCoder
+    from pcdet_ext.deploy.baselines import pillar_features, scalar_quantized
+    from pcdet_ext.engine.evaluation import evaluate_model
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import mean_moderate_ap
+    feats = pillar_features(model, train[1], fit_frames)
+    rows = []
+    for bits in bits_list:
+        coder, sizes = ScalarFeatureCoder.fit(feats, bits), []
+        with scalar_quantized(model, coder, models, sizes):
+            _, _, result = evaluate_model(model, val[0], val[1], names)
+        rows.append(("scalar-quantized features, entropy-coded", f"{bits} bits", np.mean(sizes) / 1024,
+                     mean_moderate_ap(result)))
+    return rows
+
+
+def draco_rows(model, val, train, names, bits_list):
+    from pcdet_ext.deploy.baselines import DracoCodec, coded_points, frame_points, points_replaced
+    from pcdet_ext.engine.evaluation import evaluate_model
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import bypassed, mean_moderate_ap
+    points = frame_points(val[0])
+    intensity_max = max(float(p[:, 3].max(initial=0)) for p in frame_points(train[0]).values()) or 1.0
+    mean_points = float(np.mean([len(p) for p in points.values()]))
+    rows = []
+    for bits in bits_list:
+        decoded, sizes = coded_points(points, DracoCodec(bits, intensity_max))
+        with points_replaced(val[0], decoded), bypassed(model):
+            _, _, result = evaluate_model(model, val[0], val[1], names)
+        rows.append(("Draco point cloud -> uncompressed detector", f"{bits}-bit positions", np.mean(sizes) / 1024,
+                     mean_moderate_ap(result)))
+    return rows, mean_points
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in dict.fromkeys(r["method"] for r in summary["rows"]):
+        rows = sorted((r for r in summary["rows"] if r["method"] == method), key=lambda r: r["kb_per_frame"])
+        if method == "RQ rate-aware":  # the curve starts at its cell coded without the rate term (lambda 0)
+            cell = rows[0]["setting"].split(" lambda")[0]
+            rows += [r for r in summary["rows"] if r["method"] == "RQ context-coded" and r["setting"] == cell]
+        ax.plot([r["kb_per_frame"] for r in rows], [r["mAP"] for r in rows], "o-" if "estimate" not in method else "o:",
+                label=method)
+        for r in rows:
+            ax.annotate(r["setting"], (r["kb_per_frame"], r["mAP"]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":", label="uncompressed detector")
+    for name, kb in summary["anchors_kb_per_frame"].items():
+        ax.axvline(kb, color="grey", linestyle="--", alpha=0.6)
+        ax.annotate(name, (kb, ax.get_ylim()[0]), rotation=90, fontsize=6, color="grey", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("KB per frame (measured bytes)")
+    ax.set_ylabel("mAP % (3D, moderate, R40)")
+    ax.set_title(f"accuracy per byte, {summary['data']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    scalar_bits, draco_bits = ints(args.scalar_bits, "--scalar_bits"), ints(args.draco_bits, "--draco_bits")
+    if draco_bits:
+        import DracoPy  # noqa: F401  (fail before hours of training, not after)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    config, bitstream = cached(args) or trained(args)
+    trained_s = time.time() - start
+    out = args.out / "study"
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("rate_accuracy_study")
+    exp, model, val, train, models, state, names = load(config, bitstream, log)
+    summary, rows = rq_rows(model, val, names, exp, bitstream, models, state, lambdas, args.out, log)
+    rows += scalar_rows(model, val, train, names, models, scalar_bits, args.fit_frames)
+    drows, mean_points = draco_rows(model, val, train, names, draco_bits) if draco_bits else ([], None)
+    rows += drows
+    if mean_points is None:
+        from pcdet_ext.deploy.baselines import frame_points
+        mean_points = float(np.mean([len(p) for p in frame_points(val[0]).values()]))
+    table = [dict(zip(COLUMNS, (m, s, float(kb), float(ap), float(kb * 8192 / mean_points)))) for m, s, kb, ap in rows]
+    result = {"data": f"synthetic KITTI-layout, {len(val[0])} val frames (seed {args.seed}, {args.num_frames} frames)"
+                      if args.layout == "kitti" else f"synthetic 4-class custom layout, {len(val[0])} val frames",
+              "detector": f"PointPillars, {args.iters} iterations on {len(train[0])} train frames "
+                          "(tools/demo_pointpillars.py)",
+              "rq": f"{args.n_codebook} codebooks x {args.schedule} entries, {args.stage_epochs} epochs per stage",
+              "selected_on": summary["selected_on"], "reported_on": summary["reported_on"],
+              "uncompressed_mAP": summary["uncompressed_mAP"],
+              "uncompressed_kb_per_frame": summary["uncompressed_kb_per_frame"],
+              "mean_points_per_frame": mean_points,
+              "anchors_kb_per_frame": {k: bits * mean_points / 8192 for k, bits in ANCHORS.items()},
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+              "seconds": {"training (0 when cached)": round(trained_s), "study": round(time.time() - start - trained_s)},
+              "rows": table}
+    with open(out / "rate_accuracy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    (out / "rate_accuracy.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "rate_accuracy.png")
+    print(f"{'method':<44} {'setting':<22} {'KB/frame':>9} {'bits/pt':>8} {'mAP %':>7}")
+    for r in table:
+        print(f"{r['method']:<44} {r['setting']:<22} {r['kb_per_frame']:9.2f} {r['bits_per_point']:8.2f} {r['mAP']:7.2f}")
+    print(f"uncompressed detector: mAP {result['uncompressed_mAP']:.2f} % ({result['uncompressed_kb_per_frame']:.0f} KB/frame "
+          f"float32 BEV); {mean_points:.0f} points/frame in range; anchors: "
+          + ", ".join(f"{k} = {v:.1f} KB" for k, v in result["anchors_kb_per_frame"].items()))
+    print(f"{result['data']}; {result['detector']}; reported on {result['reported_on']}, RQ selected on "
+          f"{result['selected_on']}; {result['machine']}; {result['seconds']} s")
+    print(f"wrote {out / 'rate_accuracy.csv'}, .json, .png")
+    return 0
+
+
+TRAINING_FLAGS = ("layout", "num_frames", "iters", "batch_size", "lr", "seed", "n_codebook", "schedule", "stage_epochs",
+                  "warmup_epochs")
+
+
+def trained(args):
+    """Detector, RQ run and bitstream models trained under ``--out`` (its flags recorded for :func:`cached`)."""
+    config, bitstream = demo_split_rq.train(args)
+    (args.out / "study_training.json").write_text(json.dumps({"flags": {k: getattr(args, k) for k in TRAINING_FLAGS},
+                                                               "bitstream": str(bitstream)}))
+    return config, bitstream
+
+
+def cached(args):
+    """(config, RQ checkpoint with bitstream models) of an earlier run under ``--out`` with the same
+    training flags, or None; other flags there are refused (name another --out)."""
+    stamp = args.out / "study_training.json"
+    if not stamp.is_file():
+        return None
+    record, now = json.loads(stamp.read_text()), {k: getattr(args, k) for k in TRAINING_FLAGS}
+    before = record["flags"]
+    if before != now:
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        raise SystemExit(f"{args.out} holds a run trained with other flags ({changed}: then, now): give another --out")
+    if not Path(record["bitstream"]).is_file():
+        raise SystemExit(f"{stamp} names {record['bitstream']}, which is gone: remove {args.out} and rerun")
+    return args.out / "split_demo.yaml", Path(record["bitstream"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
