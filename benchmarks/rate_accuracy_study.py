@@ -15,7 +15,10 @@ Methods:
 CPU default (2 cores: see docs/split_inference.md for the figures): the demo's synthetic KITTI-layout
 set and detector (``tools/demo_split_rq.py`` steps 1-4, cached under ``--out``), reported on its val
 split; RQ stage checkpoints are selected on a held-out part of train (``dataset.selection:
-train_holdout``), never on the frames reported. A larger detector: ``--iters 2000 --num_frames 256``.
+train_holdout``), never on the frames reported. A larger detector: ``--iters 2000 --num_frames 192``.
+KITTI on GPUs: train the RQ run from a model-zoo PointPillars (``tools/train_eval_rq.py``, experiment
+``model.pretrained_weight``), fit its bitstream models (``tools/split_infer.py --fit_models``), then
+``--config <experiment.yaml> --rq_ckpt <ckpt>_bitstream.pth`` evaluates it here (no training).
 
     python benchmarks/rate_accuracy_study.py [--out output/rate_study] [--iters 300] [--num_frames 64]
 
@@ -48,7 +51,13 @@ def parse_args(argv=None):
     parser.add_argument("--scalar_bits", default="8,4,2")
     parser.add_argument("--draco_bits", default="6,7,8,10,12,14", help="Draco position quantization bits ('' skips)")
     parser.add_argument("--fit_frames", type=int, default=32, help="train frames the scalar coder is fitted on")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", type=Path, help="an existing RQ run instead of training one: its experiment config "
+                        "(tools/train_eval_rq.py), with --rq_ckpt")
+    parser.add_argument("--rq_ckpt", type=Path, help="its checkpoint with bitstream models (split_infer.py --fit_models)")
+    args = parser.parse_args(argv)
+    if (args.config is None) != (args.rq_ckpt is None):
+        parser.error("--config and --rq_ckpt go together (an existing RQ run); give both or neither")
+    return args
 
 
 def ints(text: str, flag: str) -> list:
@@ -166,7 +175,7 @@ def main(argv=None) -> int:
         import DracoPy  # noqa: F401  (fail before hours of training, not after)
     torch.manual_seed(args.seed)
     start = time.time()
-    config, bitstream = cached(args) or trained(args)
+    config, bitstream = (args.config, args.rq_ckpt) if args.config else cached(args) or trained(args)
     trained_s = time.time() - start
     out = args.out / "study"
     out.mkdir(parents=True, exist_ok=True)
@@ -181,11 +190,16 @@ def main(argv=None) -> int:
         from pcdet_ext.deploy.baselines import frame_points
         mean_points = float(np.mean([len(p) for p in frame_points(val[0]).values()]))
     table = [dict(zip(COLUMNS, (m, s, float(kb), float(ap), float(kb * 8192 / mean_points)))) for m, s, kb, ap in rows]
-    result = {"data": f"synthetic KITTI-layout, {len(val[0])} val frames (seed {args.seed}, {args.num_frames} frames)"
-                      if args.layout == "kitti" else f"synthetic 4-class custom layout, {len(val[0])} val frames",
+    if args.config:
+        data = f"{exp.dataset.name} set {exp.dataset.dir}, {len(val[0])} val frames"
+    else:
+        data = (f"synthetic {'KITTI-layout' if args.layout == 'kitti' else '4-class custom'} set, {len(val[0])} val frames "
+                f"(seed {args.seed}, {args.num_frames} frames)")
+    result = {"data": data,
               "detector": f"PointPillars, {args.iters} iterations on {len(train[0])} train frames "
-                          "(tools/demo_pointpillars.py)",
-              "rq": f"{args.n_codebook} codebooks x {args.schedule} entries, {args.stage_epochs} epochs per stage",
+                          "(tools/demo_pointpillars.py)" if not args.config else f"the RQ run of {args.config}",
+              "rq": f"{args.n_codebook} codebooks x {args.schedule} entries, {args.stage_epochs} epochs per stage"
+                    if not args.config else str(args.rq_ckpt),
               "selected_on": summary["selected_on"], "reported_on": summary["reported_on"],
               "uncompressed_mAP": summary["uncompressed_mAP"],
               "uncompressed_kb_per_frame": summary["uncompressed_kb_per_frame"],
