@@ -12,15 +12,16 @@ Methods:
 - reference lines: the uncompressed detector, and the literature's raw point-cloud codec anchors
   (~6 bits/point for no loss, ~2 bits/point with a retrained detector) at this data's points/frame.
 
-CPU default (2 cores: see docs/split_inference.md for the figures): the demo's synthetic KITTI-layout
-set and detector (``tools/demo_split_rq.py`` steps 1-4, cached under ``--out``), reported on its val
-split; RQ stage checkpoints are selected on a held-out part of train (``dataset.selection:
-train_holdout``), never on the frames reported. A larger detector: ``--iters 2000 --num_frames 192``.
+CPU default (2 cores, ~36 min; see docs/split_inference.md for the figures): a synthetic KITTI-layout
+set of 192 frames and a PointPillars trained 2000 iterations (``tools/demo_split_rq.py`` steps 1-4 with
+those flags, cached under ``--out``), reported on its val split; RQ stage checkpoints are selected on a
+held-out part of train (``dataset.selection: train_holdout``), never on the frames reported. The demo's
+small detector: ``--iters 300 --num_frames 64`` (8 min).
 KITTI on GPUs: train the RQ run from a model-zoo PointPillars (``tools/train_eval_rq.py``, experiment
 ``model.pretrained_weight``), fit its bitstream models (``tools/split_infer.py --fit_models``), then
 ``--config <experiment.yaml> --rq_ckpt <ckpt>_bitstream.pth`` evaluates it here (no training).
 
-    python benchmarks/rate_accuracy_study.py [--out output/rate_study] [--iters 300] [--num_frames 64]
+    python benchmarks/rate_accuracy_study.py [--out output/rate_study] [--iters 2000] [--num_frames 192]
 
 Writes ``<out>/study/rate_accuracy.{csv,json,png}``. Needs ``pip install DracoPy`` for the Draco curve.
 """
@@ -47,6 +48,7 @@ ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_split_rq.add_arguments(parser, Path("output/rate_study"))
+    parser.set_defaults(iters=2000, num_frames=192)  # a detector worth compressing (the demo's 300 x 64: 18 mAP)
     parser.add_argument("--lambdas", default="0.001,0.003,0.01,0.03", help="rate-aware lambdas at the deepest trained cell")
     parser.add_argument("--scalar_bits", default="8,4,2")
     parser.add_argument("--draco_bits", default="6,7,8,10,12,14", help="Draco position quantization bits ('' skips)")
@@ -151,7 +153,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.plot([r["kb_per_frame"] for r in rows], [r["mAP"] for r in rows], "o-" if "estimate" not in method else "o:",
                 label=method)
         for r in rows:
-            ax.annotate(r["setting"], (r["kb_per_frame"], r["mAP"]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+            text = r["setting"] if method != "RQ rate-aware" else "l=" + r["setting"].split(" lambda ")[-1]
+            ax.annotate(text, (r["kb_per_frame"], r["mAP"]), fontsize=6, textcoords="offset points",
+                        xytext=(3, -9 if method == "RQ rate-aware" else 3))
     ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":", label="uncompressed detector")
     for name, kb in summary["anchors_kb_per_frame"].items():
         ax.axvline(kb, color="grey", linestyle="--", alpha=0.6)
