@@ -26,7 +26,6 @@ KITTI on GPUs: train the RQ run from a model-zoo PointPillars (``tools/train_eva
 Writes ``<out>/study/rate_accuracy.{csv,json,png}``. Needs ``pip install DracoPy`` for the Draco curve.
 """
 import argparse
-import csv
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from pcdet_ext.cli import demo_split_rq
+from pcdet_ext.deploy.sweep import write_outputs
 
 COLUMNS = ["method", "setting", "kb_per_frame", "mAP", "bits_per_point"]
 ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
@@ -212,12 +212,7 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
               "seconds": {"training (0 when cached)": round(trained_s), "study": round(time.time() - start - trained_s)},
               "rows": table}
-    with open(out / "rate_accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    (out / "rate_accuracy.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "rate_accuracy.png")
+    write_outputs(out, "rate_accuracy", COLUMNS, table, result, plot)
     print(f"{'method':<44} {'setting':<22} {'KB/frame':>9} {'bits/pt':>8} {'mAP %':>7}")
     for r in table:
         print(f"{r['method']:<44} {r['setting']:<22} {r['kb_per_frame']:9.2f} {r['bits_per_point']:8.2f} {r['mAP']:7.2f}")

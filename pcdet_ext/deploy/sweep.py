@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from pcdet_ext.engine.recipes.progressive_rq.evaluate import MAP_DEFINITION, check_cell, run_eval, trained_cells
 from pcdet_ext.algorithms.rate import dense_float32_kb
@@ -51,13 +51,19 @@ def sweep(model, dataset, loader, class_names, schedule: List[int], out_dir: Pat
                "selected_on": selected_on, "uncompressed_mAP": reference["mAP"],
                "uncompressed_kb_per_frame": dense_float32_kb(int(grid[1]), int(grid[0]), model.quantizer.dim),
                "cells": rows}
-    with open(out_dir / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    write_outputs(out_dir, "sweep", COLUMNS, rows, summary, plot)
+    return summary
+
+
+def write_outputs(out_dir: Path, stem: str, columns: Sequence[str], rows: List[Dict], summary: Dict,
+                  plot_fn: Callable[[Dict, Path], object]) -> None:
+    """``<stem>.csv`` (the rows), ``<stem>.json`` (the summary) and ``<stem>.png`` (``plot_fn``) in ``out_dir``."""
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out_dir / "sweep.png")
-    return summary
+    (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot_fn(summary, out_dir / f"{stem}.png")
 
 
 def format_table(summary: Dict) -> str:
