@@ -19,3 +19,37 @@ def test_demo_table_shows_measured_bytes_and_its_unit(tmp_path):
     assert "mAP %: mean over classes of the 3D AP (KITTI metric, R40, moderate difficulty" in text
     assert "on the val split, 2 frames" in text
     assert (out / "rq" / "eval" / "sweep.json").is_file()
+    study(tmp_path, out, measured)
+
+
+def study(tmp_path, demo_out, measured_kb):
+    """benchmarks/rate_accuracy_study.py on the demo's run (--config/--rq_ckpt: no training): every method's
+    rows with measured bytes, the same RQ bytes as the demo's table, CSV/JSON/PNG."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from tier2 import REPO
+    bitstream = next((demo_out / "rq" / "checkpoints").glob("*_bitstream.pth"))
+    run = [sys.executable, str(REPO / "benchmarks/rate_accuracy_study.py"), "--out", str(tmp_path / "study")]
+    proc = subprocess.run(run + ["--config", str(demo_out / "split_demo.yaml"), "--rq_ckpt", str(bitstream),
+                                 "--lambdas", "0.01", "--scalar_bits", "8,2", "--draco_bits", "8"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "study" / "study"
+    rows = list(csv.DictReader(open(out / "rate_accuracy.csv")))
+    by = {(r["method"], r["setting"]): float(r["kb_per_frame"]) for r in rows}
+    assert set(by) == {("RQ fixed-length (estimate)", "(1, 16)"), ("RQ context-coded", "(1, 16)"),
+                       ("RQ rate-aware", "(1, 16) lambda 0.01"), ("scalar-quantized features, entropy-coded", "8 bits"),
+                       ("scalar-quantized features, entropy-coded", "2 bits"),
+                       ("Draco point cloud -> uncompressed detector", "8-bit positions")}
+    assert round(by[("RQ context-coded", "(1, 16)")], 2) == measured_kb  # the bytes the demo's table measured
+    scalar8, scalar2 = (by[("scalar-quantized features, entropy-coded", f"{b} bits")] for b in (8, 2))
+    assert scalar8 > scalar2 > by[("RQ context-coded", "(1, 16)")]
+    summary = json.loads((out / "rate_accuracy.json").read_text())
+    assert summary["reported_on"] == "val split, 2 frames" and "never trained on" in summary["selected_on"]
+    assert summary["mean_points_per_frame"] > 0 and (out / "rate_accuracy.png").stat().st_size > 10000
+    refused = subprocess.run(run + ["--config", str(demo_out / "split_demo.yaml")], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    assert refused.returncode == 2 and "--config and --rq_ckpt go together" in refused.stderr
