@@ -29,7 +29,12 @@ def main(argv=None) -> int:
                         help="least share of backbone tensors --pretrained_model must provide")
     parser.add_argument("--max_iters_per_epoch", type=int, default=None, help="cap iterations per epoch (smoke runs)")
     parser.add_argument("--skip_eval", action="store_true", help="no evaluation after training")
+    parser.add_argument("--label_fraction", type=float, default=1.0,
+                        help="train on this share of the labelled frames (0 < f <= 1; gt_sampling keeps only their objects)")
+    parser.add_argument("--label_seed", type=int, default=0, help="which frames --label_fraction keeps")
     args = parser.parse_args(argv)
+    if not 0 < args.label_fraction <= 1:
+        parser.error(f"--label_fraction {args.label_fraction}: expected 0 < fraction <= 1")
     splits = ("train",) if args.skip_eval else ("train", "test")  # the final evaluation reads the test split
     try:
         if args.preflight_only:

@@ -23,6 +23,8 @@ from pcdet_ext.engine.startup.distributed import DistInfo, init_dist
 from pcdet_ext.engine.startup.builders import create_logger
 from pcdet_ext.engine.startup.preflight import check_dataset_files, check_not_empty
 from pcdet_ext.engine.pretrained import load_pretrained, read_weights
+from pcdet_ext.openpcdet.datasets.holdout import resize_sampler
+from pcdet_ext.openpcdet.datasets.label_fraction import keep_label_fraction
 
 
 @dataclass
@@ -118,6 +120,13 @@ def prepare_training(args: argparse.Namespace,
             workers=args.workers, logger=logger, training=True, total_epochs=total_epochs,
             seed=666 if args.fix_random_seed else None)
         check_not_empty(train_set, cfg.DATA_CONFIG, "train")
+        fraction = getattr(args, "label_fraction", 1.0)
+        if fraction < 1:
+            total = len(train_set)
+            keep_label_fraction(train_set, fraction, args.label_seed)
+            resize_sampler(sampler, train_set)
+            logger.info("--label_fraction %g (--label_seed %d): training on %d of %d labelled frames; gt_sampling "
+                        "pastes only their objects", fraction, args.label_seed, len(train_set), total)
         if dataset_hook is not None:
             dataset_hook(train_set)
         model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train_set)
