@@ -72,7 +72,6 @@ def ints(text: str, flag: str) -> list:
 def load(config: Path, bitstream: Path, log):
     """The RQ model with its checkpoint and bitstream models, the val loader, and the train frames through
     a test-mode (non-augmented) loader."""
-    from pcdet.datasets import build_dataloader
     from pcdet_ext.engine.recipes.progressive_rq import experiment
     from pcdet_ext.engine.recipes.progressive_rq.measured import stored_models
     from pcdet_ext.openpcdet.datasets.holdout import infos_attr
@@ -82,12 +81,8 @@ def load(config: Path, bitstream: Path, log):
     model, train, val, _ = experiment.build(exp, cfg, False, log)
     state = load_checkpoint(bitstream)
     model.load_state_dict(state["model_state"])
-    fit_set, fit_loader, _ = build_dataloader(dist=False, dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES,
-                                              batch_size=exp.training.batch_size, root_path=Path(exp.dataset.dir),
-                                              workers=exp.training.num_workers, training=False, logger=log)
-    fit_set.set_split(cfg.DATA_CONFIG.DATA_SPLIT["train"])
-    setattr(fit_set, infos_attr(fit_set), list(getattr(train[0], infos_attr(train[0]))))
-    return exp, model, val, (fit_set, fit_loader), stored_models(state), state, experiment.class_names(cfg)
+    fit = experiment.train_frames_loader(exp, cfg, getattr(train[0], infos_attr(train[0])), log)
+    return exp, model, val, fit, stored_models(state), state, experiment.class_names(cfg)
 
 
 def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out, log):

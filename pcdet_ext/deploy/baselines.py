@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -109,22 +109,30 @@ def in_range(points: np.ndarray, point_cloud_range: Sequence[float]) -> np.ndarr
     return points[((points[:, :3] >= lo) & (points[:, :3] < hi)).all(1)]
 
 
+@contextlib.contextmanager
+def _prepare_data_through(dataset, edit: Callable[[Dict], Dict]) -> Iterator[None]:
+    """Within: ``dataset.prepare_data`` sees ``edit(data_dict)`` (also in DataLoader workers, which fork
+    with the dataset); the class's own method again on exit."""
+    original = dataset.prepare_data
+    dataset.prepare_data = lambda data_dict: original(edit(data_dict))
+    try:
+        yield
+    finally:
+        del dataset.prepare_data
+
+
 def frame_points(dataset) -> Dict[str, np.ndarray]:
     """Each frame's points as the dataset hands them to ``prepare_data`` (after its own filters, e.g.
     KITTI's field of view), cropped to the point-cloud range: what an edge sending points sends."""
     captured: Dict[str, np.ndarray] = {}
-    original = dataset.prepare_data
 
-    def capture(data_dict):
+    def capture(data_dict: Dict) -> Dict:
         captured[str(data_dict["frame_id"])] = in_range(data_dict["points"], dataset.point_cloud_range)
-        return original(data_dict)
+        return data_dict
 
-    dataset.prepare_data = capture
-    try:
+    with _prepare_data_through(dataset, capture):
         for i in range(len(dataset)):
             dataset[i]
-    finally:
-        del dataset.prepare_data
     return captured
 
 
@@ -138,20 +146,13 @@ def coded_points(points: Dict[str, np.ndarray], codec: DracoCodec) -> Tuple[Dict
     return decoded, sizes
 
 
-@contextlib.contextmanager
-def points_replaced(dataset, points: Dict[str, np.ndarray]) -> Iterator[None]:
-    """Within: each frame's points are ``points[frame_id]`` when the dataset prepares it (also in its
-    DataLoader workers, which fork with the dataset)."""
-    original = dataset.prepare_data
-
-    def replace(data_dict):
+def points_replaced(dataset, points: Dict[str, np.ndarray]):
+    """Context manager: within, each frame's points are ``points[frame_id]`` when the dataset prepares it
+    (also in its DataLoader workers, which fork with the dataset)."""
+    def replace(data_dict: Dict) -> Dict:
         frame_id = str(data_dict["frame_id"])
         if frame_id not in points:
             raise KeyError(f"no replacement points for frame {frame_id}")
-        return original({**data_dict, "points": points[frame_id]})
+        return {**data_dict, "points": points[frame_id]}
 
-    dataset.prepare_data = replace
-    try:
-        yield
-    finally:
-        del dataset.prepare_data
+    return _prepare_data_through(dataset, replace)

@@ -155,9 +155,7 @@ def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
         train_set, seed = train[0], exp.seed if exp.seed is not None else 0
         held = holdout_indices(len(train_set), exp.dataset.selection_fraction, seed)
         frames = getattr(train_set, infos_attr(train_set))
-        sel_set, sel_loader, _ = build_dataloader(dist=False, training=False, **common)
-        sel_set.set_split(cfg.DATA_CONFIG.DATA_SPLIT["train"])
-        setattr(sel_set, infos_attr(sel_set), [frames[i] for i in held])
+        sel_set, sel_loader = train_frames_loader(exp, cfg, [frames[i] for i in held], logger)
         keep(train_set, [i for i in range(len(frames)) if i not in set(held)])
         resize_sampler(train[2], train_set)
         selection = (sel_set, sel_loader)
@@ -167,6 +165,17 @@ def build(exp: EasyDict, cfg: EasyDict, dist: bool, logger: logging.Logger):
     report_dataset_class_names(val_set)
     model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=train[0]).cuda()
     return model, train, (val_set, val_loader), selection
+
+
+def train_frames_loader(exp: EasyDict, cfg: EasyDict, frames: List[Dict], logger: logging.Logger):
+    """``(dataset, loader)`` in test mode (no augmentation, no shuffling) over the train split's infos ``frames``."""
+    from pcdet.datasets import build_dataloader
+    dataset, loader, _ = build_dataloader(dataset_cfg=cfg.DATA_CONFIG, class_names=cfg.CLASS_NAMES,
+                                          batch_size=exp.training.batch_size, root_path=Path(exp.dataset.dir),
+                                          workers=exp.training.num_workers, logger=logger, dist=False, training=False)
+    dataset.set_split(cfg.DATA_CONFIG.DATA_SPLIT["train"])
+    setattr(dataset, infos_attr(dataset), list(frames))
+    return dataset, loader
 
 
 def describe_selection(config: Optional[Dict[str, Any]]) -> str:
