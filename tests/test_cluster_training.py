@@ -207,3 +207,19 @@ def test_without_a_log_hook_metrics_come_on_the_first_and_every_50th_step_and_al
     bb.eval()
     bb(batch())
     assert "occ_ap" in bb.get_loss()[1]
+
+
+def test_batchnorm_statistics_re_estimated_in_detection_mode_for_a_frozen_random_probe():
+    """A probe from random init (no pretraining attributes) gets its statistics from complete voxels too."""
+    bb = make(PRETRAINING=False, MASKED_RATIO=0.0, ENABLE_TEACHER_STUDENT=False, TEACHER_STUDENT_WEIGHT=0.0)
+    bn = bb.conv_input[1]
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    full = [batch(seed=20 + i) for i in range(2)]
+    bb.eval()
+    assert bb.recalibrate_batchnorm(full) == 2 and not bb.training
+    import spconv.pytorch as spconv
+    with torch.no_grad():
+        expected = torch.stack([bb.conv_input[0](spconv.SparseConvTensor(
+            b["voxel_features"], b["voxel_coords"].int(), bb.sparse_shape, b["batch_size"])).features.mean(0)
+            for b in full]).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5) and int(bn.num_batches_tracked) == 2

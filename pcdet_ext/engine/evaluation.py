@@ -8,7 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from pcdet_ext.utils.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint, model_state_of
+from pcdet_ext.utils.checkpoint import (CheckpointError, describe_checkpoint, load_checkpoint, model_state_of,
+                                        write_json)
 from pcdet_ext.openpcdet.datasets.class_names import report_dataset_class_names
 from pcdet_ext.utils.console import progress
 from pcdet_ext.engine.checkpointing import epoch_checkpoints, epoch_of, unwrap
@@ -79,7 +80,8 @@ def evaluate(cfg, model, test_loader, epoch_id, logger, result_dir: Path, save_t
              infer_time: bool = False) -> Dict:
     """:func:`predict` and the dataset's evaluation with OpenPCDet's ``eval_one_epoch`` outputs: its log
     lines (recall per threshold, objects per frame, the result table), ``<result_dir>/result.pkl`` (and
-    ``final_result/data`` with ``save_to_file``); ``infer_time`` logs the forward time per batch.
+    ``final_result/data`` with ``save_to_file``), and the returned figures as ``<result_dir>/result.json``
+    (what ``benchmarks/pretraining_study.py paired`` reads); ``infer_time`` logs the forward time per batch.
     Returns the recall values and the result dict, as ``eval_one_epoch`` does."""
     result_dir = Path(result_dir)
     result_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +106,7 @@ def evaluate(cfg, model, test_loader, epoch_id, logger, result_dir: Path, save_t
     result_str, result_dict = dataset.evaluation(det_annos, cfg.CLASS_NAMES, eval_metric=post.get("EVAL_METRIC", "kitti"),
                                                  output_path=out)
     logger.info(result_str)
+    write_json({**recall, **result_dict}, result_dir / "result.json")
     logger.info("Result is saved to %s", result_dir)
     logger.info("****************Evaluation done.*****************")
     return {**recall, **result_dict}

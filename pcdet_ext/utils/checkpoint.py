@@ -7,6 +7,7 @@ arrays, not arbitrary objects), so such checkpoints load without ``weights_only=
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -105,12 +106,22 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     A crash mid-write leaves any previous file at ``path`` intact (and at worst a ``.<name>.*.tmp``
     beside it); a failed write (a full disk) is an OSError whose ``filename`` is ``path``.
     """
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj: Any, path: Union[str, Path]) -> Path:
+    """``obj`` as JSON (numpy scalars as numbers), written as atomically as :func:`atomic_save`."""
+    text = json.dumps(obj, indent=1, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    return _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path: Union[str, Path], write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

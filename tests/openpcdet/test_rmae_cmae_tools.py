@@ -1,4 +1,6 @@
 """Tier 2: R-MAE + CMAE pretraining tool, conversion, fine-tuning with differential LR, torchrun/gloo."""
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +167,11 @@ def test_dist_train_two_processes_gloo_then_test_eval_all(cfgs, synthetic_isarc,
             "--set", "DATA_CONFIG.DATA_PATH", str(synthetic_isarc), *SMALL]
     first = tool("test.py", *args, out_root=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    written = sorted(run.glob("eval/**/result.json"))  # what benchmarks/pretraining_study.py paired reads
+    assert len(written) == 2, written  # one per checkpoint
+    figures = json.loads(written[-1].read_text())
+    assert {f"{c}_3d/moderate_R40" for c in ("dumptruck", "excavator", "grader", "roller")} <= set(figures)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in figures.values())
     again = tool("test.py", *args, out_root=tmp_path, timeout=120)  # upstream waits forever here
     assert again.returncode == 0 and "already evaluated" in again.stdout + again.stderr
 
@@ -245,7 +252,9 @@ def test_second_style_encoder_pretraining_step(synthetic_isarc):
 
 @pytest.mark.parametrize("rel", [*CONFIGS["voxelnext"], *CONFIGS["second"],
                                  "cfgs/kitti_models/rmae_cmae_kitti_pretraining_phase1.yaml",
-                                 "cfgs/kitti_models/rmae_cmae_kitti_finetune_phase1.yaml"])
+                                 "cfgs/kitti_models/rmae_cmae_kitti_finetune_phase1.yaml",
+                                 "cfgs/kitti_models/rmae_cmae_second_kitti_pretraining_phase1.yaml",
+                                 "cfgs/kitti_models/rmae_cmae_second_kitti_finetune_phase1.yaml"])
 def test_shipped_configs_build(rel):
     if "second" not in rel and not has_voxelnext():
         pytest.skip("VoxelNeXt config; this OpenPCDet (v0.6.0) has no VoxelNeXt")

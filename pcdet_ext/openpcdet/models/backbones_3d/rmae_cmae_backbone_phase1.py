@@ -405,11 +405,15 @@ class RMAECMAEBackbonePhase1(nn.Module):
         converted teacher sees complete scans. ``batches``: batch dicts after the VFE
         (``voxel_features``, ``voxel_coords``, ``batch_size``), e.g. a few training batches. Run it
         after pretraining, before those uses (the pretraining tool does, ``--bn_recalibration_batches``).
+        In detection mode (a frozen-encoder probe from random init) every BatchNorm here is the encoder's.
         Returns the number of batches used."""
-        stat_owners = {n.rsplit(".", 1)[0] for n in self._encoder_stats}
-        layers = [m for n, m in self.named_modules() if n in stat_owners
-                  and isinstance(m, nn.modules.batchnorm._NormBase)]
-        if self.use_teacher:
+        teacher = self.pretraining and self.use_teacher
+        norms = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        if self.pretraining:
+            stat_owners = {n.rsplit(".", 1)[0] for n in self._encoder_stats}
+            norms = [(n, m) for n, m in norms if n in stat_owners]
+        layers = [m for _, m in norms]
+        if teacher:
             layers += [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
         used = 0
         modes = {m: m.training for m in self.modules()}
@@ -420,7 +424,7 @@ class RMAECMAEBackbonePhase1(nn.Module):
                     if len(batch["voxel_coords"]) == 0:
                         continue
                     self.encoder_cls.forward(self, dict(batch))
-                    if self.use_teacher:
+                    if teacher:
                         self.teacher(dict(batch))
                     used += 1
         finally:
