@@ -1,8 +1,8 @@
 """Paired differences (pcdet_ext.utils.paired) and benchmarks/pretraining_study.py paired over run folders
 as tools/train.py writes them (no OpenPCDet needed)."""
+import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,16 +53,30 @@ def write_runs(root: Path, fractions, seeds, skip=()):
                         json.dumps({k: v * scale for k, v in result.items()}))
 
 
-def run_paired(*args):
-    return subprocess.run([sys.executable, str(STUDY), "paired", *args], capture_output=True, text=True, timeout=120)
+def run_paired(monkeypatch, capsys, *args):
+    """The script's ``main`` in this process: (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location("pretraining_study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(sys, "argv", [str(STUDY), "paired", *args])
+    code = 0
+    try:
+        study.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_paired_command_reads_the_runs_and_reports_paired_differences(tmp_path):
+def test_paired_command_reads_the_runs_and_reports_paired_differences(tmp_path, monkeypatch, capsys):
     write_runs(tmp_path / "runs", ["0.05", "1.0"], [0, 1, 2])
-    res = run_paired("--runs_dir", str(tmp_path / "runs"), "--fractions", "0.05", "1.0", "--out", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr
+    code, out, err = run_paired(monkeypatch, capsys, "--runs_dir", str(tmp_path / "runs"), "--fractions", "0.05",
+                                "1.0", "--out", str(tmp_path / "out"))
+    assert code == 0, err
     table = (tmp_path / "out/table.md").read_text()
-    assert res.stdout.startswith(table)
+    assert out.startswith(table)
     assert "### 5 % labels, seeds 0, 1, 2" in table and "### 100 % labels, seeds 0, 1, 2" in table
     row = next(line for line in table.splitlines() if line.startswith("| pretrained - random init, differential LR"))
     # columns mAP, Car, Pedestrian, Cyclist: Car +2 [-0.48, +4.48], mAP a third of it
@@ -74,10 +88,11 @@ def test_paired_command_reads_the_runs_and_reports_paired_differences(tmp_path):
     assert (tmp_path / "out/study.png").stat().st_size > 0
 
 
-def test_paired_command_names_every_missing_run_and_bad_fractions(tmp_path):
+def test_paired_command_names_every_missing_run_and_bad_fractions(tmp_path, monkeypatch, capsys):
     write_runs(tmp_path / "runs", ["0.2"], [0, 1], skip={("pre_flat", "0.2", 1), ("rand_diff", "0.2", 0)})
-    res = run_paired("--runs_dir", str(tmp_path / "runs"), "--fractions", "0.2", "--seeds", "0", "1")
-    assert res.returncode != 0
-    assert "missing runs" in res.stderr and "pre_flat_0.2_1" in res.stderr and "rand_diff_0.2_0" in res.stderr
-    bad = run_paired("--runs_dir", str(tmp_path / "runs"), "--fractions", "20")
-    assert bad.returncode == 2 and "--fractions 20" in bad.stderr
+    code, _, err = run_paired(monkeypatch, capsys, "--runs_dir", str(tmp_path / "runs"), "--fractions", "0.2",
+                              "--seeds", "0", "1")
+    assert code != 0
+    assert "missing runs" in err and "pre_flat_0.2_1" in err and "rand_diff_0.2_0" in err
+    code, _, err = run_paired(monkeypatch, capsys, "--runs_dir", str(tmp_path / "runs"), "--fractions", "20")
+    assert code == 2 and "--fractions 20" in err
