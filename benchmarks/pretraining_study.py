@@ -1,7 +1,7 @@
 """Does R-MAE + CMAE Phase 1 pretraining help a SECOND detector trained on few labels? Paired seeds,
 confidence intervals, whatever they show (needs OpenPCDet).
 
-    python benchmarks/pretraining_study.py cpu          # CPU default (<= 30 min on 2 cores)
+    python benchmarks/pretraining_study.py cpu          # CPU default (31.6-32.9 min measured on 2 cores)
     python benchmarks/pretraining_study.py paired --runs_dir output/kitti_models/rmae_cmae_second_kitti_finetune_phase1
 
 cpu: a synthetic KITTI-layout set (--frames; 25 % held out). Phase 1 pretrains SECOND's encoder on
@@ -48,6 +48,12 @@ COMPARISONS = (("pre_diff", "rand_diff", "pretrained - random init, differential
                ("rand_diff", "rand_flat", "differential - uniform LR, random init"),
                ("pre_probe", "rand_probe", "pretrained - random encoder, frozen probe"))
 MAP = "mAP"
+
+
+def moderate_3d(result: dict) -> dict:
+    """{class: 3D AP (R40, moderate)} of an OpenPCDet KITTI-metric result dict."""
+    suffix = "_3d/moderate_R40"
+    return {k[:-len(suffix)]: float(v) for k, v in result.items() if k.endswith(suffix)}
 
 
 def kitti_config(path: Path, data: Path, depth: float, voxel: float):
@@ -139,8 +145,7 @@ def finetune(args, cfg, weights, arm: str, seed: int) -> dict:
     _, _, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES,
                                   on_batch=lambda batch: losses.append(held_out_loss(model, batch)))
     bev = [v for k, v in result.items() if k.endswith("_bev/moderate_R40")]
-    return {MAP: mean_moderate_ap(result), "BEV mAP": float(sum(bev) / len(bev)),
-            **{k.split("/")[0][:-3]: float(v) for k, v in result.items() if k.endswith("_3d/moderate_R40")},
+    return {MAP: mean_moderate_ap(result), "BEV mAP": float(sum(bev) / len(bev)), **moderate_3d(result),
             "held-out loss": statistics.mean(losses), "labelled frames": len(kept)}
 
 
@@ -253,6 +258,8 @@ def read_runs(runs_dir: Path, fractions, seeds) -> dict:
     """{fraction: {seed: {arm: {mAP, <class>...}}}} from each run's last evaluation; every missing run
     is named at once."""
     import json
+
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import mean_moderate_ap
     runs, missing = {}, []
     for f in fractions:  # as the run tags spell them (``pre_diff_1.0_0``)
         runs[f] = {}
@@ -265,10 +272,10 @@ def read_runs(runs_dir: Path, fractions, seeds) -> dict:
                     missing.append(str(evals / "epoch_*" / "result.json"))
                     continue
                 result = json.loads(found[-1].read_text())
-                per_class = {k.split("/")[0][:-3]: float(v) for k, v in result.items() if k.endswith("_3d/moderate_R40")}
+                per_class = moderate_3d(result)
                 if not per_class:
                     raise SystemExit(f"{found[-1]}: no '<class>_3d/moderate_R40' entries (a KITTI-metric evaluation?)")
-                runs[f][s][arm] = {MAP: statistics.mean(per_class.values()), **per_class}
+                runs[f][s][arm] = {MAP: mean_moderate_ap(result), **per_class}
     if missing:
         raise SystemExit("missing runs (train them as docs/pretraining.md says, or pass the --fractions / --seeds "
                          "you ran):\n  " + "\n  ".join(missing))

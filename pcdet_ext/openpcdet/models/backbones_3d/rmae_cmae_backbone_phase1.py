@@ -408,11 +408,9 @@ class RMAECMAEBackbonePhase1(nn.Module):
         In detection mode (a frozen-encoder probe from random init) every BatchNorm here is the encoder's.
         Returns the number of batches used."""
         teacher = self.pretraining and self.use_teacher
-        norms = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-        if self.pretraining:
-            stat_owners = {n.rsplit(".", 1)[0] for n in self._encoder_stats}
-            norms = [(n, m) for n, m in norms if n in stat_owners]
-        layers = [m for _, m in norms]
+        stat_owners = {n.rsplit(".", 1)[0] for n in self._encoder_stats} if self.pretraining else None
+        layers = [m for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                  and (stat_owners is None or n in stat_owners)]
         if teacher:
             layers += [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
         used = 0
