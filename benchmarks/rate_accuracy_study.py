@@ -5,6 +5,10 @@ Methods:
 - RQ fixed-length (estimate: ceil(log2 k) bits per code + 1 bit per BEV cell of occupancy);
 - RQ context-coded (the bitstream the edge sends) at every trained (codebooks, entries) cell;
 - RQ rate-aware at ``--lambdas`` (the deepest cell, codes chosen by distortion + lambda x bits);
+- at ``--rd_lambdas``: the rate-aware choice with its bitstream models refitted on its own codes (no
+  training), and the codebooks rate-distortion trained under that choice (``--rd_rounds`` x
+  ``--rd_steps``); the JSON's ``bytes_saved_vs_rate_aware`` compares both with the rate-aware curve at
+  equal mAP;
 - scalar-quantized pillar features at ``--scalar_bits``, entropy-coded (per-channel static models
   fitted on the train frames; same occupancy coding as RQ);
 - the raw point cloud compressed with Draco at ``--draco_bits`` quantization bits (points inside the
@@ -12,11 +16,12 @@ Methods:
 - reference lines: the uncompressed detector, and the literature's raw point-cloud codec anchors
   (~6 bits/point for no loss, ~2 bits/point with a retrained detector) at this data's points/frame.
 
-CPU default (2 cores, ~36 min; see docs/split_inference.md for the figures): a synthetic KITTI-layout
-set of 192 frames and a PointPillars trained 2000 iterations (``tools/demo_split_rq.py`` steps 1-4 with
+CPU default (2 cores: 32 min for the detector, then 15 min; see docs/split_inference.md for the figures):
+a synthetic KITTI-layout set of 192 frames, a PointPillars trained 2000 iterations and 3 codebooks x
+[16, 64] (``tools/demo_split_rq.py`` steps 1-4 with
 those flags, cached under ``--out``), reported on its val split; RQ stage checkpoints are selected on a
 held-out part of train (``dataset.selection: train_holdout``), never on the frames reported. The demo's
-small detector: ``--iters 300 --num_frames 64`` (8 min).
+small detector: ``--iters 300 --num_frames 64 --n_codebook 2`` (8 min).
 KITTI on GPUs: train the RQ run from a model-zoo PointPillars (``tools/train_eval_rq.py``, experiment
 ``model.pretrained_weight``), fit its bitstream models (``tools/split_infer.py --fit_models``), then
 ``--config <experiment.yaml> --rq_ckpt <ckpt>_bitstream.pth`` evaluates it here (no training).
@@ -40,6 +45,7 @@ import torch
 from pcdet_ext.cli import demo_split_rq
 from pcdet_ext.deploy.sweep import write_outputs
 
+REFIT, RD = "RQ rate-aware, models refitted", "RQ rate-distortion trained"
 COLUMNS = ["method", "setting", "kb_per_frame", "mAP", "bits_per_point"]
 ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
            "point-cloud codec + retrained detector (~2 bits/point)": 2.0}
@@ -48,8 +54,14 @@ ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_split_rq.add_arguments(parser, Path("output/rate_study"))
-    parser.set_defaults(iters=2000, num_frames=192)  # a detector worth compressing (the demo's 300 x 64: 18 mAP)
-    parser.add_argument("--lambdas", default="0.001,0.003,0.01,0.03", help="rate-aware lambdas at the deepest trained cell")
+    # a detector worth compressing (the demo's 300 x 64: 18 mAP), 3 codebooks: the (3, 64) operating point
+    parser.set_defaults(iters=2000, num_frames=192, n_codebook=3)
+    parser.add_argument("--lambdas", default="0.003,0.01,0.03,0.1", help="rate-aware lambdas at the deepest trained cell")
+    parser.add_argument("--rd_lambdas", default="0.01,0.03,0.1",
+                        help="rate-distortion training (and its refit-only control) at the deepest cell ('' skips)")
+    parser.add_argument("--rd_rounds", type=int, default=2, help="rounds of (training, models refitted)")
+    parser.add_argument("--rd_steps", type=int, default=72, help="training iterations per round")
+    parser.add_argument("--rd_lr", type=float, default=5e-4, help="Adam learning rate of the codebooks")
     parser.add_argument("--scalar_bits", default="8,4,2")
     parser.add_argument("--draco_bits", default="6,7,8,10,12,14", help="Draco position quantization bits ('' skips)")
     parser.add_argument("--fit_frames", type=int, default=32, help="train frames the scalar coder is fitted on")
@@ -62,6 +74,16 @@ def parse_args(argv=None):
     return args
 
 
+def floats(text: str, flag: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1.0]
+    if any(not v > 0 for v in values):
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated numbers > 0")
+    return values
+
+
 def ints(text: str, flag: str) -> list:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -70,8 +92,8 @@ def ints(text: str, flag: str) -> list:
 
 
 def load(config: Path, bitstream: Path, log):
-    """The RQ model with its checkpoint and bitstream models, the val loader, and the train frames through
-    a test-mode (non-augmented) loader."""
+    """The RQ model with its checkpoint and bitstream models, the val loader, the train loader and the train
+    frames through a test-mode (non-augmented) loader."""
     from pcdet_ext.engine.recipes.progressive_rq import experiment
     from pcdet_ext.engine.recipes.progressive_rq.measured import stored_models
     from pcdet_ext.openpcdet.datasets.holdout import infos_attr
@@ -82,7 +104,7 @@ def load(config: Path, bitstream: Path, log):
     state = load_checkpoint(bitstream)
     model.load_state_dict(state["model_state"])
     fit = experiment.train_frames_loader(exp, cfg, getattr(train[0], infos_attr(train[0])), log)
-    return exp, model, val, fit, stored_models(state), state, experiment.class_names(cfg)
+    return exp, model, val, train, fit, stored_models(state), state, experiment.class_names(cfg)
 
 
 def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out, log):
@@ -100,6 +122,49 @@ def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out,
             rows.append(("RQ fixed-length (estimate)", cell, r["kb_per_frame_fixed"], r["mAP"]))
             rows.append(("RQ context-coded", cell, r["kb_per_frame_measured"], r["mAP"]))
     return summary, rows
+
+
+def rd_rows(model, state, exp, train, fit, val, names, models, lambdas, args, log):
+    """At the deepest trained cell, per lambda: the rate-aware choice with its models refitted on the codes
+    it makes (no training: the control), and the codebooks rate-distortion trained (``--rd_rounds`` x
+    ``--rd_steps``), each from the study's checkpoint, coded under its own refitted models."""
+    from pcdet_ext.deploy.baselines import frame_points
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import run_eval, trained_cells
+    from pcdet_ext.engine.recipes.progressive_rq.rate_distortion import rate_distortion_train, refit_rate_aware
+    sizes = list(exp.progressive_learning.embedding_schedule)
+    n, k = trained_cells(model.quantizer, sizes)[-1]
+    frames = list(frame_points(fit[0]).values())
+    rows = []
+    for lam in lambdas:
+        model.load_state_dict(state["model_state"])
+        arms = ((REFIT, refit_rate_aware(model, fit[0], frames, models, lam, sizes, args.rd_rounds)), (RD, None))
+        for method, refitted in arms:
+            if refitted is None:
+                refitted = rate_distortion_train(model, train[1], fit[0], frames, models, n, k, lam, sizes,
+                                                 args.rd_rounds, args.rd_steps, args.rd_lr, log)
+            res = run_eval(model, val[0], val[1], names, n, k, bitstream=refitted, rate_lambda=lam)
+            rows.append((method, f"({n}, {k}) lambda {lam:g}", res["kb_per_frame_measured"], res["mAP"]))
+    model.load_state_dict(state["model_state"])
+    return rows
+
+
+def bytes_saved(rows, method: str, reference: str, cell: str) -> list:
+    """Per row of ``method``: the bytes the ``reference`` curve (the post-hoc rate-aware choice with ``cell``
+    coded without the rate term; its Pareto front, piecewise linear in mAP) needs for the same mAP, and the
+    share saved. Above the front's best mAP the reference is its best point (it never gets there: the
+    share is a lower bound, ``reference_reaches`` False); below its lowest, None."""
+    points = sorted((ap, kb) for m, s, kb, ap in rows if m == reference or (m == "RQ context-coded" and s == cell))
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] < p[1] for q in points)]  # mAP up, bytes up
+    out = []
+    for m, s, kb, ap in rows:
+        if m != method:
+            continue
+        ref = None if not front or ap < front[0][0] else \
+            front[-1][1] if ap > front[-1][0] else float(np.interp(ap, *zip(*front)))
+        out.append({"setting": s, "kb_per_frame": kb, "mAP": ap, "reference_kb_at_equal_mAP": ref,
+                    "reference_reaches": bool(front) and ap <= front[-1][0],
+                    "bytes_saved": None if ref is None else 1 - kb / ref})
+    return out
 
 
 def scalar_rows(model, val, train, names, models, bits_list, fit_frames):
@@ -148,7 +213,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.plot([r["kb_per_frame"] for r in rows], [r["mAP"] for r in rows], "o-" if "estimate" not in method else "o:",
                 label=method)
         for r in rows:
-            text = r["setting"] if method != "RQ rate-aware" else "l=" + r["setting"].split(" lambda ")[-1]
+            text = "l=" + r["setting"].split(" lambda ")[-1] if " lambda " in r["setting"] else r["setting"]
             ax.annotate(text, (r["kb_per_frame"], r["mAP"]), fontsize=6, textcoords="offset points",
                         xytext=(3, -9 if method == "RQ rate-aware" else 3))
     ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":", label="uncompressed detector")
@@ -168,7 +233,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    lambdas, rd_lambdas = floats(args.lambdas, "--lambdas"), floats(args.rd_lambdas, "--rd_lambdas")
     scalar_bits, draco_bits = ints(args.scalar_bits, "--scalar_bits"), ints(args.draco_bits, "--draco_bits")
     if draco_bits:
         import DracoPy  # noqa: F401  (fail before hours of training, not after)
@@ -180,8 +245,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("rate_accuracy_study")
-    exp, model, val, train, models, state, names = load(config, bitstream, log)
+    exp, model, val, train_aug, train, models, state, names = load(config, bitstream, log)
     summary, rows = rq_rows(model, val, names, exp, bitstream, models, state, lambdas, args.out, log)
+    rows += rd_rows(model, state, exp, train_aug, train, val, names, models, rd_lambdas, args, log)
     rows += scalar_rows(model, val, train, names, models, scalar_bits, args.fit_frames)
     drows, mean_points = draco_rows(model, val, train, names, draco_bits) if draco_bits else ([], None)
     rows += drows
@@ -207,6 +273,8 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
               "seconds": {"training (0 when cached)": round(trained_s), "study": round(time.time() - start - trained_s)},
               "rows": table}
+    cell = next((s.split(" lambda")[0] for m, s, _, _ in rows if m == RD), None)
+    result["bytes_saved_vs_rate_aware"] = {m: bytes_saved(rows, m, "RQ rate-aware", cell) for m in (REFIT, RD)} if cell else {}
     write_outputs(out, "rate_accuracy", COLUMNS, table, result, plot)
     print(f"{'method':<44} {'setting':<22} {'KB/frame':>9} {'bits/pt':>8} {'mAP %':>7}")
     for r in table:
@@ -216,6 +284,13 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} = {v:.1f} KB" for k, v in result["anchors_kb_per_frame"].items()))
     print(f"{result['data']}; {result['detector']}; reported on {result['reported_on']}, RQ selected on "
           f"{result['selected_on']}; {result['machine']}; {result['seconds']} s")
+    for method, points in result["bytes_saved_vs_rate_aware"].items():
+        for p in points:
+            ref = p["reference_kb_at_equal_mAP"]
+            print(f"{method} {p['setting']}: {p['kb_per_frame']:.3f} KB at mAP {p['mAP']:.2f}; the rate-aware choice "
+                  + ("reaches no mAP that low" if ref is None else
+                     f"needs {ref:.3f} KB there: {100 * p['bytes_saved']:+.1f} % saved" if p["reference_reaches"] else
+                     f"never reaches it (its best point: {ref:.3f} KB): >= {100 * p['bytes_saved']:+.1f} % saved"))
     print(f"wrote {out / 'rate_accuracy.csv'}, .json, .png")
     return 0
 

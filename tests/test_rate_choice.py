@@ -97,6 +97,32 @@ def test_rate_needs_positions_inside_the_grid_and_is_off_in_training():
     q.eval()
     q.set_rate(0.0)
     assert torch.equal(q.encode(x), plain)
+
+
+def test_rate_distortion_training_chooses_in_training_what_the_edge_chooses():
+    """set_rate(..., in_training=True): the training forward's codes are the rate-aware ones (and need
+    positions), equal to what encode sends at that lambda; without it training codes are the nearest."""
+    rng = np.random.default_rng(8)
+    q = quantizer()
+    rate = ContextRate(fitted(q, rng, frames=3))
+    occ = lidar_like_occupancy(rng)
+    cells = np.flatnonzero(occ.ravel())
+    x, pos = features(q, rng, cells), cell_positions(cells, GEO.width)
+    q.set_rate(2.0, rate, in_training=True)
+    sent = q.encode(x, pos)
+    q.set_mode("gradient")  # a trained quantizer: no entry new (no k-means start, EMA move or restart)
+    q.initialised.fill_(True)
+    q.stage_start.fill_(K)
+    q.train()
+    with pytest.raises(ValueError, match="needs the rows' positions"):
+        q(x)
+    trained = q(x, pos).codes
+    assert torch.equal(trained, sent)
+    q.set_rate(2.0, rate)  # outside training only
+    assert not q.rate_active
+    nearest = q(x).codes
+    q.set_rate(0.0)
+    assert torch.equal(nearest, q(x).codes) and not torch.equal(nearest, trained)
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="rate lambda must be a number >= 0"):
             q.set_rate(bad, ContextRate(ProbabilityModels.empty(GEO, 2, (K,))))

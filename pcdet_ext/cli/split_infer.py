@@ -4,6 +4,7 @@
         --data_path data/kitti --split val --num_codebooks 3 --num_embeddings 64 [--json out.json]
     python tools/split_infer.py ... --frames_dir /path/to/bins           # .bin / .npy frames
     python tools/split_infer.py ... --fit_models --fit_split train       # learn the bitstream models first
+    python tools/split_infer.py ... --fit_models --lambda 0.03           # ... fitted to rate-aware codes
     python tools/split_infer.py ... --remote 127.0.0.1:18890             # decode on tools/split_server.py
 
 Per frame: bytes (occupancy + codes), the whole edge's ms (point processing + PillarVFE + quantize +
@@ -82,6 +83,9 @@ def run(argv=None) -> int:
     p.add_argument("--fit_split", default="train")
     p.add_argument("--fit_frames", type=int, default=200)
     p.add_argument("--save_ckpt", default=None, help="where --fit_models writes (default: <ckpt>_bitstream.pth)")
+    p.add_argument("--fit_rounds", type=int, default=2,
+                   help="--fit_models with --lambda: refit the models this many times on the codes the rate-aware "
+                        "choice makes under the previous fit (fewer bytes at that lambda than models of nearest codes)")
     p.add_argument("--lambda", dest="rate_lambda", type=float, default=0.0,
                    help="rate-aware encoding: choose codes by distortion + LAMBDA x bits under the stored models "
                         "(distortion in units of the frame's mean squared feature norm; 0: nearest codes)")
@@ -93,6 +97,9 @@ def run(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.rate_lambda >= 0:  # also NaN
         print(f"error: --lambda: expected a number >= 0, got {args.rate_lambda}", file=sys.stderr)
+        return 2
+    if args.fit_rounds < 1:
+        print(f"error: --fit_rounds: expected an integer >= 1, got {args.fit_rounds}", file=sys.stderr)
         return 2
     try:
         model, dataset, cfg = runtime.load_split_model(args.cfg_file, args.set_cfgs, ckpt=args.ckpt)
@@ -108,9 +115,14 @@ def run(argv=None) -> int:
         schedule = model.rq_cfg.EMBEDDING_SCHEDULE
         frames = [read(f) for f in frame_paths(args, dataset, args.fit_split)[:args.fit_frames]]
         models = runtime.fit_probability_models(model, dataset, frames, schedule)
+        if args.rate_lambda > 0:
+            from pcdet_ext.engine.recipes.progressive_rq.rate_distortion import refit_rate_aware
+            models = refit_rate_aware(model, dataset, frames, models, args.rate_lambda, schedule, args.fit_rounds)
         ckpt_out = Path(args.save_ckpt) if args.save_ckpt else ckpt.with_name(ckpt.stem + "_bitstream.pth")
         runtime.save_with_models(ckpt, models, ckpt_out)
-        print(f"bitstream models fitted on {len(frames)} {args.fit_split} frames -> {ckpt_out}")
+        print(f"bitstream models fitted on {len(frames)} {args.fit_split} frames"
+              + (f", {args.fit_rounds} rounds on the codes chosen at lambda {args.rate_lambda:g}" if args.rate_lambda > 0
+                 else "") + f" -> {ckpt_out}")
         ckpt = ckpt_out
     q = model.quantizer
     server = runtime.ServerRuntime.from_checkpoint(model, dataset, ckpt)

@@ -52,7 +52,8 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
                            context: bool = True) -> ProbabilityModels:
     """Learn occupancy contexts and per-codebook code statistics (at every k of ``sizes``, all
     trained codebooks; with ``context`` also given the previous codebook's code and given a
-    neighbouring pillar's code) from training frames, on exactly what the edge codes."""
+    neighbouring pillar's code) from training frames, on exactly what the edge codes (rate-aware
+    codes when the quantizer chooses them so: :meth:`ResidualQuantizer.set_rate`)."""
     from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point
     q = model.quantizer
     geo = grid_geometry(dataset)
@@ -67,10 +68,10 @@ def fit_probability_models(model, dataset, frames: Sequence[np.ndarray], sizes: 
             occ = np.zeros(geo.height * geo.width, dtype=bool)
             occ[cells] = True
             occ = occ.reshape(geo.height, geo.width)
-        by_k = {}
+        by_k, positions = {}, cell_positions(cells, geo.width) if q.rate_active else None
         for k in sizes:
             with operating_point(q, depth, k):
-                by_k[int(k)] = q.encode(feats).cpu().numpy()
+                by_k[int(k)] = q.encode(feats, positions).cpu().numpy()
         models.observe(occ, by_k, cells=cells)
     return models
 

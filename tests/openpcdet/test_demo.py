@@ -34,14 +34,17 @@ def study(tmp_path, demo_out, measured_kb):
     bitstream = next((demo_out / "rq" / "checkpoints").glob("*_bitstream.pth"))
     run = [sys.executable, str(REPO / "benchmarks/rate_accuracy_study.py"), "--out", str(tmp_path / "study")]
     proc = subprocess.run(run + ["--config", str(demo_out / "split_demo.yaml"), "--rq_ckpt", str(bitstream),
-                                 "--lambdas", "0.01", "--scalar_bits", "8,2", "--draco_bits", "8"],
+                                 "--lambdas", "0.01", "--rd_lambdas", "0.5", "--rd_rounds", "1", "--rd_steps", "2",
+                                 "--scalar_bits", "8,2", "--draco_bits", "8"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "study" / "study"
     rows = list(csv.DictReader(open(out / "rate_accuracy.csv")))
     by = {(r["method"], r["setting"]): float(r["kb_per_frame"]) for r in rows}
     assert set(by) == {("RQ fixed-length (estimate)", "(1, 16)"), ("RQ context-coded", "(1, 16)"),
-                       ("RQ rate-aware", "(1, 16) lambda 0.01"), ("scalar-quantized features, entropy-coded", "8 bits"),
+                       ("RQ rate-aware", "(1, 16) lambda 0.01"), ("RQ rate-aware, models refitted", "(1, 16) lambda 0.5"),
+                       ("RQ rate-distortion trained", "(1, 16) lambda 0.5"),
+                       ("scalar-quantized features, entropy-coded", "8 bits"),
                        ("scalar-quantized features, entropy-coded", "2 bits"),
                        ("Draco point cloud -> uncompressed detector", "8-bit positions")}
     assert round(by[("RQ context-coded", "(1, 16)")], 2) == measured_kb  # the bytes the demo's table measured
@@ -50,6 +53,9 @@ def study(tmp_path, demo_out, measured_kb):
     summary = json.loads((out / "rate_accuracy.json").read_text())
     assert summary["reported_on"] == "val split, 2 frames" and "never trained on" in summary["selected_on"]
     assert summary["mean_points_per_frame"] > 0 and (out / "rate_accuracy.png").stat().st_size > 10000
+    saved = summary["bytes_saved_vs_rate_aware"]
+    assert [p["setting"] for p in saved["RQ rate-distortion trained"]] == ["(1, 16) lambda 0.5"]
+    assert by[("RQ rate-aware, models refitted", "(1, 16) lambda 0.5")] < by[("RQ context-coded", "(1, 16)")]
     refused = subprocess.run(run + ["--config", str(demo_out / "split_demo.yaml")], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert refused.returncode == 2 and "--config and --rq_ckpt go together" in refused.stderr

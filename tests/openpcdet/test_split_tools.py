@@ -137,6 +137,12 @@ def test_rate_aware_encoding_trades_bytes_for_distortion(checkpoint, synthetic_k
     code = {lam: r["mean_bytes"] for lam, r in runs.items()}
     assert code["4"] < code["0.5"] < code["0"], code  # one model, lower rates without retraining
     assert runs["0.5"]["rate_lambda"] == 0.5
+    refit = ["--ckpt", str(checkpoint), "--data_path", str(synthetic_kitti), "--fit_models", "--save_ckpt",
+             str(tmp_path / "refit.pth"), "--lambda", "4", "--json", str(tmp_path / "refit.json")]
+    assert main_in_process(capsys, "split_infer", *refit)[0] == 0  # models fitted on the codes chosen at lambda 4
+    assert json.loads((tmp_path / "refit.json").read_text())["summary"]["mean_bytes"] < code["4"]
+    assert main_in_process(capsys, "split_infer", *refit, "--fit_rounds", "0") == (
+        2, ["error: --fit_rounds: expected an integer >= 1, got 0"])
     code, err = main_in_process(capsys, "split_infer", "--ckpt", fitted, "--data_path", synthetic_kitti, "--lambda", "-1")
     assert code == 2 and err == ["error: --lambda: expected a number >= 0, got -1.0"]
     sweep = tool("train_eval_rq.py", "--config", str(checkpoint.parents[2] / "exp.yaml"), "--mode", "eval",

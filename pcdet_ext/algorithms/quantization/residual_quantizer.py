@@ -246,19 +246,21 @@ class ResidualQuantizer(nn.Module):
     def _codebook(self, c: int, k: int) -> torch.Tensor:
         return self.codebooks[c][:k]
 
-    def set_rate(self, rate_lambda: float, model: Optional[RateModel] = None) -> None:
-        """Rate-aware (entropy-constrained) code choice outside training: each code minimises
+    def set_rate(self, rate_lambda: float, model: Optional[RateModel] = None, in_training: bool = False) -> None:
+        """Rate-aware (entropy-constrained) code choice: each code minimises
         ``||r - e||^2 / mean||z||^2 + rate_lambda x bits(e | its coding context)`` under ``model``,
-        which needs the rows' ``positions`` (:meth:`encode`, :meth:`forward`). 0 (or no model) turns
-        it off."""
+        which needs the rows' ``positions`` (:meth:`encode`, :meth:`forward`); outside training only,
+        unless ``in_training`` (rate-distortion training: the codebooks learn under the choice they
+        are sent with). 0 (or no model) turns it off."""
         if not isinstance(rate_lambda, (int, float)) or rate_lambda < 0 or rate_lambda != rate_lambda:
             raise ValueError(f"rate lambda must be a number >= 0, got {rate_lambda!r}")
-        self._rate = (float(rate_lambda), model) if rate_lambda > 0 and model is not None else None
+        self._rate = (float(rate_lambda), model, bool(in_training)) if rate_lambda > 0 and model is not None else None
 
     @property
     def rate_active(self) -> bool:
-        """Whether codes are chosen rate-aware (set, and not training): then calls need ``positions``."""
-        return self._rate is not None and not self.training
+        """Whether codes are chosen rate-aware now (set, and not training unless set for training):
+        then calls need ``positions``."""
+        return self._rate is not None and (self._rate[2] or not self.training)
 
     def _residual_codes(self, z: torch.Tensor, sizes: Sequence[int], positions: Optional[torch.Tensor] = None,
                         keep: bool = True):
