@@ -9,6 +9,9 @@ Methods:
   training), and the codebooks rate-distortion trained under that choice (``--rd_rounds`` x
   ``--rd_steps``); the JSON's ``bytes_saved_vs_rate_aware`` compares both with the rate-aware curve at
   equal mAP;
+- at ``--gate_weights``: a learned keep/drop of pillars (``algorithms.pillar_gate``) trained on the
+  detection loss + weight x KB/frame kept, the dropped pillars neither coded nor in the occupancy
+  (nearest codes, the checkpoint's models);
 - scalar-quantized pillar features at ``--scalar_bits``, entropy-coded (per-channel static models
   fitted on the train frames; same occupancy coding as RQ);
 - the raw point cloud compressed with Draco at ``--draco_bits`` quantization bits (points inside the
@@ -45,7 +48,7 @@ import torch
 from pcdet_ext.cli import demo_split_rq
 from pcdet_ext.deploy.sweep import write_outputs
 
-REFIT, RD = "RQ rate-aware, models refitted", "RQ rate-distortion trained"
+REFIT, RD, KEEP_DROP = "RQ rate-aware, models refitted", "RQ rate-distortion trained", "RQ + learned pillar keep/drop"
 COLUMNS = ["method", "setting", "kb_per_frame", "mAP", "bits_per_point"]
 ANCHORS = {"point-cloud codec, no loss (~6 bits/point)": 6.0,
            "point-cloud codec + retrained detector (~2 bits/point)": 2.0}
@@ -62,6 +65,10 @@ def parse_args(argv=None):
     parser.add_argument("--rd_rounds", type=int, default=2, help="rounds of (training, models refitted)")
     parser.add_argument("--rd_steps", type=int, default=72, help="training iterations per round")
     parser.add_argument("--rd_lr", type=float, default=5e-4, help="Adam learning rate of the codebooks")
+    parser.add_argument("--gate_weights", default="0.1,0.3,1",
+                        help="learned pillar keep/drop at the deepest cell: detection loss + WEIGHT x KB/frame kept")
+    parser.add_argument("--gate_steps", type=int, default=144, help="training iterations of each pillar gate")
+    parser.add_argument("--gate_lr", type=float, default=0.02, help="Adam learning rate of the pillar gate")
     parser.add_argument("--scalar_bits", default="8,4,2")
     parser.add_argument("--draco_bits", default="6,7,8,10,12,14", help="Draco position quantization bits ('' skips)")
     parser.add_argument("--fit_frames", type=int, default=32, help="train frames the scalar coder is fitted on")
@@ -124,16 +131,14 @@ def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out,
     return summary, rows
 
 
-def rd_rows(model, state, exp, train, fit, val, names, models, lambdas, args, log):
+def rd_rows(model, state, exp, train, fit, frames, val, names, models, lambdas, args, log):
     """At the deepest trained cell, per lambda: the rate-aware choice with its models refitted on the codes
     it makes (no training: the control), and the codebooks rate-distortion trained (``--rd_rounds`` x
     ``--rd_steps``), each from the study's checkpoint, coded under its own refitted models."""
-    from pcdet_ext.deploy.baselines import frame_points
     from pcdet_ext.engine.recipes.progressive_rq.evaluate import run_eval, trained_cells
-    from pcdet_ext.engine.recipes.progressive_rq.rate_distortion import rate_distortion_train, refit_rate_aware
+    from pcdet_ext.deploy.rate_distortion import rate_distortion_train, refit_rate_aware
     sizes = list(exp.progressive_learning.embedding_schedule)
     n, k = trained_cells(model.quantizer, sizes)[-1]
-    frames = list(frame_points(fit[0]).values())
     rows = []
     for lam in lambdas:
         model.load_state_dict(state["model_state"])
@@ -145,6 +150,31 @@ def rd_rows(model, state, exp, train, fit, val, names, models, lambdas, args, lo
             res = run_eval(model, val[0], val[1], names, n, k, bitstream=refitted, rate_lambda=lam)
             rows.append((method, f"({n}, {k}) lambda {lam:g}", res["kb_per_frame_measured"], res["mAP"]))
     model.load_state_dict(state["model_state"])
+    return rows
+
+
+def keep_drop_rows(model, state, exp, train, fit, frames, val, names, models, weights, args):
+    """At the deepest trained cell, per rate weight: a :class:`PillarGate` trained (``--gate_steps``) on the
+    detection loss + weight x KB per frame kept, the dropped pillars neither coded nor scattered."""
+    from pcdet_ext.algorithms.pillar_gate import PillarGate
+    from pcdet_ext.deploy import keep_drop
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point, run_eval, trained_cells
+    model.load_state_dict(state["model_state"])
+    q = model.quantizer
+    n, k = trained_cells(q, list(exp.progressive_learning.embedding_schedule))[-1]
+    with operating_point(q, n, k):
+        bits = keep_drop.code_bits(models, k, keep_drop.occupancy_bits_per_pillar(model, fit[0], frames, models, k))
+    every = run_eval(model, val[0], val[1], names, n, k, bitstream=models)["pillars_per_frame"]
+    rows = []
+    for weight in weights:
+        torch.manual_seed(args.seed)
+        gate = PillarGate(q.dim)
+        with operating_point(q, n, k):
+            keep_drop.train_gate(model, gate, train[1], bits, weight, args.gate_steps, args.gate_lr)
+        with keep_drop.gated(model, gate, bits):
+            res = run_eval(model, val[0], val[1], names, n, k, bitstream=models)
+        rows.append((KEEP_DROP, f"({n}, {k}) weight {weight:g}, {100 * res['pillars_per_frame'] / every:.0f} % of pillars",
+                     res["kb_per_frame_measured"], res["mAP"]))
     return rows
 
 
@@ -183,12 +213,12 @@ def scalar_rows(model, val, train, names, models, bits_list, fit_frames):
     return rows
 
 
-def draco_rows(model, val, train, names, bits_list):
+def draco_rows(model, val, train_frames, names, bits_list):
     from pcdet_ext.deploy.baselines import DracoCodec, coded_points, frame_points, points_replaced
     from pcdet_ext.engine.evaluation import evaluate_model
     from pcdet_ext.engine.recipes.progressive_rq.evaluate import bypassed, mean_moderate_ap
     points = frame_points(val[0])
-    intensity_max = max(float(p[:, 3].max(initial=0)) for p in frame_points(train[0]).values()) or 1.0
+    intensity_max = max(float(p[:, 3].max(initial=0)) for p in train_frames) or 1.0
     mean_points = float(np.mean([len(p) for p in points.values()]))
     rows = []
     for bits in bits_list:
@@ -213,7 +243,8 @@ def plot(summary: dict, path: Path) -> None:
         ax.plot([r["kb_per_frame"] for r in rows], [r["mAP"] for r in rows], "o-" if "estimate" not in method else "o:",
                 label=method)
         for r in rows:
-            text = "l=" + r["setting"].split(" lambda ")[-1] if " lambda " in r["setting"] else r["setting"]
+            text = ("l=" + r["setting"].split(" lambda ")[-1] if " lambda " in r["setting"] else
+                    "w=" + r["setting"].split(" weight ")[-1] if " weight " in r["setting"] else r["setting"])
             ax.annotate(text, (r["kb_per_frame"], r["mAP"]), fontsize=6, textcoords="offset points",
                         xytext=(3, -9 if method == "RQ rate-aware" else 3))
     ax.axhline(summary["uncompressed_mAP"], color="k", linestyle=":", label="uncompressed detector")
@@ -234,6 +265,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     lambdas, rd_lambdas = floats(args.lambdas, "--lambdas"), floats(args.rd_lambdas, "--rd_lambdas")
+    gate_weights = floats(args.gate_weights, "--gate_weights")
     scalar_bits, draco_bits = ints(args.scalar_bits, "--scalar_bits"), ints(args.draco_bits, "--draco_bits")
     if draco_bits:
         import DracoPy  # noqa: F401  (fail before hours of training, not after)
@@ -247,12 +279,15 @@ def main(argv=None) -> int:
     log = logging.getLogger("rate_accuracy_study")
     exp, model, val, train_aug, train, models, state, names = load(config, bitstream, log)
     summary, rows = rq_rows(model, val, names, exp, bitstream, models, state, lambdas, args.out, log)
-    rows += rd_rows(model, state, exp, train_aug, train, val, names, models, rd_lambdas, args, log)
+    from pcdet_ext.deploy.baselines import frame_points
+    frames = list(frame_points(train[0]).values())  # the train frames' points, as the dataset hands them over
+    rows += rd_rows(model, state, exp, train_aug, train, frames, val, names, models, rd_lambdas, args, log)
+    rows += keep_drop_rows(model, state, exp, train_aug, train, frames[:args.fit_frames], val, names, models,
+                           gate_weights, args)
     rows += scalar_rows(model, val, train, names, models, scalar_bits, args.fit_frames)
-    drows, mean_points = draco_rows(model, val, train, names, draco_bits) if draco_bits else ([], None)
+    drows, mean_points = draco_rows(model, val, frames, names, draco_bits) if draco_bits else ([], None)
     rows += drows
     if mean_points is None:
-        from pcdet_ext.deploy.baselines import frame_points
         mean_points = float(np.mean([len(p) for p in frame_points(val[0]).values()]))
     table = [dict(zip(COLUMNS, (m, s, float(kb), float(ap), float(kb * 8192 / mean_points)))) for m, s, kb, ap in rows]
     if args.config:
@@ -274,7 +309,8 @@ def main(argv=None) -> int:
               "seconds": {"training (0 when cached)": round(trained_s), "study": round(time.time() - start - trained_s)},
               "rows": table}
     cell = next((s.split(" lambda")[0] for m, s, _, _ in rows if m == RD), None)
-    result["bytes_saved_vs_rate_aware"] = {m: bytes_saved(rows, m, "RQ rate-aware", cell) for m in (REFIT, RD)} if cell else {}
+    result["bytes_saved_vs_rate_aware"] = {m: bytes_saved(rows, m, "RQ rate-aware", cell) for m in (REFIT, RD, KEEP_DROP)
+                                           } if cell else {}
     write_outputs(out, "rate_accuracy", COLUMNS, table, result, plot)
     print(f"{'method':<44} {'setting':<22} {'KB/frame':>9} {'bits/pt':>8} {'mAP %':>7}")
     for r in table:

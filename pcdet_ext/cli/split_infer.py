@@ -24,6 +24,7 @@ import numpy as np
 
 from pcdet_ext.algorithms.bitstream import read_header
 from pcdet_ext.deploy import runtime
+from pcdet_ext.deploy.rate_distortion import refit_rate_aware
 from pcdet_ext.edge.bundle import FRAME_SUFFIX
 from pcdet_ext.edge.auth import KeyFileError
 from pcdet_ext.edge.transport import TransportError, add_client_arguments, client_from_args
@@ -116,7 +117,6 @@ def run(argv=None) -> int:
         frames = [read(f) for f in frame_paths(args, dataset, args.fit_split)[:args.fit_frames]]
         models = runtime.fit_probability_models(model, dataset, frames, schedule)
         if args.rate_lambda > 0:
-            from pcdet_ext.engine.recipes.progressive_rq.rate_distortion import refit_rate_aware
             models = refit_rate_aware(model, dataset, frames, models, args.rate_lambda, schedule, args.fit_rounds)
         ckpt_out = Path(args.save_ckpt) if args.save_ckpt else ckpt.with_name(ckpt.stem + "_bitstream.pth")
         runtime.save_with_models(ckpt, models, ckpt_out)

@@ -35,6 +35,7 @@ def study(tmp_path, demo_out, measured_kb):
     run = [sys.executable, str(REPO / "benchmarks/rate_accuracy_study.py"), "--out", str(tmp_path / "study")]
     proc = subprocess.run(run + ["--config", str(demo_out / "split_demo.yaml"), "--rq_ckpt", str(bitstream),
                                  "--lambdas", "0.01", "--rd_lambdas", "0.5", "--rd_rounds", "1", "--rd_steps", "2",
+                                 "--gate_weights", "1", "--gate_steps", "2",
                                  "--scalar_bits", "8,2", "--draco_bits", "8"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +45,7 @@ def study(tmp_path, demo_out, measured_kb):
     assert set(by) == {("RQ fixed-length (estimate)", "(1, 16)"), ("RQ context-coded", "(1, 16)"),
                        ("RQ rate-aware", "(1, 16) lambda 0.01"), ("RQ rate-aware, models refitted", "(1, 16) lambda 0.5"),
                        ("RQ rate-distortion trained", "(1, 16) lambda 0.5"),
+                       ("RQ + learned pillar keep/drop", "(1, 16) weight 1, 100 % of pillars"),
                        ("scalar-quantized features, entropy-coded", "8 bits"),
                        ("scalar-quantized features, entropy-coded", "2 bits"),
                        ("Draco point cloud -> uncompressed detector", "8-bit positions")}

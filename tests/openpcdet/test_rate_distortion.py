@@ -1,14 +1,16 @@
 """Rate-distortion training on the real pipeline: the codebooks of the cell train on the detection loss
 with the codes the edge would send (rate-aware under the current models), the models are refitted on
-those codes, and the quantizer's training state comes back unchanged."""
+those codes, and the quantizer's training state comes back unchanged; a learned pillar gate drops
+pillars from what is coded and scattered, and its rate term teaches it to."""
 import copy
 
 import numpy as np
 import pytest
 import torch
 
+from pcdet_ext.algorithms.pillar_gate import PillarGate
 from pcdet_ext.deploy import baselines, runtime
-from pcdet_ext.engine.recipes.progressive_rq import rate_distortion
+from pcdet_ext.deploy import keep_drop, rate_distortion
 from test_split_runtime import frames
 from test_study_baselines import sparse  # noqa: F401  (the fixture)
 
@@ -67,3 +69,48 @@ def test_the_refit_control_keeps_the_codebooks_and_lambda_must_be_positive(train
     assert order0_bits(refitted, 0) < order0_bits(models, 0) and not model.quantizer.rate_active
     with pytest.raises(ValueError, match="rate lambda > 0"):
         rate_distortion.rate_distortion_train(model, train_loader, test_set, fit, models, 2, 16, 0.0, [16])
+
+
+def test_dropped_pillars_are_neither_coded_nor_scattered_and_the_gate_learns_to_drop(trained_2x16):
+    from pcdet.models import load_data_to_gpu
+    model, start, test_set, train_loader, fit, models = trained_2x16
+    model.load_state_dict(start)
+    q = model.quantizer
+    gate = PillarGate(q.dim)
+    batch = next(iter(train_loader))
+    load_data_to_gpu(batch)
+    with torch.no_grad():  # keeps half the pillars, drops the others
+        gate.net[2].weight.normal_()
+        gate.net[2].bias.zero_()
+        gate.net[2].bias.fill_(-float(gate.net(model.vfe(dict(batch))["pillar_features"]).median()))
+    bev = []
+    hook = model.map_to_bev_module.register_forward_hook(lambda m, i, out: bev.append(out["spatial_features"]))
+    model.eval()
+    try:
+        with torch.no_grad():
+            keep = gate(model.vfe(dict(batch))["pillar_features"])[0]
+            every = batch["voxel_coords"].long().clone()
+            bits = keep_drop.code_bits(models, 16, 40.0)
+            with keep_drop.gated(model, gate, bits):
+                model(batch)
+    finally:
+        hook.remove()
+    coords = batch["voxel_coords"].long()
+    assert 0 < int(keep.sum()) < len(keep) and len(coords) == int(keep.sum()) == len(batch["rq_codes"])
+    occupied = bev[0].abs().sum(1) > 0  # [B, H, W]
+    dropped = every[~keep]
+    assert torch.equal(coords, every[keep]) and not occupied[dropped[:, 0], dropped[:, 2], dropped[:, 3]].any()
+    assert occupied[coords[:, 0], coords[:, 2], coords[:, 3]].any()
+    assert not hasattr(model, "pillar_gate") and not model.rq_bottleneck._forward_hooks
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.parameters()]
+    gate = PillarGate(q.dim)
+    losses = keep_drop.train_gate(model, gate, train_loader, keep_drop.code_bits(models, 16, 40.0), 200.0, steps=6,
+                                  lr=0.05)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    feats = torch.from_numpy(baselines.pillar_features(model, train_loader, 4))
+    assert float(gate(feats)[0].float().mean()) < 0.9  # the rate term taught it to drop pillars
+    changed = [k for k, v in before.items() if not torch.equal(v, model.state_dict()[k])]
+    assert changed == ["global_step"], changed  # only the gate trained (OpenPCDet's counter counts its steps)
+    assert [p.requires_grad for p in model.parameters()] == grads

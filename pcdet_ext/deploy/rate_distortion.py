@@ -21,6 +21,8 @@ import torch
 
 from pcdet_ext.algorithms.bitstream import ProbabilityModels
 from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate
+from pcdet_ext.deploy.runtime import fit_probability_models
+from pcdet_ext.engine.loop.runner import train_steps
 
 
 @contextlib.contextmanager
@@ -54,7 +56,6 @@ def rate_distortion_train(model, loader, dataset, frames: Sequence[np.ndarray], 
     ``rate_lambda`` under the current models, then the models refitted on ``frames`` with that
     choice, at every k of ``sizes``). Trains ``model``'s codebooks in place; returns the last
     models (the ones its codes are sent with: encode at ``rate_lambda`` under them)."""
-    from pcdet_ext.engine.loop.runner import train_steps
     if rate_lambda <= 0:
         raise ValueError(f"rate-distortion training needs a rate lambda > 0, got {rate_lambda}")
     if rounds < 1 or steps < 1:
@@ -80,7 +81,6 @@ def refit_rate_aware(model, dataset, frames: Sequence[np.ndarray], models: Proba
                      sizes: Sequence[int], rounds: int = 1) -> ProbabilityModels:
     """The control without training: the models refitted ``rounds`` times on the codes the
     rate-aware choice makes under the previous models (codebooks unchanged)."""
-    from pcdet_ext.deploy.runtime import fit_probability_models
     q = model.quantizer
     for _ in range(rounds):
         q.set_rate(rate_lambda, ContextRate(models))
