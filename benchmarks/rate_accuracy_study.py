@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--rd_rounds", type=int, default=2, help="rounds of (training, models refitted)")
     parser.add_argument("--rd_steps", type=int, default=72, help="training iterations per round")
     parser.add_argument("--rd_lr", type=float, default=5e-4, help="Adam learning rate of the codebooks")
-    parser.add_argument("--gate_weights", default="0.1,0.3,1",
+    parser.add_argument("--gate_weights", default="0.005,0.01,0.03,0.1,0.3",
                         help="learned pillar keep/drop at the deepest cell: detection loss + WEIGHT x KB/frame kept")
     parser.add_argument("--gate_steps", type=int, default=144, help="training iterations of each pillar gate")
     parser.add_argument("--gate_lr", type=float, default=0.02, help="Adam learning rate of the pillar gate")
