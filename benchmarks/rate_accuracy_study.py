@@ -19,7 +19,8 @@ Methods:
 - reference lines: the uncompressed detector, and the literature's raw point-cloud codec anchors
   (~6 bits/point for no loss, ~2 bits/point with a retrained detector) at this data's points/frame.
 
-CPU default (2 cores: 32 min for the detector, then 15 min; see docs/split_inference.md for the figures):
+CPU default (2 cores: 32 min for the detector, 8 min for the RQ run, 22 min for the study; see
+docs/split_inference.md for the figures):
 a synthetic KITTI-layout set of 192 frames, a PointPillars trained 2000 iterations and 3 codebooks x
 [16, 64] (``tools/demo_split_rq.py`` steps 1-4 with
 those flags, cached under ``--out``), reported on its val split; RQ stage checkpoints are selected on a
