@@ -154,9 +154,10 @@ def rd_rows(model, state, exp, train, fit, frames, val, names, models, lambdas, 
     return rows
 
 
-def keep_drop_rows(model, state, exp, train, fit, frames, val, names, models, weights, args):
+def keep_drop_rows(model, state, exp, train, fit, frames, val, names, models, weights, args, cells):
     """At the deepest trained cell, per rate weight: a :class:`PillarGate` trained (``--gate_steps``) on the
-    detection loss + weight x KB per frame kept, the dropped pillars neither coded nor scattered."""
+    detection loss + weight x KB per frame kept, the dropped pillars neither coded nor scattered; the share
+    kept against the sweep's ``cells``."""
     from pcdet_ext.algorithms.pillar_gate import PillarGate
     from pcdet_ext.deploy import keep_drop
     from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point, run_eval, trained_cells
@@ -165,7 +166,8 @@ def keep_drop_rows(model, state, exp, train, fit, frames, val, names, models, we
     n, k = trained_cells(q, list(exp.progressive_learning.embedding_schedule))[-1]
     with operating_point(q, n, k):
         bits = keep_drop.code_bits(models, k, keep_drop.occupancy_bits_per_pillar(model, fit[0], frames, models, k))
-    every = run_eval(model, val[0], val[1], names, n, k, bitstream=models)["pillars_per_frame"]
+    every = next(r["pillars_per_frame"] for r in cells if (r["num_codebooks"], r["num_embeddings"], r["rate_lambda"])
+                 == (n, k, 0.0))  # the sweep's row of that cell: every pillar sent
     rows = []
     for weight in weights:
         torch.manual_seed(args.seed)
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
     frames = list(frame_points(train[0]).values())  # the train frames' points, as the dataset hands them over
     rows += rd_rows(model, state, exp, train_aug, train, frames, val, names, models, rd_lambdas, args, log)
     rows += keep_drop_rows(model, state, exp, train_aug, train, frames[:args.fit_frames], val, names, models,
-                           gate_weights, args)
+                           gate_weights, args, summary["cells"])
     rows += scalar_rows(model, val, train, names, models, scalar_bits, args.fit_frames)
     drows, mean_points = draco_rows(model, val, frames, names, draco_bits) if draco_bits else ([], None)
     rows += drows

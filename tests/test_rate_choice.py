@@ -162,3 +162,20 @@ def test_the_bottleneck_passes_each_rows_position(mode):
     with torch.no_grad():
         out = bottleneck(batch)
     assert torch.equal(out["rq_codes"], alone)
+
+
+def test_joint_cell_trains_every_codebook_of_the_cell_and_restores_the_quantizer():
+    from pcdet_ext.deploy.rate_distortion import joint_cell
+    q = quantizer()
+    data = torch.randn(400, 8)
+    q.start_stage(0, 16, data)
+    q.start_stage(1, 16, data)
+    before = (q.mode, q.active_sizes(), [cb.requires_grad for cb in q.codebooks], q.stage_start.tolist(),
+              q.freeze_earlier, q.operating_point_training)
+    assert before[2] == [False, True]  # progressive: only the deepest codebook trains
+    with joint_cell(q, 2, 16) as params:
+        assert len(params) == 2 and all(cb.requires_grad for cb in q.codebooks)
+        assert q.mode == "gradient" and q.active_sizes() == [16, 16] and q.stage_start.tolist() == [16, 16]
+        assert not q.operating_point_training
+    assert (q.mode, q.active_sizes(), [cb.requires_grad for cb in q.codebooks], q.stage_start.tolist(),
+            q.freeze_earlier, q.operating_point_training) == before

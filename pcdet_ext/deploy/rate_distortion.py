@@ -23,6 +23,7 @@ from pcdet_ext.algorithms.bitstream import ProbabilityModels
 from pcdet_ext.algorithms.bitstream.rate_choice import ContextRate
 from pcdet_ext.deploy.runtime import fit_probability_models
 from pcdet_ext.engine.loop.runner import train_steps
+from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point
 
 
 @contextlib.contextmanager
@@ -32,20 +33,17 @@ def joint_cell(quantizer, n: int, k: int) -> Iterator[List[torch.nn.Parameter]]:
     makes some entries rare on purpose). Yields the trainable parameters; restores the quantizer's
     mode, active cell, freezing and stage starts after."""
     q = quantizer
-    saved = (q.freeze_earlier, q.operating_point_training, q.mode, q.active_depth.clone(), q.active_size.clone(),
-             q.stage_start.clone())
-    q.freeze_earlier, q.operating_point_training = False, False
+    saved = (q.freeze_earlier, q.operating_point_training, q.mode, q.stage_start.clone())
+    q.freeze_earlier, q.operating_point_training = False, False  # before operating_point applies the freezing
     try:
-        q.set_mode("gradient")
-        q.set_active(n, k)
-        q.stage_start.copy_(q.trained_size)
-        yield [p for p in q.parameters() if p.requires_grad]
+        with operating_point(q, n, k):
+            q.set_mode("gradient")
+            q.stage_start.copy_(q.trained_size)
+            yield [p for p in q.parameters() if p.requires_grad]
     finally:
         q.freeze_earlier, q.operating_point_training = saved[0], saved[1]
         q.set_mode(saved[2])
-        q.active_depth.copy_(saved[3])
-        q.active_size.copy_(saved[4])
-        q.stage_start.copy_(saved[5])
+        q.stage_start.copy_(saved[3])
         q._apply_freezing()
 
 

@@ -106,8 +106,14 @@ def test_dropped_pillars_are_neither_coded_nor_scattered_and_the_gate_learns_to_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.requires_grad for p in model.parameters()]
     gate = PillarGate(q.dim)
-    losses = keep_drop.train_gate(model, gate, train_loader, keep_drop.code_bits(models, 16, 40.0), 200.0, steps=6,
-                                  lr=0.05)
+    modes = []  # the quantizer stays in eval mode while the model trains (no EMA, restart or sampled cell)
+    hook = model.rq_bottleneck.register_forward_hook(lambda m, i, out: modes.append((model.training, m.training)))
+    try:
+        losses = keep_drop.train_gate(model, gate, train_loader, keep_drop.code_bits(models, 16, 40.0), 200.0,
+                                      steps=6, lr=0.05)
+    finally:
+        hook.remove()
+    assert modes == [(True, False)] * 6
     assert len(losses) == 6 and all(np.isfinite(losses))
     feats = torch.from_numpy(baselines.pillar_features(model, train_loader, 4))
     assert float(gate(feats)[0].float().mean()) < 0.9  # the rate term taught it to drop pillars
