@@ -86,8 +86,8 @@ def floats(text: str, flag: str) -> list:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        values = [-1.0]
-    if any(not v > 0 for v in values):
+        values = None
+    if values is None or not all(v > 0 for v in values):
         raise SystemExit(f"{flag} {text!r}: expected comma-separated numbers > 0")
     return values
 
@@ -132,38 +132,37 @@ def rq_rows(model, val, names, exp, bitstream_path, models, state, lambdas, out,
     return summary, rows
 
 
-def rd_rows(model, state, exp, train, fit, frames, val, names, models, lambdas, args, log):
-    """At the deepest trained cell, per lambda: the rate-aware choice with its models refitted on the codes
-    it makes (no training: the control), and the codebooks rate-distortion trained (``--rd_rounds`` x
+def rd_rows(model, state, exp, cell, train, fit, frames, val, names, models, lambdas, args, log):
+    """At ``cell`` (n, k), per lambda: the rate-aware choice with its models refitted on the codes it makes
+    (no training: the control), and the codebooks rate-distortion trained (``--rd_rounds`` x
     ``--rd_steps``), each from the study's checkpoint, coded under its own refitted models."""
-    from pcdet_ext.engine.recipes.progressive_rq.evaluate import run_eval, trained_cells
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import run_eval
     from pcdet_ext.deploy.rate_distortion import rate_distortion_train, refit_rate_aware
-    sizes = list(exp.progressive_learning.embedding_schedule)
-    n, k = trained_cells(model.quantizer, sizes)[-1]
+    sizes, (n, k) = list(exp.progressive_learning.embedding_schedule), cell
     rows = []
+
+    def row(method: str, lam: float, refitted) -> None:
+        res = run_eval(model, val[0], val[1], names, n, k, bitstream=refitted, rate_lambda=lam)
+        rows.append((method, f"({n}, {k}) lambda {lam:g}", res["kb_per_frame_measured"], res["mAP"]))
+
     for lam in lambdas:
         model.load_state_dict(state["model_state"])
-        arms = ((REFIT, refit_rate_aware(model, fit[0], frames, models, lam, sizes, args.rd_rounds)), (RD, None))
-        for method, refitted in arms:
-            if refitted is None:
-                refitted = rate_distortion_train(model, train[1], fit[0], frames, models, n, k, lam, sizes,
-                                                 args.rd_rounds, args.rd_steps, args.rd_lr, log)
-            res = run_eval(model, val[0], val[1], names, n, k, bitstream=refitted, rate_lambda=lam)
-            rows.append((method, f"({n}, {k}) lambda {lam:g}", res["kb_per_frame_measured"], res["mAP"]))
+        row(REFIT, lam, refit_rate_aware(model, fit[0], frames, models, lam, sizes, args.rd_rounds))
+        row(RD, lam, rate_distortion_train(model, train[1], fit[0], frames, models, n, k, lam, sizes,
+                                           args.rd_rounds, args.rd_steps, args.rd_lr, log))
     model.load_state_dict(state["model_state"])
     return rows
 
 
-def keep_drop_rows(model, state, exp, train, fit, frames, val, names, models, weights, args, cells):
-    """At the deepest trained cell, per rate weight: a :class:`PillarGate` trained (``--gate_steps``) on the
+def keep_drop_rows(model, state, cell, train, fit, frames, val, names, models, weights, args, cells):
+    """At ``cell`` (n, k), per rate weight: a :class:`PillarGate` trained (``--gate_steps``) on the
     detection loss + weight x KB per frame kept, the dropped pillars neither coded nor scattered; the share
     kept against the sweep's ``cells``."""
     from pcdet_ext.algorithms.pillar_gate import PillarGate
     from pcdet_ext.deploy import keep_drop
-    from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point, run_eval, trained_cells
+    from pcdet_ext.engine.recipes.progressive_rq.evaluate import operating_point, run_eval
     model.load_state_dict(state["model_state"])
-    q = model.quantizer
-    n, k = trained_cells(q, list(exp.progressive_learning.embedding_schedule))[-1]
+    q, (n, k) = model.quantizer, cell
     with operating_point(q, n, k):
         bits = keep_drop.code_bits(models, k, keep_drop.occupancy_bits_per_pillar(model, fit[0], frames, models, k))
     every = next(r["pillars_per_frame"] for r in cells if (r["num_codebooks"], r["num_embeddings"], r["rate_lambda"])
@@ -284,8 +283,9 @@ def main(argv=None) -> int:
     summary, rows = rq_rows(model, val, names, exp, bitstream, models, state, lambdas, args.out, log)
     from pcdet_ext.deploy.baselines import frame_points
     frames = list(frame_points(train[0]).values())  # the train frames' points, as the dataset hands them over
-    rows += rd_rows(model, state, exp, train_aug, train, frames, val, names, models, rd_lambdas, args, log)
-    rows += keep_drop_rows(model, state, exp, train_aug, train, frames[:args.fit_frames], val, names, models,
+    deepest = next((r["num_codebooks"], r["num_embeddings"]) for r in reversed(summary["cells"]) if not r["rate_lambda"])
+    rows += rd_rows(model, state, exp, deepest, train_aug, train, frames, val, names, models, rd_lambdas, args, log)
+    rows += keep_drop_rows(model, state, deepest, train_aug, train, frames[:args.fit_frames], val, names, models,
                            gate_weights, args, summary["cells"])
     rows += scalar_rows(model, val, train, names, models, scalar_bits, args.fit_frames)
     drows, mean_points = draco_rows(model, val, frames, names, draco_bits) if draco_bits else ([], None)
