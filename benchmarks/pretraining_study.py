@@ -139,7 +139,8 @@ def finetune(args, cfg, weights, arm: str, seed: int) -> dict:
         optim = EasyDict(dict(optim, DIFFERENTIAL_LR=False))
     opt = build_optimizer(model, optim, loaded)
     sched, _ = build_scheduler(opt, args.finetune_iters, 1, -1, optim)
-    train_steps(model, train_loader, opt, steps=args.finetune_iters, scheduler=sched)
+    train_steps(model, builders.one_pass_loader(train_loader, args.finetune_iters), opt, steps=args.finetune_iters,
+                scheduler=sched)  # a few labelled frames: the workers start once, not every few steps
     model.eval()
     losses = []
     _, _, result = evaluate_model(model, test_set, test_loader, cfg.CLASS_NAMES,

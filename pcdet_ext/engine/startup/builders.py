@@ -36,6 +36,23 @@ def build_loaders(cfg, root: Path, batch_size: int = 2, workers: int = 0, logger
     return train, test
 
 
+def one_pass_loader(loader: torch.utils.data.DataLoader, steps: int) -> torch.utils.data.DataLoader:
+    """``loader`` (a shuffled, non-distributed training loader) re-made so that one pass yields ``steps``
+    batches of back-to-back shuffled epochs: the same dataset, batch size, collate, workers and worker
+    seeding, but the workers start once. Cycling a few-frame set (a label fraction) epoch by epoch starts
+    them every few steps, and on CPUs that costs as much as the steps."""
+    if not isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        raise ValueError(f"one_pass_loader: expected a shuffled training loader (a RandomSampler), "
+                         f"got a {type(loader.sampler).__name__}")
+    if steps < 1:
+        raise ValueError(f"one_pass_loader: steps {steps}, expected >= 1")
+    sampler = torch.utils.data.RandomSampler(loader.dataset, num_samples=steps * loader.batch_size)
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=False, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn)
+
+
 def build_model(cfg, dataset) -> torch.nn.Module:
     require_pcdet("pcdet_ext.engine")
     from pcdet.models import build_network
