@@ -14,7 +14,7 @@ from pcdet_ext.algorithms.bitstream import decode_frame, encode_frame
 from pcdet_ext.deploy.server import FrameServer, Limits, Refused
 from pcdet_ext.edge.auth import ENVELOPE, FRAME, MAC_SIZE, Key, KeyFileError, ReplayWindow, open_envelope, \
     read_client_key, read_keys, seal, write_new_key
-from pcdet_ext.edge.transport import BUSY, DRAINING, LENGTH, REFUSED, TIMEOUT, FrameClient, TransportError
+from pcdet_ext.edge.transport import BUSY, LENGTH, REFUSED, TIMEOUT, FrameClient, TransportError
 from test_bitstream import MODEL_ID, MODELS, frame
 
 KEY_A, KEY_B = Key("edge-a", bytes(range(32))), Key("edge-b", bytes(range(1, 33)))
