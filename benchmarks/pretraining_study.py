@@ -1,7 +1,7 @@
 """Does R-MAE + CMAE Phase 1 pretraining help a SECOND detector trained on few labels? Paired seeds,
 confidence intervals, whatever they show (needs OpenPCDet).
 
-    python benchmarks/pretraining_study.py cpu          # CPU default (31.5-32.9 min measured on 2 cores)
+    python benchmarks/pretraining_study.py cpu          # CPU default (25.5 min measured on 2 cores)
     python benchmarks/pretraining_study.py paired --runs_dir output/kitti_models/rmae_cmae_second_kitti_finetune_phase1
 
 cpu: a synthetic KITTI-layout set (--frames; 25 % held out). Phase 1 pretrains SECOND's encoder on
