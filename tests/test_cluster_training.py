@@ -223,3 +223,36 @@ def test_batchnorm_statistics_re_estimated_in_detection_mode_for_a_frozen_random
             b["voxel_features"], b["voxel_coords"].int(), bb.sparse_shape, b["batch_size"])).features.mean(0)
             for b in full]).mean(0)
     assert torch.allclose(bn.running_mean, expected, atol=1e-5) and int(bn.num_batches_tracked) == 2
+
+
+class _Writer:
+    def close(self):
+        pass
+
+
+def _finish_two_ranks(rank, world, port, results):
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from pcdet_ext.engine.startup.distributed import DistInfo
+    from pcdet_ext.engine.startup.prepare import TrainingRun
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    inner = nn.Linear(3, 1)
+    ddp = nn.parallel.DistributedDataParallel(inner)
+    ddp(torch.randn(2, 3)).sum().backward()  # the reducer has run: its buckets hold the group's work
+    run = TrainingRun(None, None, DistInfo(rank, world, rank), None, None, None, _Writer(), None, None, None, ddp,
+                      None, None, None, 0, 0, 1, None)
+    wrapper = weakref.ref(ddp)
+    del ddp
+    run.finish()
+    gc.collect()
+    results[rank] = (dist.is_initialized(), run.model is inner, wrapper() is None)
+
+
+def test_finish_releases_the_ddp_wrapper_and_leaves_the_process_group():
+    """A group (or a DDP wrapper holding it) alive at interpreter shutdown can abort a rank from gloo's
+    threads after its checkpoints are written; finish() leaves it on every rank."""
+    from _subproc import run_gloo_ranks
+    assert run_gloo_ranks(_finish_two_ranks, 2) == {0: (False, True, True), 1: (False, True, True)}

@@ -20,7 +20,7 @@ import torch
 
 from pcdet_ext.config import ConfigError
 from pcdet_ext.engine.checkpointing import ResumeError
-from pcdet_ext.engine.startup.distributed import init_dist
+from pcdet_ext.engine.startup.distributed import init_dist, leave_process_group
 from pcdet_ext.engine.startup.builders import create_logger
 from pcdet_ext.engine.recipes.progressive_rq import checkpoints as ck
 from pcdet_ext.engine.recipes.progressive_rq import experiment
@@ -113,9 +113,8 @@ def main(argv=None) -> int:
                                    use_wandb=exp.logging.use_wandb).fit()
         except DiskFull:
             return 2
-        if not (args.eval_sweep and info.is_main):
-            return 0
-    if not info.is_main:
+    leave_process_group(info)  # what follows is rank 0's alone
+    if not info.is_main or (exp.training.mode == "train" and not args.eval_sweep):
         return 0
     ckpt_path = Path(exp.evaluation.rq_ckpt) if exp.evaluation.rq_ckpt else run.latest_stage_best(schema.stage_plan(exp))
     if ckpt_path is None:

@@ -187,3 +187,24 @@ def test_every_interrupted_save_continues_from_the_furthest_state_that_loads(tmp
     assert "resuming from " + str(run / "checkpoints" / "codebook_1_stage_2_") in done.stderr  # not the older pointer
     assert load_checkpoint(run / ck.RESUME)["stage_state"]["done"]
     assert (run / "checkpoints" / ck.final_name(1, 2)).is_file() and not list(run.rglob("*.tmp"))
+
+
+def test_two_processes_gloo_train_then_rank_0_sweeps(tmp_path, synthetic_kitti, pointpillars_ckpt):
+    """torchrun --nproc_per_node 2 (as docs/progressive_rq.md runs it): both ranks train every stage with
+    the EMA statistics all-reduced, rank 0 alone writes and sweeps, every process exits 0."""
+    config = write_config(tmp_path, synthetic_kitti, pointpillars_ckpt, epochs=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["n_codebook"] = 1
+    cfg["logging"]["use_wandb"] = False
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29673", TOOL, "--config", str(config), "--launcher", "pytorch", "--extra_tag", "ddp",
+                           "--eval_sweep", "--set", *SMALL], capture_output=True, text=True, cwd=str(REPO), env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "runs" / "ddp"
+    assert {ck.best_name(1, 1), ck.best_name(1, 2), ck.GLOBAL_BEST} <= {p.name for p in (run / "checkpoints").iterdir()}
+    assert len(list(run.glob("log_train_*.txt"))) == 1  # rank 0 alone writes the log
+    sweep = json.loads((run / "eval" / "sweep.json").read_text())
+    assert [(c["num_codebooks"], c["num_embeddings"]) for c in sweep["cells"]] == [(1, 16), (1, 64)]

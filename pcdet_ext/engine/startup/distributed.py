@@ -44,3 +44,13 @@ def init_dist(launcher: str = "none", tcp_port: int = 18888) -> DistInfo:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=30))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def leave_process_group(info: DistInfo) -> None:
+    """After a run that ended well: wait for every rank, then leave the process group. A group still
+    alive when the interpreter shuts down can abort the process from gloo's threads (SIGABRT, "terminate
+    called without an active exception"), and torchrun then fails a run whose checkpoints are written.
+    Not for error paths: a rank that failed would leave the others waiting in the barrier."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -19,7 +19,7 @@ from pcdet_ext.utils.checkpoint import load_checkpoint, model_state_of
 from pcdet_ext.engine.loop.runner import grad_scaler
 from pcdet_ext.engine.startup.args import load_config, output_dir
 from pcdet_ext.engine.loop.hooks import ScalarWriter
-from pcdet_ext.engine.startup.distributed import DistInfo, init_dist
+from pcdet_ext.engine.startup.distributed import DistInfo, init_dist, leave_process_group
 from pcdet_ext.engine.startup.builders import create_logger
 from pcdet_ext.engine.startup.preflight import check_dataset_files, check_not_empty
 from pcdet_ext.engine.pretrained import load_pretrained, read_weights
@@ -51,12 +51,11 @@ class TrainingRun:
     scaler: Any = None
 
     def finish(self) -> None:
-        """Close tensorboard; under torchrun wait for every rank and leave the process group."""
+        """Close tensorboard; under torchrun wait for every rank and leave the process group, the DDP
+        wrapper (which holds the group) released first."""
         self.writer.close()
-        if self.info.distributed:
-            import torch.distributed as dist
-            dist.barrier()
-            dist.destroy_process_group()
+        self.model = ck.unwrap(self.model)
+        leave_process_group(self.info)
 
 
 def check_training_inputs(args: argparse.Namespace,
