@@ -26,7 +26,7 @@ extras = {flavour: [pkg] for flavour, pkg in SPCONV_FLAVOURS.items()}
 extras["openpcdet"] = OPENPCDET_RUNTIME
 extras["export"] = ["onnx>=1.14", "onnxruntime>=1.16"]  # tools/export_edge.py, the lean edge on this machine
 extras["study"] = ["DracoPy>=2"]  # benchmarks/rate_accuracy_study.py: the raw point cloud coded with Draco
-extras["test"] = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *extras["export"], *extras["study"]]  # spconv: the flavour extra
+extras["test"] = ["pytest>=7", "pytest-xdist>=3.6", "hypothesis>=6", *extras["export"], *extras["study"]]  # spconv: the flavour extra
 
 
 

@@ -37,13 +37,16 @@ def kitti_raw() -> Path:
     return path
 
 
-# The longest test files first (measured on a 2-core box): pytest-xdist's --dist loadfile hands files to its
-# processes in collection order, so long files started last would leave one process running alone at the end.
-SLOWEST_FIRST = ("tests/openpcdet/test_train_eval_rq.py", "tests/openpcdet/test_rmae_cmae_tools.py",
-                 "tests/openpcdet/test_split_tools.py", "tests/openpcdet/test_rmae_cmae_phase2_tools.py",
-                 "tests/openpcdet/test_gpu_check.py", "tests/openpcdet/test_edge_export.py",
-                 "tests/openpcdet/test_users_configs.py", "tests/openpcdet/test_user_entry.py",
-                 "tests/openpcdet/test_demo.py", "tests/openpcdet/test_pipelines.py")
+# The longest test files first (measured on a 2-core box): with --dist loadfile, pytest-xdist hands files to its
+# processes in collection order (pytest.ini's --no-loadscope-reorder: by default it orders them by their number of
+# tests, which put the few long tool tests last), so long files started last would leave one process running alone.
+SLOWEST_FIRST = ("tests/openpcdet/test_rmae_cmae_tools.py", "tests/openpcdet/test_train_eval_rq.py",
+                 "tests/openpcdet/test_split_tools.py", "tests/openpcdet/test_edge_export.py",
+                 "tests/openpcdet/test_demo.py", "tests/openpcdet/test_gpu_check.py",
+                 "tests/openpcdet/test_pointpillar_rq.py", "tests/openpcdet/test_users_configs.py",
+                 "tests/openpcdet/test_rmae_cmae_phase2_tools.py", "tests/openpcdet/test_split_runtime.py",
+                 "tests/openpcdet/test_rate_distortion.py", "tests/openpcdet/test_pretraining_study_cpu.py",
+                 "tests/test_occupancy_ap.py", "tests/openpcdet/test_user_entry.py", "tests/openpcdet/test_pipelines.py")
 
 
 def pytest_collection_modifyitems(items):
