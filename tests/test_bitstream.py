@@ -168,7 +168,7 @@ def test_flipped_bits_are_detected():
             decode_frame(bytes(data), MODELS, MODEL_ID, 3, 64)
 
 
-@settings(max_examples=2000, deadline=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # timed below, in CPU time
 @given(st.one_of(
     st.binary(max_size=4096),
     st.integers(0, len(VALID)).map(lambda n: VALID[:n]),
@@ -177,14 +177,14 @@ def test_flipped_bits_are_detected():
     st.binary(min_size=HEADER.size, max_size=HEADER.size + 64).map(lambda b: b"RQBS" + bytes([1]) + b[5:]),
 ))
 def test_fuzz_never_crashes_and_fails_fast(data):
-    start = time.perf_counter()
+    start = time.thread_time()  # this thread's CPU time: a loaded machine delays the decoder, it does not make it work more
     try:
         out = decode_frame(data, MODELS, MODEL_ID, 3, 64)
     except BitstreamError:
         pass
     else:
         assert data == VALID or len(out.cells) == read_header(data)["pillars"]
-    assert time.perf_counter() - start < 0.2
+    assert time.thread_time() - start < 0.2
 
 
 def correlated_codes(rng, m, n, k):

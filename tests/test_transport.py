@@ -510,5 +510,5 @@ def test_drain_deadline_passes_a_detection_that_does_not_end():
     until(lambda: srv.running == 1)
     t0 = time.monotonic()
     srv.stop()
-    assert time.monotonic() - t0 < 4.0 and srv.running == 1
+    assert time.monotonic() - t0 < 8.0 and srv.running == 1  # 0.5 s drain; the handler runs on for 10 s
     handler.gate.set()
