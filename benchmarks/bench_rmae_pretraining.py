@@ -246,8 +246,7 @@ def train_pretraining(cfg, ds, loader, iters, freeze_encoder=False, desc="train"
     from pcdet_ext.engine.loop.hooks import CallbackHook
     from pcdet_ext.engine.loop.runner import train_steps
     losses, _ = train_steps(model, builders.one_pass_loader(loader, iters), opt, steps=iters, scheduler=sched,
-                            progress=True,
-                                 hooks=[CallbackHook(model.update_teacher)])
+                            progress=True, hooks=[CallbackHook(model.update_teacher)])
     final = statistics.mean(losses[-10:])
     print(f"{desc}: {iters} iterations in {time.time() - t0:.0f} s, loss {losses[0]:.3f} -> {final:.3f}",
           file=sys.stderr)

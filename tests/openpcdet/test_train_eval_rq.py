@@ -195,4 +195,3 @@ def test_every_interrupted_save_continues_from_the_furthest_state_that_loads(tmp
     assert "resuming from " + str(run / "checkpoints" / "codebook_1_stage_2_") in done.stderr  # not the older pointer
     assert load_checkpoint(run / ck.RESUME)["stage_state"]["done"]
     assert (run / "checkpoints" / ck.final_name(1, 2)).is_file() and not list(run.rglob("*.tmp"))
-
